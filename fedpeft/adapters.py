@@ -1,0 +1,169 @@
+"""Adapter parameterisations on a Hugging Face model: inject, freeze, read and write factors.
+
+Tensors cross process boundaries under canonical keys that do not depend on peft's wrapper names:
+`<module path>.lora_A` (r x d_in), `<module path>.lora_B` (d_out x r) and `head.<module>.<param>`.
+The adapter kind, not the aggregation method, decides which of them a client trains.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils.other import ModulesToSaveWrapper
+from transformers import PreTrainedModel
+
+from fedpeft.errors import ConfigError
+
+ADAPTER = "default"
+#: kind -> the LoRA factors a client trains and sends up (ALGORITHMS.md, "Adapter kinds").
+KIND_FACTORS: dict[str, tuple[str, ...]] = {"lora": ("lora_A", "lora_B"), "frozen_a": ("lora_B",)}
+HEAD_PREFIX = "head."
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Shape and training rule of the adapter every party builds identically."""
+
+    kind: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    train_head: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KIND_FACTORS:
+            raise ConfigError(f"adapter kind {self.kind!r} is unknown: one of {', '.join(KIND_FACTORS)}")
+        if self.rank <= 0:
+            raise ConfigError(f"adapter.rank={self.rank} must be a positive integer, e.g. 8")
+        if self.alpha <= 0:
+            raise ConfigError(f"adapter.alpha={self.alpha} must be positive, e.g. 16")
+        if not self.target_modules:
+            raise ConfigError("adapter.target_modules is empty: name modules, e.g. [query,value]")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"adapter.dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def scaling(self) -> float:
+        """LoRA's s = alpha / r."""
+        return self.alpha / self.rank
+
+    @property
+    def trained_factors(self) -> tuple[str, ...]:
+        """The LoRA factor names this kind trains."""
+        return KIND_FACTORS[self.kind]
+
+
+def inject(model: PreTrainedModel, spec: AdapterSpec) -> PeftModel:
+    """Wrap `model` with peft LoRA on the target modules and freeze what the kind keeps fixed.
+
+    The classification head is always a peft `modules_to_save` module so that the saved adapter
+    carries it; it is trainable only when `spec.train_head`.
+    """
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        task_type="SEQ_CLS",
+        init_lora_weights=True,
+    )
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:
+        raise ConfigError(
+            f"adapter.target_modules={list(spec.target_modules)} matched no layer of the model "
+            f"({exc}): name Linear modules of this architecture, e.g. [query,value] for BERT"
+        ) from exc
+    freeze(peft_model, spec)
+    return peft_model
+
+
+def freeze(model: PeftModel, spec: AdapterSpec) -> None:
+    """Train exactly the kind's factors (and the head when asked); everything else frozen."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for layer in lora_layers(model).values():
+        for factor in spec.trained_factors:
+            getattr(layer, factor)[ADAPTER].weight.requires_grad_(True)
+    if spec.train_head:
+        for param in head_parameters(model).values():
+            param.requires_grad_(True)
+
+
+def _canonical(name: str) -> str:
+    """Module path relative to the base model, without peft's wrapper prefix."""
+    return name.removeprefix("base_model.model.")
+
+
+def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
+    """Adapted layers by canonical module path, in model order."""
+    return {_canonical(n): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def head_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """The trainable copy of the classification head's parameters, by canonical key."""
+    params: dict[str, torch.nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            for pname, param in module.modules_to_save[ADAPTER].named_parameters():
+                params[f"{HEAD_PREFIX}{_canonical(name)}.{pname}"] = param
+    return params
+
+
+def adapter_tensors(model: PeftModel) -> dict[str, torch.Tensor]:
+    """Every adapter and head tensor under canonical keys (live parameters, not copies)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(model).items():
+        tensors[f"{name}.lora_A"] = layer.lora_A[ADAPTER].weight
+        tensors[f"{name}.lora_B"] = layer.lora_B[ADAPTER].weight
+    tensors.update(head_parameters(model))
+    return tensors
+
+
+def select_keys(keys: Iterable[str], factors: Iterable[str], head: bool) -> list[str]:
+    """The keys that hold the named factors, plus the head's keys when `head`."""
+    suffixes = tuple(f".{f}" for f in factors)
+    return [k for k in keys if k.endswith(suffixes) or (head and k.startswith(HEAD_PREFIX))]
+
+
+def read_adapter(model: PeftModel, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Detached CPU float32 copies of the named tensors."""
+    live = adapter_tensors(model)
+    return {k: live[k].detach().to("cpu", torch.float32).clone() for k in keys}
+
+
+def write_adapter(model: PeftModel, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy tensors into the model in place; unknown keys and wrong shapes are errors."""
+    live = adapter_tensors(model)
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key not in live:
+                raise KeyError(f"adapter tensor {key!r} does not exist in this model")
+            if tuple(live[key].shape) != tuple(value.shape):
+                raise ValueError(
+                    f"adapter tensor {key!r} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(live[key].shape)}"
+                )
+            live[key].copy_(value.to(live[key].device, live[key].dtype))
+
+
+def initial_adapter(model: PeftModel, seed: int) -> dict[str, torch.Tensor]:
+    """The round-0 global adapter: A Kaiming-uniform (peft's default) drawn from `seed`, B = 0.
+
+    Each layer gets its own draw from one generator, so the result depends only on the seed and
+    the model's layer order, and every party that expands the same seed gets the same A.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    tensors = read_adapter(model, adapter_tensors(model).keys())
+    for key, value in tensors.items():
+        if key.endswith(".lora_A"):
+            torch.nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
+        elif key.endswith(".lora_B"):
+            value.zero_()
+    return tensors

@@ -1,0 +1,1 @@
+"""The Flower ClientApp and what a client keeps between rounds."""

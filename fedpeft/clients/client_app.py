@@ -1,0 +1,70 @@
+"""The Flower ClientApp: strategy-agnostic, driven by the round's task and adapter kind."""
+
+from __future__ import annotations
+
+import json
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpeft import adapters, training
+from fedpeft.clients.client_data import client_examples
+from fedpeft.records import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    TASK_KEY,
+    from_record,
+    metrics_record,
+    record_bytes,
+    to_record,
+)
+from fedpeft.runtime import adapter_spec, model_runtime
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Load the payload over the shared initial adapter, train the kind's factors, send them back."""
+    config = msg.content[CONFIG_KEY]
+    task = json.loads(str(config[TASK_KEY]))
+    server_round = int(config["server-round"])
+    spec = adapter_spec(task)
+    runtime = model_runtime(task)
+    examples = client_examples(task, context.node_config)
+    payload = msg.content[ARRAYS_KEY]
+    runtime.reset(from_record(payload))
+
+    hp = task["train"]
+    trainable = [p for p in runtime.model.parameters() if p.requires_grad]
+    optimizer = training.make_optimizer(
+        trainable, hp["optimizer"], float(hp["lr"]), hp["weight_decay"], hp["momentum"]
+    )
+    steps = training.planned_steps(len(examples), hp["batch_size"], hp["local_steps"], hp["local_epochs"])
+    member = int(context.node_config.get("partition-id", context.node_id))
+    seed = (int(task["seed"]) * 1_000_003 + server_round * 10_007 + member) % (2**31)
+    result = training.train_steps(
+        runtime.model,
+        examples,
+        optimizer,
+        steps=steps,
+        batch_size=int(hp["batch_size"]),
+        pad_token_id=runtime.tokenizer.pad_token_id,
+        device=runtime.device,
+        seed=seed,
+        max_grad_norm=hp.get("max_grad_norm"),
+    )
+    keys = adapters.select_keys(
+        adapters.adapter_tensors(runtime.model), spec.trained_factors, spec.train_head
+    )
+    reply = to_record(adapters.read_adapter(runtime.model, keys))
+    metrics = {
+        NUM_EXAMPLES: result.num_examples,
+        "train-loss": result.loss,
+        "steps": result.steps,
+        "bytes-down": record_bytes(payload),
+        "bytes-up": record_bytes(reply),
+    }
+    return Message(RecordDict({ARRAYS_KEY: reply, METRICS_KEY: metrics_record(metrics)}), reply_to=msg)

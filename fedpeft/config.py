@@ -1,0 +1,112 @@
+"""Hydra configs: compose the run's config from overrides and validate every value up front."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedpeft.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+GROUPS = ("strategy", "model", "dataset", "dp", "partition", "federation")
+
+
+def group_options(group: str) -> list[str]:
+    """The option names of a config group (its YAML files)."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The run's config from Hydra overrides; an unknown option is a ConfigError naming the choices."""
+    for override in overrides:
+        match = re.fullmatch(r"\+?(\w+)=(.*)", override.strip())
+        if match and match.group(1) in GROUPS:
+            group, value = match.groups()
+            if value.strip("'\"") not in group_options(group):
+                raise ConfigError(
+                    f"{group}={value} is unknown: choose one of {', '.join(group_options(group))}"
+                )
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"bad override ({first}): use key=value, e.g. federation.rounds=5") from exc
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every value the run depends on; the first problem raises a ConfigError."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{key} must be set, e.g. {key}=<value>") from exc
+    fed, train, adapter = cfg.federation, cfg.train, cfg.adapter
+    for key in ("num_clients", "rounds", "min_clients"):
+        value = fed[key]
+        _require(isinstance(value, int) and value >= 1, f"federation.{key}={value} must be an integer >= 1")
+    _require(
+        _is_number(fed.fraction) and 0 < fed.fraction <= 1,
+        f"federation.fraction={fed.fraction} must be in (0, 1], e.g. 0.5",
+    )
+    _require(
+        fed.min_clients <= fed.num_clients,
+        f"federation.min_clients={fed.min_clients} exceeds federation.num_clients={fed.num_clients}",
+    )
+    if fed.local_epochs is None:
+        _require(
+            isinstance(fed.local_steps, int) and fed.local_steps >= 1,
+            f"federation.local_steps={fed.local_steps} must be an integer >= 1",
+        )
+    else:
+        _require(
+            _is_number(fed.local_epochs) and fed.local_epochs > 0,
+            f"federation.local_epochs={fed.local_epochs} must be positive (or null to use local_steps)",
+        )
+    _require(_is_number(fed.client_cpus) and fed.client_cpus > 0, "federation.client_cpus must be > 0")
+    _require(_is_number(fed.client_gpus) and fed.client_gpus >= 0, "federation.client_gpus must be >= 0")
+    _require(
+        isinstance(adapter.rank, int) and adapter.rank >= 1,
+        f"adapter.rank={adapter.rank} must be a positive integer, e.g. 8",
+    )
+    for key, value in (("adapter.alpha", adapter.alpha), ("strategy.alpha", cfg.strategy.alpha)):
+        if value is not None:
+            _require(_is_number(value) and value > 0, f"{key}={value} must be positive, e.g. 16")
+    _require(
+        isinstance(train.batch_size, int) and train.batch_size >= 1,
+        f"train.batch_size={train.batch_size} must be an integer >= 1",
+    )
+    for key, value in (("train.lr", train.lr), ("strategy.lr", cfg.strategy.lr)):
+        if value is not None:
+            _require(_is_number(value) and value > 0, f"{key}={value} must be positive, e.g. 1e-3")
+    _require(
+        train.optimizer in ("adamw", "sgd"), f"train.optimizer={train.optimizer} must be adamw or sgd"
+    )
+    _require(
+        isinstance(train.max_length, int) and train.max_length >= 8,
+        f"train.max_length={train.max_length} must be an integer >= 8",
+    )
+    _require(
+        isinstance(cfg.eval.batch_size, int) and cfg.eval.batch_size >= 1,
+        f"eval.batch_size={cfg.eval.batch_size} must be an integer >= 1",
+    )
+    if cfg.partition.name == "dirichlet":
+        alpha = cfg.partition.alpha
+        _require(_is_number(alpha) and alpha > 0, f"partition.alpha={alpha} must be positive, e.g. 0.5")
+    _require(isinstance(cfg.seed, int), f"seed={cfg.seed} must be an integer")

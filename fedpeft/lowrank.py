@@ -1,0 +1,301 @@
+"""Server-side aggregation math of the six federated LoRA methods, on plain tensors.
+
+Pure torch, batched over a leading layer axis L (layers of one shape). peft layout throughout:
+A is (r, d_in), B is (d_out, r) and a layer's update is B @ A. See shared/ALGORITHMS.md for the
+methods. Nothing here forms a d_out x d_in matrix, except merge_into_base_ (which updates the base
+weight in place) and lora_sb_init (which works on one layer's gradient by design).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "fedsvd_refactor",
+    "flora_stack",
+    "lora_fair_closed_form",
+    "lora_fair_residual",
+    "lora_sb_init",
+    "merge_into_base_",
+    "normalize_weights",
+    "orthonormal_init",
+    "weighted_average",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def normalize_weights(num_examples: Sequence[int] | Tensor) -> Tensor:
+    """Client example counts n_k -> float64 weights p_k = n_k / sum_j n_j (shape (K,), sum 1)."""
+    w = torch.as_tensor(num_examples, dtype=torch.float64)
+    if w.ndim != 1 or w.numel() == 0:
+        raise ValueError(f"need a non-empty 1-D list of example counts, got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()) or bool((w <= 0).any()):
+        raise ValueError(f"example counts must be finite and > 0, got {w.tolist()}")
+    return w / w.sum()
+
+
+def weighted_average(stack: Tensor, weights: Tensor) -> Tensor:
+    """sum_k p_k x_k over the client axis: stack (K, ...), weights (K,) -> (...), in stack's dtype.
+
+    Accumulates in float32 (float64 for float64 input): half-precision factors lose nothing extra.
+    """
+    if weights.ndim != 1 or weights.shape[0] != stack.shape[0]:
+        raise ValueError(f"weights {tuple(weights.shape)} do not match stack {tuple(stack.shape)}")
+    acc = _compute_dtype(stack.dtype)
+    out = torch.tensordot(weights.to(stack.device, acc), stack.to(acc), dims=1)
+    return out.to(stack.dtype)
+
+
+def flora_stack(
+    a_list: Sequence[Tensor], b_list: Sequence[Tensor], weights: Tensor, scalings: Sequence[float]
+) -> tuple[Tensor, Tensor]:
+    """FLoRA: stack K client LoRAs of ranks r_k into one module of scaling 1.
+
+    a_k (L, r_k, d_in), b_k (L, d_out, r_k) -> A_stack (L, sum r_k, d_in) = [s_k p_k A_k] and
+    B_stack (L, d_out, sum r_k) = [B_k], so that B_stack @ A_stack = sum_k p_k s_k B_k A_k exactly.
+    """
+    k = len(a_list)
+    if k == 0 or not (len(b_list) == len(scalings) == weights.shape[0] == k):
+        raise ValueError("a_list, b_list, weights and scalings must hold the same K >= 1 clients")
+    if any(a.shape[-2] != b.shape[-1] for a, b in zip(a_list, b_list, strict=True)):
+        raise ValueError("each client's A (L, r_k, d_in) and B (L, d_out, r_k) must share r_k")
+    a_stack = torch.cat(list(a_list), dim=-2)
+    b_stack = torch.cat(list(b_list), dim=-1)
+    dev = a_stack.device
+    scale = torch.as_tensor(scalings, dtype=torch.float64, device=dev)
+    scale = scale * weights.to(dev, torch.float64)
+    ranks = torch.tensor([a.shape[-2] for a in a_list], device=dev)
+    a_stack.mul_(scale.repeat_interleave(ranks).to(a_stack.dtype).unsqueeze(-1))
+    return a_stack, b_stack
+
+
+def merge_into_base_(weight: Tensor, b_stack: Tensor, a_stack: Tensor) -> Tensor:
+    """W += B_stack @ A_stack in place, for W (L, d_out, d_in) or (d_out, d_in); returns W.
+
+    One baddbmm_/addmm_ with inner dimension sum r_k writes into W's own storage: no second
+    d_out x d_in matrix is allocated (W should be contiguous). W must be float32 (or float64): a
+    half-precision base would round small updates away; the factors are cast to W's dtype.
+    """
+    if weight.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"merge the base weight in float32, got {weight.dtype}")
+    b, a = b_stack.to(weight.dtype), a_stack.to(weight.dtype)
+    if weight.ndim == 3:
+        return weight.baddbmm_(b, a)
+    if weight.ndim == 2:
+        return weight.addmm_(b, a)
+    raise ValueError(f"weight must be (L, d_out, d_in) or (d_out, d_in), got {tuple(weight.shape)}")
+
+
+def fedsvd_refactor(b_bar: Tensor, a: Tensor, a_orthonormal: bool = False) -> tuple[Tensor, Tensor]:
+    """FedSVD: re-factor b_bar @ a as B @ A with A's rows orthonormal and the singular values in B.
+
+    b_bar (L, d_out, r), a (L, r, d_in) -> B = U S (L, d_out, r), columns orthogonal with norms
+    the singular values, descending, and A = V^T (L, r, d_in). Thin form of ALGORITHMS.md §4: QR
+    of b_bar and of a^T and an SVD of the r x r core (or, if a's rows are already orthonormal, a
+    thin SVD of b_bar alone), O((d_out + d_in) r^2) per layer; the d_out x d_in product is never
+    formed. Computed in float32 (float64 for float64 input), returned in the input dtypes. A
+    rank-deficient b_bar (b_bar = 0 at round 0) is fine: the SVD still returns a full orthogonal set
+    of right singular vectors for the zero singular values, so A keeps orthonormal rows.
+    """
+    r = a.shape[-2]
+    if b_bar.shape[-1] != r or r > min(b_bar.shape[-2], a.shape[-1]):
+        raise ValueError(f"need r <= min(d_out, d_in), got {tuple(b_bar.shape)}, {tuple(a.shape)}")
+    dt = _compute_dtype(b_bar.dtype)
+    b_c, a_c = b_bar.to(dt), a.to(dt)
+    if a_orthonormal:
+        u, s, vh = torch.linalg.svd(b_c, full_matrices=False)
+        new_b, new_a = u * s.unsqueeze(-2), vh @ a_c
+    else:
+        qb, rb = torch.linalg.qr(b_c)
+        qa, ra = torch.linalg.qr(a_c.mT)
+        uc, s, vch = torch.linalg.svd(rb @ ra.mT)
+        new_b, new_a = (qb @ uc) * s.unsqueeze(-2), vch @ qa.mT
+    return new_b.to(b_bar.dtype), new_a.to(a.dtype)
+
+
+def _fair_stats(
+    a_stack: Tensor, b_stack: Tensor, weights: Tensor, with_norm: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """A_bar, B_bar, then in float64 M = A_bar A_bar^T, G = sum_k p_k B_k A_k A_bar^T and ||dW*||.
+
+    Uses the rank stacks As (L, K r, d_in), rows p_k A_k, and Bs (L, d_out, K r), so Bs As = dW*
+    and ||dW*||^2 = <Bs^T Bs, As As^T> (the Gram-trace identity of §5). Reductions over d_in and
+    d_out run in float32 (float64 for float64 input). The stacks are freed on return.
+    """
+    dt = _compute_dtype(a_stack.dtype)
+    a_bar, b_bar = weighted_average(a_stack, weights), weighted_average(b_stack, weights)
+    ones = [1.0] * a_stack.shape[0]
+    a_s, b_s = flora_stack(a_stack.to(dt).unbind(0), b_stack.to(dt).unbind(0), weights, ones)
+    a_bar_t = a_bar.to(dt).mT
+    m = (a_bar_t.mT @ a_bar_t).double()
+    g = (b_s @ (a_s @ a_bar_t)).double()
+    x_norm = None
+    if with_norm:
+        gram_b, gram_a = (b_s.mT @ b_s).double(), (a_s @ a_s.mT).double()
+        x_norm = (gram_b * gram_a).sum((-2, -1)).clamp_min(0).sqrt()
+    return a_bar, b_bar, m, g, x_norm
+
+
+def _fair_loss_grad(
+    db: Tensor, b_bar: Tensor, m: Tensor, g: Tensor, x_norm: Tensor, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Summed LoRA-FAIR loss and its gradient in dB (L, d_out, r), from the identities of §5.
+
+    With B' = B_bar + dB: <dW*, B' A_bar> = <G, B'>, ||B' A_bar||^2 = <B' M, B'>, and
+    d(1 - cos)/dB' = -G / (|X||Y|) + cos * B' M / |Y|^2. A layer with |X| = 0 or |Y| = 0 has no
+    defined cosine: it counts as cos = 0 with zero gradient, so its dB only feels the lam term.
+    """
+    bp = b_bar + db
+    bpm = bp @ m
+    dot = (g * bp).sum((-2, -1))
+    y_sq = (bpm * bp).sum((-2, -1)).clamp_min(0)
+    valid = (x_norm > 0) & (y_sq > 0)
+    denom = torch.where(valid, x_norm * y_sq.sqrt(), 1.0)
+    cos = torch.where(valid, dot / denom, 0.0)
+    coef_g = torch.where(valid, -1.0 / denom, 0.0)[:, None, None]
+    coef_m = torch.where(valid, cos / torch.where(valid, y_sq, 1.0), 0.0)[:, None, None]
+    loss = (1.0 - cos).sum() + lam * db.square().sum()
+    return loss, coef_g * g + coef_m * bpm + (2.0 * lam) * db
+
+
+def lora_fair_residual(
+    a_stack: Tensor,
+    b_stack: Tensor,
+    weights: Tensor,
+    lam: float = 0.01,
+    lr: float = 0.01,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    patience: int = 5,
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """LoRA-FAIR: A_bar and B' = B_bar + dB, dB minimising the paper's objective by plain SGD.
+
+    a_stack (K, L, r, d_in), b_stack (K, L, d_out, r) -> A_bar (L, r, d_in), B' (L, d_out, r), info.
+    Objective: sum over layers of [1 - cos(dW*, B' A_bar)] + lam ||dB||_F^2 (whole-matrix cosine),
+    dB = 0 at start, lr-steps on all layers at once until max_iter or until the loss has changed by
+    less than tol for `patience` consecutive steps. Only the factored identities of ALGORITHMS.md §5
+    are used: O(d_out r^2) per step, never a d_out x d_in matrix. The iteration runs in float64 (its
+    state is d_out x r per layer) so that tol is meaningful; B' is returned in b_stack's dtype.
+    Layers where dW* or B_bar A_bar is zero (round 0, all B = 0) keep B_bar unchanged.
+    info: iterations (steps taken), initial_loss, final_loss (at the returned B'), converged.
+    Plain SGD on lam ||dB||^2 diverges when lr * lam >= 1, so that raises ValueError.
+    """
+    if lr * lam >= 1:
+        raise ValueError(f"plain SGD diverges with lr * lam >= 1 (lr={lr}, lam={lam}); lower lr")
+    a_bar, b_bar, m, g, x_norm = _fair_stats(a_stack, b_stack, weights, with_norm=True)
+    assert x_norm is not None
+    b64 = b_bar.double()
+    db = torch.zeros_like(b64)
+    loss, grad = _fair_loss_grad(db, b64, m, g, x_norm, lam)
+    initial = prev = loss.item()
+    iterations = streak = 0
+    while iterations < max_iter and streak < patience:
+        db.sub_(grad, alpha=lr)
+        iterations += 1
+        loss, grad = _fair_loss_grad(db, b64, m, g, x_norm, lam)
+        cur = loss.item()
+        streak = streak + 1 if abs(cur - prev) < tol else 0
+        prev = cur
+    info = {
+        "iterations": iterations,
+        "initial_loss": initial,
+        "final_loss": prev,
+        "converged": streak >= patience,
+    }
+    return a_bar, (b64 + db).to(b_stack.dtype), info
+
+
+def lora_fair_closed_form(
+    a_stack: Tensor, b_stack: Tensor, weights: Tensor, lam: float = 0.01
+) -> tuple[Tensor, Tensor]:
+    """Squared-error LoRA-FAIR variant (not the paper's cosine objective), solved exactly.
+
+    Minimises ||dW* - (B_bar + dB) A_bar||^2 + lam ||dB||^2: dB = (G - B_bar M)(M + lam I)^-1, one
+    batched r x r solve per layer in float64. Shapes as lora_fair_residual; returns (A_bar, B').
+    """
+    a_bar, b_bar, m, g, _ = _fair_stats(a_stack, b_stack, weights, with_norm=False)
+    b64 = b_bar.double()
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    db = torch.linalg.solve(m + lam * eye, g - b64 @ m, left=False)
+    return a_bar, (b64 + db).to(b_stack.dtype)
+
+
+def _haar_columns(num_layers: int, n: int, rank: int, generator: torch.Generator) -> Tensor:
+    """(L, n, rank) float64 with Haar-distributed orthonormal columns, one draw per layer."""
+    x = torch.randn(
+        num_layers, n, rank, dtype=torch.float64, device=generator.device, generator=generator
+    )
+    q, r = torch.linalg.qr(x)
+    return q * torch.where(r.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).unsqueeze(-2)
+
+
+def orthonormal_init(
+    num_layers: int,
+    d_out: int,
+    d_in: int,
+    rank: int,
+    generator: torch.Generator,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fed-SB data-free init, returned as (B, A, R): random orthonormal B and A, and R = 0.
+
+    B (L, d_out, r) has orthonormal columns, A (L, r, d_in) orthonormal rows, R is (L, r, r).
+
+    Every layer gets its own draw (the Fed-SB code's reset seed gives all same-shaped layers one A,
+    a bug). Deterministic given the generator; drawn on the generator's device.
+    """
+    if not 1 <= rank <= min(d_out, d_in):
+        raise ValueError(f"need 1 <= rank <= min(d_out, d_in), got {rank} for {d_out}x{d_in}")
+    b = _haar_columns(num_layers, d_out, rank, generator)
+    a = _haar_columns(num_layers, d_in, rank, generator).mT
+    r = torch.zeros(num_layers, rank, rank, dtype=dtype, device=generator.device)
+    return b.to(dtype), a.to(dtype).contiguous(), r
+
+
+def _randomized_svd(
+    x: Tensor,
+    rank: int,
+    generator: torch.Generator | None,
+    oversample: int = 10,
+    power_iters: int = 4,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Truncated SVD of x (top `rank` triplets): randomised range finder, QR-stabilised powers."""
+    dev = generator.device if generator is not None else x.device
+    omega = torch.randn(
+        x.shape[-1], rank + oversample, dtype=x.dtype, device=dev, generator=generator
+    )
+    q = torch.linalg.qr(x @ omega.to(x.device)).Q
+    for _ in range(power_iters):
+        q = torch.linalg.qr(x @ torch.linalg.qr(x.mT @ q).Q).Q
+    u, s, vh = torch.linalg.svd(q.mT @ x, full_matrices=False)
+    return (q @ u)[:, :rank], s[:rank], vh[:rank]
+
+
+def lora_sb_init(
+    grad: Tensor, rank: int, lr: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LoRA-SB init of one layer, as (B, R, A): the rank-r truncated SVD of dW1 = -lr sign(G).
+
+    grad (d_out, d_in) -> B = U_r (d_out, r), R = diag(S_r) (r, r), A = V_r^T (r, d_in). Exact SVD
+    when rank + 10 >= min(d_out, d_in); otherwise a randomised SVD (Halko et al.: 10 oversampling
+    columns, 4 power iterations) drawn from `generator` (torch.svd_lowrank takes no generator).
+    Float32 (float64 for float64 grad). One layer by design: peak memory is one layer's gradient.
+    """
+    if grad.ndim != 2 or not 1 <= rank <= min(grad.shape) or lr <= 0:
+        raise ValueError(f"need a 2-D grad, 1 <= rank <= min(shape) and lr > 0, got {rank}, {lr}")
+    dw1 = torch.sign(grad.to(_compute_dtype(grad.dtype))).mul_(-lr)
+    if rank + 10 >= min(grad.shape):
+        u, s, vh = torch.linalg.svd(dw1, full_matrices=False)
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    else:
+        u, s, vh = _randomized_svd(dw1, rank, generator)
+    return u.contiguous(), torch.diag(s), vh.contiguous()

@@ -1,0 +1,88 @@
+"""The run folder: resolved config, per-round history, summary, final adapter and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+HISTORY_FIELDS = (
+    "round",
+    "accuracy",
+    "loss",
+    "macro_f1",
+    "train_loss",
+    "bytes_up",
+    "bytes_down",
+    "round_time_s",
+    "aggregate_time_s",
+    "wall_time_s",
+    "sampled",
+    "replied",
+    "failed",
+    "rejected",
+    "max_epsilon",
+    "client_train_loss",
+    "client_epsilon",
+)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    """Writes one run's outputs as it goes, so a crashed run still leaves its history."""
+
+    def __init__(self, path: str | Path, cfg: DictConfig):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict[str, Any]] = []
+        _atomic_write(self.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    @property
+    def adapter_dir(self) -> Path:
+        """Where the global adapter is saved in peft's format."""
+        return self.path / "adapter"
+
+    def record_round(self, row: Mapping[str, Any]) -> None:
+        """Append one round's row and rewrite history.csv."""
+        self.rows.append(dict(row))
+        lines = [
+            {k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()} for r in self.rows
+        ]
+        tmp = self.path / ".history.csv.tmp"
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(lines)
+        os.replace(tmp, self.path / "history.csv")
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """summary.json, the contract other tools read."""
+        _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+    def plot_accuracy(self, title: str) -> Path:
+        """accuracy.png: held-out accuracy per round (round 0 is the untrained adapter)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [r["round"] for r in self.rows]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(rounds, [r["accuracy"] for r in self.rows], marker="o")
+        ax.set(xlabel="round", ylabel="held-out accuracy", title=title, ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out = self.path / "accuracy.png"
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        return out

@@ -1,0 +1,10 @@
+"""fedpeft's aggregation methods, one module each, on a shared Flower strategy base."""
+
+from fedpeft.strategies.base import LowRankStrategy, RoundStats
+from fedpeft.strategies.fedavg import FedAvgLoRA
+from fedpeft.strategies.ffa_lora import FFALoRA
+
+#: strategy config name -> class
+STRATEGIES: dict[str, type[LowRankStrategy]] = {"fedavg": FedAvgLoRA, "ffa_lora": FFALoRA}
+
+__all__ = ["STRATEGIES", "FFALoRA", "FedAvgLoRA", "LowRankStrategy", "RoundStats"]

@@ -1,0 +1,231 @@
+"""Shared base of fedpeft's strategies: sampling, payloads, reply validation, weights, bytes.
+
+A method subclasses `LowRankStrategy` and says three things: which global tensors go down to a
+client (`down_keys`), which tensors a client must send back (`up_keys`), and how the valid replies
+become the new global adapter (`aggregate_updates`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from abc import abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any, ClassVar
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from fedpeft import lowrank
+from fedpeft.records import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    TASK_KEY,
+    TensorSpec,
+    UpdateRejected,
+    record_bytes,
+    tensor_bytes,
+    to_record,
+    validate_update,
+)
+
+
+@dataclass
+class RoundStats:
+    """What one round moved and who took part, for the history."""
+
+    sampled: int = 0
+    replied: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    rejected: dict[int, str] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    client_loss: dict[int, float] = field(default_factory=dict)
+    client_epsilon: dict[int, float] = field(default_factory=dict)
+    train_loss: float | None = None
+    aggregate_s: float = 0.0
+
+
+class LowRankStrategy(Strategy):
+    """Base for low-rank federated strategies on the Flower Message API.
+
+    Parameters
+    ----------
+    global_adapter : dict[str, torch.Tensor]
+        The round-0 adapter and head tensors under fedpeft's canonical keys (see adapters.py).
+    task : dict
+        The instructions every client needs to rebuild the same model, adapter and data
+        (serialised as JSON into each train message's ConfigRecord).
+    train_head : bool
+        Whether clients train the classification head, which is then sent both ways and averaged.
+    fraction : float
+        Fraction of connected nodes sampled per round, in (0, 1].
+    min_clients : int
+        At least this many nodes are sampled, and a round needs this many valid replies.
+    seed : int
+        Seed of the server's node sampling, so that a run is reproducible.
+    max_num_examples : int
+        Largest num-examples a reply may claim; larger claims are rejected.
+    norm_bound : float or None
+        Optional bound on every replied tensor's Frobenius norm.
+    wait_timeout : float
+        Seconds to wait for `min_clients` nodes to connect before a round.
+    """
+
+    kind: ClassVar[str] = "lora"
+
+    def __init__(
+        self,
+        global_adapter: Mapping[str, torch.Tensor],
+        task: Mapping[str, Any],
+        *,
+        train_head: bool = True,
+        fraction: float = 1.0,
+        min_clients: int = 1,
+        seed: int = 0,
+        max_num_examples: int = 10_000_000,
+        norm_bound: float | None = None,
+        wait_timeout: float = 600.0,
+    ) -> None:
+        self.global_adapter = {k: v.detach().clone().float() for k, v in global_adapter.items()}
+        self.task = dict(task)
+        self.train_head = train_head
+        self.fraction = fraction
+        self.min_clients = min_clients
+        self.max_num_examples = max_num_examples
+        self.norm_bound = norm_bound
+        self.wait_timeout = wait_timeout
+        self.rng = random.Random(seed)
+        self.stats = RoundStats()
+
+    # -- what each method defines -------------------------------------------------------------
+    @abstractmethod
+    def down_keys(self, node_id: int) -> list[str]:
+        """Global tensors this node must load before training this round."""
+
+    @abstractmethod
+    def up_keys(self) -> list[str]:
+        """Tensors a client sends back after training."""
+
+    @abstractmethod
+    def aggregate_updates(self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> None:
+        """Fold the valid replies (weights p_k summing to 1) into `self.global_adapter`."""
+
+    # -- shared helpers -----------------------------------------------------------------------
+    def head_keys(self) -> list[str]:
+        """The head's keys when it is trained (and therefore exchanged)."""
+        return [k for k in self.global_adapter if k.startswith("head.")] if self.train_head else []
+
+    def factor_keys(self, *factors: str) -> list[str]:
+        """Global keys of the named LoRA factors, in layer order."""
+        return [k for k in self.global_adapter if k.endswith(tuple(f".{f}" for f in factors))]
+
+    def average_into_global(self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> None:
+        """Weighted average of every replied tensor, as one batched call over a flat stack."""
+        keys = list(updates[0])
+        flat = torch.stack([torch.cat([u[k].reshape(-1) for k in keys]) for u in updates])
+        mean = lowrank.weighted_average(flat, weights)
+        offset = 0
+        for key in keys:
+            size = updates[0][key].numel()
+            self.global_adapter[key] = mean[offset : offset + size].view_as(updates[0][key]).clone()
+            offset += size
+
+    def round_instructions(self, server_round: int) -> dict[str, Any]:
+        """Per-round additions to the task (methods extend this)."""
+        return {}
+
+    def global_record(self) -> ArrayRecord:
+        """The whole global adapter as an ArrayRecord (what gets checkpointed)."""
+        return to_record(self.global_adapter)
+
+    def _sample(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.wait_timeout
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_clients:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(nodes)} of {self.min_clients} nodes connected")
+            time.sleep(1.0)
+        size = min(len(nodes), max(self.min_clients, int(self.fraction * len(nodes))))
+        return sorted(self.rng.sample(nodes, size))
+
+    # -- Flower's Strategy interface ----------------------------------------------------------
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        log(INFO, "%s: kind=%s fraction=%.2f min_clients=%d train_head=%s", type(self).__name__,
+            self.kind, self.fraction, self.min_clients, self.train_head)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One train message per sampled node with exactly the tensors that node must load."""
+        self.stats = RoundStats()
+        task = json.dumps({**self.task, **self.round_instructions(server_round)})
+        messages = []
+        for node_id in self._sample(grid):
+            payload = to_record({k: self.global_adapter[k] for k in self.down_keys(node_id)})
+            self.stats.bytes_down += record_bytes(payload)
+            content = RecordDict(
+                {
+                    ARRAYS_KEY: payload,
+                    CONFIG_KEY: ConfigRecord({**config, "server-round": server_round, TASK_KEY: task}),
+                }
+            )
+            messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
+        self.stats.sampled = len(messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate every reply, drop bad ones with a logged reason, aggregate the rest."""
+        expected = {k: TensorSpec(tuple(self.global_adapter[k].shape)) for k in self.up_keys()}
+        updates, weights, losses = [], [], []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self.stats.failed[node] = msg.error.reason
+                log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                continue
+            try:
+                tensors, weight = validate_update(msg.content, expected, self.max_num_examples, self.norm_bound)
+            except UpdateRejected as exc:
+                self.stats.rejected[node] = str(exc)
+                log(WARNING, "round %d: reply from node %d rejected: %s", server_round, node, exc)
+                continue
+            metrics = msg.content.metric_records[METRICS_KEY]
+            self.stats.bytes_up += tensor_bytes(tensors)
+            self.stats.client_loss[node] = float(metrics.get("train-loss", float("nan")))
+            if "epsilon" in metrics:
+                self.stats.client_epsilon[node] = float(metrics["epsilon"])
+            updates.append(tensors)
+            weights.append(weight)
+            losses.append(self.stats.client_loss[node])
+        self.stats.replied = len(updates)
+        if len(updates) < self.min_clients:
+            log(WARNING, "round %d: %d valid replies < min_clients=%d; global adapter unchanged",
+                server_round, len(updates), self.min_clients)
+            return None, None
+        started = time.perf_counter()
+        p = lowrank.normalize_weights(weights)
+        self.aggregate_updates(updates, p)
+        self.stats.aggregate_s = time.perf_counter() - started
+        self.stats.train_loss = float(sum(pk * lk for pk, lk in zip(p.tolist(), losses, strict=True)))
+        metrics = MetricRecord({"train-loss": self.stats.train_loss, "num-replies": len(updates)})
+        return self.global_record(), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """fedpeft evaluates the global adapter on the server's held-out split, not on clients."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """No client-side evaluation (see configure_evaluate)."""
+        return None

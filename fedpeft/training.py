@@ -1,0 +1,134 @@
+"""Local training and evaluation loops for sequence classification with a low-rank adapter."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from fedpeft.data import collate
+from fedpeft.errors import ConfigError
+
+OPTIMIZERS = ("adamw", "sgd")
+Example = dict[str, object]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one client's local round produced: mean loss over the steps actually taken."""
+
+    loss: float
+    steps: int
+    num_examples: int
+
+
+def make_optimizer(
+    params: Sequence[torch.nn.Parameter],
+    name: str,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+) -> torch.optim.Optimizer:
+    """A fresh optimiser over the trainable parameters (state is local to one round)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ConfigError(f"train.optimizer={name!r} is unknown: one of {', '.join(OPTIMIZERS)}")
+
+
+def planned_steps(
+    num_examples: int, batch_size: int, local_steps: int | None, local_epochs: float | None
+) -> int:
+    """Optimiser steps for one round: `local_steps`, or `local_epochs` passes over the data."""
+    if local_epochs:
+        return max(1, math.ceil(local_epochs * num_examples / batch_size))
+    if not local_steps or local_steps <= 0:
+        raise ConfigError("federation.local_steps must be a positive integer (or set local_epochs)")
+    return int(local_steps)
+
+
+def _cycle(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    while True:
+        yield from loader
+
+
+def train_steps(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    optimizer: torch.optim.Optimizer,
+    *,
+    steps: int,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    seed: int,
+    max_grad_norm: float | None = None,
+) -> TrainResult:
+    """Take `steps` optimiser steps on shuffled mini-batches drawn from `examples` (reshuffled per pass)."""
+    sampler = RandomSampler(examples, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        examples,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=functools.partial(collate, pad_token_id=pad_token_id),
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    total, taken = 0.0, 0
+    for batch in _cycle(loader):
+        if taken == steps:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+        optimizer.step()
+        total += float(loss.detach())
+        taken += 1
+    return TrainResult(loss=total / max(taken, 1), steps=taken, num_examples=len(examples))
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    num_labels: int,
+) -> dict[str, float]:
+    """Accuracy, mean loss and macro-F1 over `examples` (batched by length to pad little)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # type: ignore[arg-type]
+    model.eval()
+    preds, labels, loss_sum = [], [], 0.0
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch)
+        loss_sum += float(out.loss) * len(batch["labels"])
+        preds.append(out.logits.argmax(-1).cpu())
+        labels.append(batch["labels"].cpu())
+    pred, gold = torch.cat(preds), torch.cat(labels)
+    return {
+        "accuracy": float((pred == gold).float().mean()),
+        "loss": loss_sum / len(gold),
+        "macro_f1": macro_f1(pred, gold, num_labels),
+    }
+
+
+def macro_f1(pred: torch.Tensor, gold: torch.Tensor, num_labels: int) -> float:
+    """Unweighted mean of per-class F1 over the classes present in `gold` or `pred`."""
+    tp = torch.bincount(gold[pred == gold], minlength=num_labels).double()
+    pred_count = torch.bincount(pred, minlength=num_labels).double()
+    gold_count = torch.bincount(gold, minlength=num_labels).double()
+    present = (pred_count + gold_count) > 0
+    f1 = 2 * tp / (pred_count + gold_count).clamp(min=1)
+    return float(f1[present].mean())

@@ -1,0 +1,80 @@
+import torch
+
+from fedpeft.strategies import FedAvgLoRA
+from tests.strategies.conftest import (
+    D_IN,
+    D_OUT,
+    LAYERS,
+    R,
+    FakeGrid,
+    client_updates,
+    error_reply,
+    global_adapter,
+    reference_average,
+    reply,
+)
+
+
+def _strategy(**kw):
+    return FedAvgLoRA(global_adapter(), {"kind": "lora"}, max_num_examples=1000, **kw)
+
+
+def test_averages_every_factor_against_float64_reference():
+    strategy = _strategy()
+    updates = client_updates(strategy.up_keys(), 3)
+    weights = [10, 30, 60]
+    arrays, metrics = strategy.aggregate_train(
+        1, [reply(n, u, w) for n, u, w in zip([4, 5, 6], updates, weights)]
+    )
+    ref = reference_average(updates, weights)
+    for key, value in ref.items():
+        torch.testing.assert_close(strategy.global_adapter[key].double(), value, atol=1e-6, rtol=1e-6)
+    assert set(arrays.keys()) == set(global_adapter())
+    assert metrics["num-replies"] == 3
+
+
+def test_bad_and_failed_replies_are_dropped_with_reasons():
+    strategy = _strategy()
+    updates = client_updates(strategy.up_keys(), 3)
+    poisoned = {k: v.clone() for k, v in updates[2].items()}
+    poisoned["enc.0.q.lora_B"][0, 0] = float("nan")
+    replies = [reply(1, updates[0], 5), reply(2, updates[1], 15), reply(3, poisoned, 5),
+               error_reply(4, "client crashed")]
+    strategy.aggregate_train(1, replies)
+    ref = reference_average(updates[:2], [5, 15])
+    for key, value in ref.items():
+        torch.testing.assert_close(strategy.global_adapter[key].double(), value, atol=1e-6, rtol=1e-6)
+    assert "NaN" in strategy.stats.rejected[3]
+    assert strategy.stats.failed[4] == "client crashed"
+    assert strategy.stats.replied == 2
+
+
+def test_too_few_valid_replies_keep_the_global():
+    strategy = _strategy(min_clients=2)
+    before = {k: v.clone() for k, v in strategy.global_adapter.items()}
+    updates = client_updates(strategy.up_keys(), 1)
+    assert strategy.aggregate_train(1, [reply(1, updates[0], 5)]) == (None, None)
+    assert all(torch.equal(before[k], strategy.global_adapter[k]) for k in before)
+
+
+def test_sampling_payload_and_bytes_match_the_communication_table():
+    strategy = _strategy(fraction=0.5, min_clients=1, seed=3)
+    messages = list(strategy.configure_train(1, None, {}, FakeGrid(range(1, 9))))
+    assert len(messages) == 4
+    head = 2 * D_OUT + 2
+    per_client = LAYERS * R * (D_IN + D_OUT) + head
+    for msg in messages:
+        arrays = msg.content["arrays"]
+        assert set(arrays.keys()) == set(global_adapter())
+        assert msg.content["config"]["server-round"] == 1
+    assert strategy.stats.bytes_down == 4 * per_client * 4
+    updates = client_updates(strategy.up_keys(), 4)
+    strategy.aggregate_train(1, [reply(m.metadata.dst_node_id, u, 5) for m, u in zip(messages, updates)])
+    assert strategy.stats.bytes_up == 4 * per_client * 4
+
+
+def test_sampling_is_reproducible_with_the_seed():
+    grid = FakeGrid(range(100))
+    pick = lambda seed: [m.metadata.dst_node_id  # noqa: E731
+                         for m in _strategy(fraction=0.1, seed=seed).configure_train(1, None, {}, grid)]
+    assert pick(1) == pick(1) and pick(1) != pick(2)
