@@ -38,7 +38,9 @@ class AdapterSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_FACTORS:
-            raise ConfigError(f"adapter kind {self.kind!r} is unknown: one of {', '.join(KIND_FACTORS)}")
+            raise ConfigError(
+                f"adapter kind {self.kind!r} is unknown: one of {', '.join(KIND_FACTORS)}"
+            )
         if self.rank <= 0:
             raise ConfigError(f"adapter.rank={self.rank} must be a positive integer, e.g. 8")
         if self.alpha <= 0:

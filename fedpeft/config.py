@@ -22,7 +22,7 @@ def group_options(group: str) -> list[str]:
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The run's config from Hydra overrides; an unknown option is a ConfigError naming the choices."""
+    """The run's config from Hydra overrides; an unknown option names the allowed choices."""
     for override in overrides:
         match = re.fullmatch(r"\+?(\w+)=(.*)", override.strip())
         if match and match.group(1) in GROUPS:
@@ -36,7 +36,9 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
             cfg = compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
         first = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"bad override ({first}): use key=value, e.g. federation.rounds=5") from exc
+        raise ConfigError(
+            f"bad override ({first}): use key=value, e.g. federation.rounds=5"
+        ) from exc
     validate(cfg)
     return cfg
 
@@ -60,14 +62,18 @@ def validate(cfg: DictConfig) -> None:
     fed, train, adapter = cfg.federation, cfg.train, cfg.adapter
     for key in ("num_clients", "rounds", "min_clients"):
         value = fed[key]
-        _require(isinstance(value, int) and value >= 1, f"federation.{key}={value} must be an integer >= 1")
+        _require(
+            isinstance(value, int) and value >= 1,
+            f"federation.{key}={value} must be an integer >= 1",
+        )
     _require(
         _is_number(fed.fraction) and 0 < fed.fraction <= 1,
         f"federation.fraction={fed.fraction} must be in (0, 1], e.g. 0.5",
     )
     _require(
         fed.min_clients <= fed.num_clients,
-        f"federation.min_clients={fed.min_clients} exceeds federation.num_clients={fed.num_clients}",
+        f"federation.min_clients={fed.min_clients} exceeds "
+        f"federation.num_clients={fed.num_clients}",
     )
     if fed.local_epochs is None:
         _require(
@@ -77,10 +83,15 @@ def validate(cfg: DictConfig) -> None:
     else:
         _require(
             _is_number(fed.local_epochs) and fed.local_epochs > 0,
-            f"federation.local_epochs={fed.local_epochs} must be positive (or null to use local_steps)",
+            f"federation.local_epochs={fed.local_epochs} must be positive "
+            "(or null to use local_steps)",
         )
-    _require(_is_number(fed.client_cpus) and fed.client_cpus > 0, "federation.client_cpus must be > 0")
-    _require(_is_number(fed.client_gpus) and fed.client_gpus >= 0, "federation.client_gpus must be >= 0")
+    _require(
+        _is_number(fed.client_cpus) and fed.client_cpus > 0, "federation.client_cpus must be > 0"
+    )
+    _require(
+        _is_number(fed.client_gpus) and fed.client_gpus >= 0, "federation.client_gpus must be >= 0"
+    )
     _require(
         isinstance(adapter.rank, int) and adapter.rank >= 1,
         f"adapter.rank={adapter.rank} must be a positive integer, e.g. 8",
@@ -96,7 +107,8 @@ def validate(cfg: DictConfig) -> None:
         if value is not None:
             _require(_is_number(value) and value > 0, f"{key}={value} must be positive, e.g. 1e-3")
     _require(
-        train.optimizer in ("adamw", "sgd"), f"train.optimizer={train.optimizer} must be adamw or sgd"
+        train.optimizer in ("adamw", "sgd"),
+        f"train.optimizer={train.optimizer} must be adamw or sgd",
     )
     _require(
         isinstance(train.max_length, int) and train.max_length >= 8,
@@ -108,5 +120,7 @@ def validate(cfg: DictConfig) -> None:
     )
     if cfg.partition.name == "dirichlet":
         alpha = cfg.partition.alpha
-        _require(_is_number(alpha) and alpha > 0, f"partition.alpha={alpha} must be positive, e.g. 0.5")
+        _require(
+            _is_number(alpha) and alpha > 0, f"partition.alpha={alpha} must be positive, e.g. 0.5"
+        )
     _require(isinstance(cfg.seed, int), f"seed={cfg.seed} must be an integer")

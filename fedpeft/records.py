@@ -32,7 +32,9 @@ class TensorSpec:
 
 def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Pack CPU copies of the tensors into an ArrayRecord, keys kept in order."""
-    return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in tensors.items()})
+    return ArrayRecord(
+        {k: Array(v.detach().cpu().contiguous().numpy()) for k, v in tensors.items()}
+    )
 
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -41,7 +43,7 @@ def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def record_bytes(record: ArrayRecord) -> int:
-    """Bytes of tensor data in the record: element count times element size, what the wire carries."""
+    """Bytes of tensor data in the record: elements times element size, what the wire carries."""
     return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in record.values())
 
 
@@ -97,4 +99,6 @@ def validate_update(
 
 def metrics_record(metrics: Mapping[str, float | int]) -> MetricRecord:
     """A MetricRecord from plain numbers (ints stay ints so weights are exact)."""
-    return MetricRecord({k: (int(v) if isinstance(v, bool | int) else float(v)) for k, v in metrics.items()})
+    return MetricRecord(
+        {k: (int(v) if isinstance(v, bool | int) else float(v)) for k, v in metrics.items()}
+    )

@@ -56,7 +56,8 @@ class RunFolder:
         """Append one round's row and rewrite history.csv."""
         self.rows.append(dict(row))
         lines = [
-            {k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()} for r in self.rows
+            {k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()}
+            for r in self.rows
         ]
         tmp = self.path / ".history.csv.tmp"
         with tmp.open("w", newline="") as fh:

@@ -49,14 +49,18 @@ def _row(server_round: int, metrics: dict[str, float], fed: Federation, **extra:
     }
 
 
-def run_federation(grid: Grid, fed: Federation, run_dir: Path, console: Console | None = None) -> dict:
+def run_federation(
+    grid: Grid, fed: Federation, run_dir: Path, console: Console | None = None
+) -> dict:
     """Run every round on `grid`, evaluating and checkpointing the global adapter after each."""
     cfg, strategy = fed.cfg, fed.strategy
     console = console or Console(stderr=True)
     folder = RunFolder(run_dir, cfg)
     started = time.perf_counter()
     metrics = fed.evaluator(strategy.global_adapter)
-    folder.record_round(_row(0, metrics, fed, round_time_s=0.0, wall_time_s=time.perf_counter() - started))
+    folder.record_round(
+        _row(0, metrics, fed, round_time_s=0.0, wall_time_s=time.perf_counter() - started)
+    )
     console.print(f"round 0: accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}")
     total_up = total_down = 0
     rounds = cfg.federation.rounds
@@ -79,14 +83,22 @@ def run_federation(grid: Grid, fed: Federation, run_dir: Path, console: Console 
             total_down += strategy.stats.bytes_down
             now = time.perf_counter()
             folder.record_round(
-                _row(server_round, metrics, fed, round_time_s=now - round_start, wall_time_s=now - started)
+                _row(
+                    server_round,
+                    metrics,
+                    fed,
+                    round_time_s=now - round_start,
+                    wall_time_s=now - started,
+                )
             )
             fed.evaluator.runtime.model.save_pretrained(str(folder.adapter_dir))
             progress.update(bar, advance=1)
             console.print(
-                f"round {server_round}: accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}"
+                f"round {server_round}: accuracy {metrics['accuracy']:.4f}"
+                f"  loss {metrics['loss']:.4f}"
                 f"  replies {strategy.stats.replied}/{strategy.stats.sampled}"
-                f"  up {strategy.stats.bytes_up / 1e6:.2f} MB  down {strategy.stats.bytes_down / 1e6:.2f} MB"
+                f"  up {strategy.stats.bytes_up / 1e6:.2f} MB"
+                f"  down {strategy.stats.bytes_down / 1e6:.2f} MB"
             )
     epsilons = [r["max_epsilon"] for r in folder.rows if r["max_epsilon"] is not None]
     summary = {

@@ -69,7 +69,7 @@ def train_steps(
     seed: int,
     max_grad_norm: float | None = None,
 ) -> TrainResult:
-    """Take `steps` optimiser steps on shuffled mini-batches drawn from `examples` (reshuffled per pass)."""
+    """Take `steps` optimiser steps on mini-batches of `examples`, reshuffled every pass."""
     sampler = RandomSampler(examples, generator=torch.Generator().manual_seed(seed))
     loader = DataLoader(
         examples,  # type: ignore[arg-type]

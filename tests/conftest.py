@@ -13,8 +13,16 @@ os.environ.setdefault("FEDPEFT_DATA_DIR", str(SHARED_DATA))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TINY = {"name": "tiny_bert", "name_or_path": None, "revision": None, "dtype": "float32",
-        "hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128}
+TINY = {
+    "name": "tiny_bert",
+    "name_or_path": None,
+    "revision": None,
+    "dtype": "float32",
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 2,
+    "intermediate_size": 128,
+}
 
 #: Overrides for a fast real federation: tiny_bert on a slice of SST-2.
 FAST_RUN = [

@@ -14,15 +14,20 @@ def _model(kind: str = "lora", train_head: bool = True):
 
 @pytest.mark.parametrize(
     ("kind", "head", "expected"),
-    [("lora", True, {"lora_A", "lora_B", "head"}), ("frozen_a", True, {"lora_B", "head"}),
-     ("frozen_a", False, {"lora_B"})],
+    [
+        ("lora", True, {"lora_A", "lora_B", "head"}),
+        ("frozen_a", True, {"lora_B", "head"}),
+        ("frozen_a", False, {"lora_B"}),
+    ],
 )
 def test_kind_decides_what_trains(kind, head, expected):
     model = _model(kind, head)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     seen = {("head" if "modules_to_save" in n else n.split(".")[-3]) for n in trained}
     assert seen == expected
-    assert not any("word_embeddings" in n or "attention.self.query.base_layer" in n for n in trained)
+    assert not any(
+        "word_embeddings" in n or "attention.self.query.base_layer" in n for n in trained
+    )
 
 
 def test_canonical_keys_and_shapes():

@@ -118,8 +118,9 @@ def test_normalize_weights_rejects(bad: list) -> None:
 def test_fedavg_averages_each_factor(p: dict) -> None:
     a, b = client_factors(p)
     w = normalize_weights(p["counts"])
-    ref_a = sum(w[k] * a[k] for k in range(len(w)))
-    assert torch.allclose(weighted_average(a, w), ref_a, rtol=1e-12, atol=1e-14)
+    for stack in (a, b):
+        ref = sum(w[k] * stack[k] for k in range(len(w)))
+        assert torch.allclose(weighted_average(stack, w), ref, rtol=1e-12, atol=1e-14)
     for dtype in (torch.float32, torch.bfloat16):
         out = weighted_average(b.to(dtype), w)
         assert out.dtype == dtype
@@ -284,14 +285,14 @@ def test_lora_fair_early_stop() -> None:
     assert info["iterations"] == 7 and not info["converged"]
 
 
-@PROPS
+@settings(PROPS, max_examples=10)
 @given(problems())
 def test_lora_fair_huge_lambda_gives_fedavg(p: dict) -> None:
     a, b = client_factors(p)
     w = normalize_weights(p["counts"])
     b_bar = weighted_average(b, w)
-    # lr * lam = 0.1: plain SGD is stable and reaches its fixed point dB = -grad_cos / (2 lam).
-    _, b_prime, _ = lora_fair_residual(a, b, w, lam=1e6, lr=1e-7, max_iter=300, tol=0.0)
+    # lr * lam = 0.1: plain SGD is stable and ||dB|| stays below ||grad_cos|| / (2 lam).
+    _, b_prime, _ = lora_fair_residual(a, b, w, lam=1e6, lr=1e-7, max_iter=50, tol=0.0)
     assert (b_prime - b_bar).norm() <= 1e-5 * b_bar.norm()
 
 
@@ -334,12 +335,12 @@ def test_lora_fair_closed_form_is_ridge_least_squares(p: dict, lam: float) -> No
 
 _MEMORY_PROBE = textwrap.dedent(
     """
-    import resource
     import torch
     from fedpeft.lowrank import lora_fair_residual, normalize_weights
 
-    def peak() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def peak() -> int:  # VmHWM, this process only (ru_maxrss keeps the parent's peak over exec)
+        with open("/proc/self/status") as status:
+            return next(int(x.split()[1]) * 1024 for x in status if x.startswith("VmHWM:"))
 
     k, r, d = 10, 16, 4096
     g = torch.Generator().manual_seed(0)
@@ -363,6 +364,8 @@ def test_lora_fair_peak_memory_never_dense() -> None:
 
     A fixed glibc mmap threshold makes freed blocks leave the RSS, so its peak tracks live memory.
     """
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc for the peak RSS")
     root = Path(lowrank.__file__).resolve().parent.parent
     path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -373,7 +376,7 @@ def test_lora_fair_peak_memory_never_dense() -> None:
     used, control, factors, iterations, finite = done.stdout.split()
     dense_bytes = 4096 * 4096 * 4
     assert finite == "True" and int(iterations) == 100
-    assert int(control) > 0.75 * dense_bytes, "RSS probe failed to see a dense matrix"
+    assert int(control) > 0.75 * dense_bytes, f"probe missed a dense matrix: {done.stdout}"
     assert int(used) < dense_bytes / 4, f"grew {int(used) / 2**20:.1f} MiB, factors {factors} B"
 
 

@@ -27,7 +27,7 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Load the payload over the shared initial adapter, train the kind's factors, send them back."""
+    """Load the payload over the initial adapter, train the kind's factors, send them back."""
     config = msg.content[CONFIG_KEY]
     task = json.loads(str(config[TASK_KEY]))
     server_round = int(config["server-round"])
@@ -42,7 +42,9 @@ def train(msg: Message, context: Context) -> Message:
     optimizer = training.make_optimizer(
         trainable, hp["optimizer"], float(hp["lr"]), hp["weight_decay"], hp["momentum"]
     )
-    steps = training.planned_steps(len(examples), hp["batch_size"], hp["local_steps"], hp["local_epochs"])
+    steps = training.planned_steps(
+        len(examples), hp["batch_size"], hp["local_steps"], hp["local_epochs"]
+    )
     member = int(context.node_config.get("partition-id", context.node_id))
     seed = (int(task["seed"]) * 1_000_003 + server_round * 10_007 + member) % (2**31)
     result = training.train_steps(
@@ -67,4 +69,6 @@ def train(msg: Message, context: Context) -> Message:
         "bytes-down": record_bytes(payload),
         "bytes-up": record_bytes(reply),
     }
-    return Message(RecordDict({ARRAYS_KEY: reply, METRICS_KEY: metrics_record(metrics)}), reply_to=msg)
+    return Message(
+        RecordDict({ARRAYS_KEY: reply, METRICS_KEY: metrics_record(metrics)}), reply_to=msg
+    )

@@ -31,4 +31,6 @@ def client_examples(task: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
         )
     keys = ("dataset", "partition", "seed", "model", "num_labels", "train")
     key = json.dumps({k: task[k] for k in keys}, sort_keys=True)
-    return _client_examples(key, int(node_config["partition-id"]), int(node_config["num-partitions"]))
+    return _client_examples(
+        key, int(node_config["partition-id"]), int(node_config["num-partitions"])
+    )

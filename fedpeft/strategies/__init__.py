@@ -3,8 +3,23 @@
 from fedpeft.strategies.base import LowRankStrategy, RoundStats
 from fedpeft.strategies.fedavg import FedAvgLoRA
 from fedpeft.strategies.ffa_lora import FFALoRA
+from fedpeft.strategies.fedsvd import FedSVD
+from fedpeft.strategies.lora_fair import LoRAFAIR
 
 #: strategy config name -> class
-STRATEGIES: dict[str, type[LowRankStrategy]] = {"fedavg": FedAvgLoRA, "ffa_lora": FFALoRA}
+STRATEGIES: dict[str, type[LowRankStrategy]] = {
+    "fedavg": FedAvgLoRA,
+    "ffa_lora": FFALoRA,
+    "fedsvd": FedSVD,
+    "lora_fair": LoRAFAIR,
+}
 
-__all__ = ["STRATEGIES", "FFALoRA", "FedAvgLoRA", "LowRankStrategy", "RoundStats"]
+__all__ = [
+    "STRATEGIES",
+    "FFALoRA",
+    "FedAvgLoRA",
+    "FedSVD",
+    "LoRAFAIR",
+    "LowRankStrategy",
+    "RoundStats",
+]

@@ -104,6 +104,7 @@ class LowRankStrategy(Strategy):
         self.wait_timeout = wait_timeout
         self.rng = random.Random(seed)
         self.stats = RoundStats()
+        self.server_round = 0
 
     # -- what each method defines -------------------------------------------------------------
     @abstractmethod
@@ -115,7 +116,9 @@ class LowRankStrategy(Strategy):
         """Tensors a client sends back after training."""
 
     @abstractmethod
-    def aggregate_updates(self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> None:
+    def aggregate_updates(
+        self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor
+    ) -> None:
         """Fold the valid replies (weights p_k summing to 1) into `self.global_adapter`."""
 
     # -- shared helpers -----------------------------------------------------------------------
@@ -127,7 +130,9 @@ class LowRankStrategy(Strategy):
         """Global keys of the named LoRA factors, in layer order."""
         return [k for k in self.global_adapter if k.endswith(tuple(f".{f}" for f in factors))]
 
-    def average_into_global(self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> None:
+    def average_into_global(
+        self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor
+    ) -> None:
         """Weighted average of every replied tensor, as one batched call over a flat stack."""
         keys = list(updates[0])
         flat = torch.stack([torch.cat([u[k].reshape(-1) for k in keys]) for u in updates])
@@ -137,6 +142,25 @@ class LowRankStrategy(Strategy):
             size = updates[0][key].numel()
             self.global_adapter[key] = mean[offset : offset + size].view_as(updates[0][key]).clone()
             offset += size
+
+    def layer_groups(self) -> list[list[str]]:
+        """Adapted layers grouped by (A shape, B shape), so the math runs batched per group."""
+        groups: dict[tuple, list[str]] = {}
+        for key in self.factor_keys("lora_A"):
+            name = key.removesuffix(".lora_A")
+            shape = (*self.global_adapter[key].shape, *self.global_adapter[f"{name}.lora_B"].shape)
+            groups.setdefault(shape, []).append(name)
+        return list(groups.values())
+
+    def stack_factor(self, names: list[str], factor: str, source=None) -> torch.Tensor:
+        """One factor of the named layers stacked along a new leading layer axis."""
+        source = self.global_adapter if source is None else source
+        return torch.stack([source[f"{name}.{factor}"] for name in names])
+
+    def unstack_factor(self, names: list[str], factor: str, stacked: torch.Tensor) -> None:
+        """Write a layer-stacked factor back into the global adapter."""
+        for name, value in zip(names, stacked, strict=True):
+            self.global_adapter[f"{name}.{factor}"] = value.contiguous()
 
     def round_instructions(self, server_round: int) -> dict[str, Any]:
         """Per-round additions to the task (methods extend this)."""
@@ -158,8 +182,15 @@ class LowRankStrategy(Strategy):
     # -- Flower's Strategy interface ----------------------------------------------------------
     def summary(self) -> None:
         """Log the strategy's configuration."""
-        log(INFO, "%s: kind=%s fraction=%.2f min_clients=%d train_head=%s", type(self).__name__,
-            self.kind, self.fraction, self.min_clients, self.train_head)
+        log(
+            INFO,
+            "%s: kind=%s fraction=%.2f min_clients=%d train_head=%s",
+            type(self).__name__,
+            self.kind,
+            self.fraction,
+            self.min_clients,
+            self.train_head,
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -174,7 +205,9 @@ class LowRankStrategy(Strategy):
             content = RecordDict(
                 {
                     ARRAYS_KEY: payload,
-                    CONFIG_KEY: ConfigRecord({**config, "server-round": server_round, TASK_KEY: task}),
+                    CONFIG_KEY: ConfigRecord(
+                        {**config, "server-round": server_round, TASK_KEY: task}
+                    ),
                 }
             )
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
@@ -185,6 +218,7 @@ class LowRankStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate every reply, drop bad ones with a logged reason, aggregate the rest."""
+        self.server_round = server_round
         expected = {k: TensorSpec(tuple(self.global_adapter[k].shape)) for k in self.up_keys()}
         updates, weights, losses = [], [], []
         for msg in replies:
@@ -194,7 +228,9 @@ class LowRankStrategy(Strategy):
                 log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
                 continue
             try:
-                tensors, weight = validate_update(msg.content, expected, self.max_num_examples, self.norm_bound)
+                tensors, weight = validate_update(
+                    msg.content, expected, self.max_num_examples, self.norm_bound
+                )
             except UpdateRejected as exc:
                 self.stats.rejected[node] = str(exc)
                 log(WARNING, "round %d: reply from node %d rejected: %s", server_round, node, exc)
@@ -209,23 +245,32 @@ class LowRankStrategy(Strategy):
             losses.append(self.stats.client_loss[node])
         self.stats.replied = len(updates)
         if len(updates) < self.min_clients:
-            log(WARNING, "round %d: %d valid replies < min_clients=%d; global adapter unchanged",
-                server_round, len(updates), self.min_clients)
+            log(
+                WARNING,
+                "round %d: %d valid replies < min_clients=%d; global adapter unchanged",
+                server_round,
+                len(updates),
+                self.min_clients,
+            )
             return None, None
         started = time.perf_counter()
         p = lowrank.normalize_weights(weights)
         self.aggregate_updates(updates, p)
         self.stats.aggregate_s = time.perf_counter() - started
-        self.stats.train_loss = float(sum(pk * lk for pk, lk in zip(p.tolist(), losses, strict=True)))
+        self.stats.train_loss = float(
+            sum(pk * lk for pk, lk in zip(p.tolist(), losses, strict=True))
+        )
         metrics = MetricRecord({"train-loss": self.stats.train_loss, "num-replies": len(updates)})
         return self.global_record(), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """fedpeft evaluates the global adapter on the server's held-out split, not on clients."""
+        """Fedpeft evaluates the global adapter on the server's held-out split, not on clients."""
         return []
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """No client-side evaluation (see configure_evaluate)."""
         return None

@@ -31,6 +31,8 @@ class FedAvgLoRA(LowRankStrategy):
         """A, B and the head (when trained)."""
         return self.factor_keys("lora_A", "lora_B") + self.head_keys()
 
-    def aggregate_updates(self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> None:
+    def aggregate_updates(
+        self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor
+    ) -> None:
         """A = sum p_k A_k, B = sum p_k B_k, head = sum p_k head_k."""
         self.average_into_global(updates, weights)

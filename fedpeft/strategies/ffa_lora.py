@@ -18,7 +18,8 @@ class FFALoRA(LowRankStrategy):
     """Federated Freeze-A LoRA.
 
     A is Kaiming-uniform from the run's adapter seed. It never crosses the network: the task
-    carries the seed (`adapter_seed`) and every party expands it identically (adapters.initial_adapter),
+    carries the seed (`adapter_seed`) and every party expands it identically
+    (adapters.initial_adapter),
     which ALGORITHMS.md allows in place of sending A once. Down: B (and the head when trained).
     Up: B_k (and the head). Server: B = sum p_k B_k. The method's own `alpha` and learning rate are
     set in its config (strategy.alpha, strategy.lr; published settings use about 10x LoRA's lr).
@@ -39,6 +40,8 @@ class FFALoRA(LowRankStrategy):
         """Tell clients that A comes from the seed, not the payload."""
         return {**super().round_instructions(server_round), "a_from_seed": True}
 
-    def aggregate_updates(self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> None:
+    def aggregate_updates(
+        self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor
+    ) -> None:
         """B = sum p_k B_k, head = sum p_k head_k; A unchanged."""
         self.average_into_global(updates, weights)

@@ -5,8 +5,8 @@ from tests.strategies.conftest import (
     D_IN,
     D_OUT,
     LAYERS,
-    R,
     FakeGrid,
+    R,
     client_updates,
     error_reply,
     global_adapter,
@@ -28,7 +28,9 @@ def test_averages_every_factor_against_float64_reference():
     )
     ref = reference_average(updates, weights)
     for key, value in ref.items():
-        torch.testing.assert_close(strategy.global_adapter[key].double(), value, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            strategy.global_adapter[key].double(), value, atol=1e-6, rtol=1e-6
+        )
     assert set(arrays.keys()) == set(global_adapter())
     assert metrics["num-replies"] == 3
 
@@ -38,12 +40,18 @@ def test_bad_and_failed_replies_are_dropped_with_reasons():
     updates = client_updates(strategy.up_keys(), 3)
     poisoned = {k: v.clone() for k, v in updates[2].items()}
     poisoned["enc.0.q.lora_B"][0, 0] = float("nan")
-    replies = [reply(1, updates[0], 5), reply(2, updates[1], 15), reply(3, poisoned, 5),
-               error_reply(4, "client crashed")]
+    replies = [
+        reply(1, updates[0], 5),
+        reply(2, updates[1], 15),
+        reply(3, poisoned, 5),
+        error_reply(4, "client crashed"),
+    ]
     strategy.aggregate_train(1, replies)
     ref = reference_average(updates[:2], [5, 15])
     for key, value in ref.items():
-        torch.testing.assert_close(strategy.global_adapter[key].double(), value, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            strategy.global_adapter[key].double(), value, atol=1e-6, rtol=1e-6
+        )
     assert "NaN" in strategy.stats.rejected[3]
     assert strategy.stats.failed[4] == "client crashed"
     assert strategy.stats.replied == 2
@@ -69,12 +77,16 @@ def test_sampling_payload_and_bytes_match_the_communication_table():
         assert msg.content["config"]["server-round"] == 1
     assert strategy.stats.bytes_down == 4 * per_client * 4
     updates = client_updates(strategy.up_keys(), 4)
-    strategy.aggregate_train(1, [reply(m.metadata.dst_node_id, u, 5) for m, u in zip(messages, updates)])
+    strategy.aggregate_train(
+        1, [reply(m.metadata.dst_node_id, u, 5) for m, u in zip(messages, updates)]
+    )
     assert strategy.stats.bytes_up == 4 * per_client * 4
 
 
 def test_sampling_is_reproducible_with_the_seed():
     grid = FakeGrid(range(100))
-    pick = lambda seed: [m.metadata.dst_node_id  # noqa: E731
-                         for m in _strategy(fraction=0.1, seed=seed).configure_train(1, None, {}, grid)]
+    pick = lambda seed: [
+        m.metadata.dst_node_id  # noqa: E731
+        for m in _strategy(fraction=0.1, seed=seed).configure_train(1, None, {}, grid)
+    ]
     assert pick(1) == pick(1) and pick(1) != pick(2)

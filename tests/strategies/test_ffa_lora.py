@@ -4,8 +4,8 @@ from fedpeft.strategies import FFALoRA
 from tests.strategies.conftest import (
     D_OUT,
     LAYERS,
-    R,
     FakeGrid,
+    R,
     client_updates,
     global_adapter,
     reference_average,
@@ -18,7 +18,7 @@ def test_only_b_and_head_cross_the_network():
     assert all(k.endswith("lora_B") or k.startswith("head.") for k in strategy.up_keys())
     messages = list(strategy.configure_train(1, None, {}, FakeGrid([1, 2])))
     for msg in messages:
-        assert not any(k.endswith("lora_A") for k in msg.content["arrays"].keys())
+        assert not any(k.endswith("lora_A") for k in msg.content["arrays"])
     assert strategy.stats.bytes_down == 2 * (LAYERS * R * D_OUT + 2 * D_OUT + 2) * 4
 
 
@@ -31,10 +31,16 @@ def test_aggregation_is_exact_for_the_shared_a():
     p = torch.tensor(weights, dtype=torch.float64) / sum(weights)
     for layer in range(LAYERS):
         a = start[f"enc.{layer}.q.lora_A"].double()
-        assert torch.equal(strategy.global_adapter[f"enc.{layer}.q.lora_A"], start[f"enc.{layer}.q.lora_A"])
+        assert torch.equal(
+            strategy.global_adapter[f"enc.{layer}.q.lora_A"], start[f"enc.{layer}.q.lora_A"]
+        )
         ideal = sum(pk * u[f"enc.{layer}.q.lora_B"].double() @ a for pk, u in zip(p, updates))
         merged = strategy.global_adapter[f"enc.{layer}.q.lora_B"].double() @ a
         torch.testing.assert_close(merged, ideal, atol=1e-5, rtol=1e-5)
     ref = reference_average(updates, weights)
-    torch.testing.assert_close(strategy.global_adapter["head.classifier.bias"].double(),
-                               ref["head.classifier.bias"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        strategy.global_adapter["head.classifier.bias"].double(),
+        ref["head.classifier.bias"],
+        atol=1e-6,
+        rtol=1e-6,
+    )
