@@ -50,7 +50,8 @@ def build_task(cfg: DictConfig, num_labels: int) -> dict[str, Any]:
 
 def strategy_params(cfg: DictConfig) -> dict[str, Any]:
     """The method's own options (strategy.params), checked against its constructor."""
-    params = dict(OmegaConf.to_container(cfg.strategy.get("params") or {}, resolve=True))
+    raw = cfg.strategy.get("params")
+    params = {} if raw is None else dict(OmegaConf.to_container(raw, resolve=True))
     allowed = set(inspect.signature(STRATEGIES[cfg.strategy.name].__init__).parameters)
     unknown = sorted(set(params) - allowed)
     if unknown:

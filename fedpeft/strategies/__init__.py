@@ -2,8 +2,8 @@
 
 from fedpeft.strategies.base import LowRankStrategy, RoundStats
 from fedpeft.strategies.fedavg import FedAvgLoRA
-from fedpeft.strategies.ffa_lora import FFALoRA
 from fedpeft.strategies.fedsvd import FedSVD
+from fedpeft.strategies.ffa_lora import FFALoRA
 from fedpeft.strategies.lora_fair import LoRAFAIR
 
 #: strategy config name -> class
