@@ -21,6 +21,11 @@ def _quiet(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         warnings.filterwarnings("ignore")
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
         for name in ("flwr", "ray", "transformers", "datasets"):
             logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -40,11 +45,12 @@ def simulate(overrides: Sequence[str]) -> dict:
     cfg = compose_config(list(overrides))
     _quiet(cfg.verbose)
     console = Console(stderr=True)
+    fed = prepare(cfg)
     console.print(
         f"[bold]fedpeft[/bold] {cfg.strategy.name} on {cfg.dataset.name} with {cfg.model.name}: "
-        f"{cfg.federation.num_clients} clients, {cfg.federation.rounds} rounds"
+        f"{cfg.federation.num_clients} clients (sizes {fed.partition_sizes}), "
+        f"{cfg.federation.rounds} rounds"
     )
-    fed = prepare(cfg)
     run_dir = default_run_dir(cfg)
     result: dict = {}
 
@@ -72,13 +78,17 @@ def simulate(overrides: Sequence[str]) -> dict:
     )
     if not result:
         raise RuntimeError("the simulation ended before the server finished its rounds")
-    table = Table(title=f"fedpeft {cfg.strategy.name}: held-out accuracy by round")
-    for column in ("round", "accuracy", "bytes up", "bytes down"):
-        table.add_column(column, justify="right")
-    console.print(f"run folder: {result['run_dir']}")
-    Console().print(
+    table = Table(title=f"fedpeft {cfg.strategy.name} on {cfg.dataset.name}: held-out accuracy")
+    table.add_column("round", justify="right")
+    table.add_column("accuracy", justify="right")
+    for server_round, accuracy in enumerate(result["accuracy_by_round"]):
+        table.add_row(str(server_round), f"{accuracy:.4f}")
+    out = Console()
+    out.print(table)
+    out.print(
         f"final accuracy {result['final_accuracy']:.4f} after {result['rounds_completed']} rounds "
-        f"in {result['wall_time_s']:.1f} s; run folder {result['run_dir']}"
+        f"in {result['wall_time_s']:.1f} s; {result['bytes_up'] / 1e6:.2f} MB up, "
+        f"{result['bytes_down'] / 1e6:.2f} MB down; run folder {result['run_dir']}"
     )
     return result
 

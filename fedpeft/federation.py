@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,6 +94,11 @@ class Federation:
     strategy: LowRankStrategy
     evaluator: ServerEvaluator
     partition_sizes: list[int]
+
+    def save_adapter(self, path: Path) -> None:
+        """Save the global adapter in peft's format, for PeftModel.from_pretrained."""
+        self.evaluator.runtime.reset(self.strategy.global_adapter)
+        self.evaluator.runtime.model.save_pretrained(str(path))
 
 
 def prepare(cfg: DictConfig) -> Federation:

@@ -91,7 +91,7 @@ def run_federation(
                     wall_time_s=now - started,
                 )
             )
-            fed.evaluator.runtime.model.save_pretrained(str(folder.adapter_dir))
+            fed.save_adapter(folder.adapter_dir)
             progress.update(bar, advance=1)
             console.print(
                 f"round {server_round}: accuracy {metrics['accuracy']:.4f}"
