@@ -1,8 +1,9 @@
 """Adapter parameterisations on a Hugging Face model: inject, freeze, read and write factors.
 
 Tensors cross process boundaries under canonical keys that do not depend on peft's wrapper names:
-`<module path>.lora_A` (r x d_in), `<module path>.lora_B` (d_out x r) and `head.<module>.<param>`.
-The adapter kind, not the aggregation method, decides which of them a client trains.
+`<module path>.lora_A` (r x d_in), `<module path>.lora_B` (d_out x r), for the `sb` kind
+`<module path>.lora_R` (r x r), and `head.<module>.<param>`. The adapter kind, not the aggregation
+method, decides which of them a client trains.
 """
 
 from __future__ import annotations
@@ -21,8 +22,26 @@ from fedpeft.errors import ConfigError
 
 ADAPTER = "default"
 #: kind -> the LoRA factors a client trains and sends up (ALGORITHMS.md, "Adapter kinds").
-KIND_FACTORS: dict[str, tuple[str, ...]] = {"lora": ("lora_A", "lora_B"), "frozen_a": ("lora_B",)}
+KIND_FACTORS: dict[str, tuple[str, ...]] = {
+    "lora": ("lora_A", "lora_B"),
+    "frozen_a": ("lora_B",),
+    "sb": ("lora_R",),
+}
 HEAD_PREFIX = "head."
+
+
+class SBDown(torch.nn.Sequential):
+    """LoRA-SB's down path, A then R: `Sequential(Linear(d_in, r), Linear(r, r))`, no biases.
+
+    It replaces peft's `lora_A` module of an `sb` layer, so peft's forward computes
+    B(R(A x)) * scaling. R is a real `nn.Linear` so that Opacus can compute its per-sample
+    gradients. `weight` is A's weight, which peft reads for the input dtype.
+    """
+
+    @property
+    def weight(self) -> torch.nn.Parameter:
+        """A's weight (r x d_in)."""
+        return self[0].weight
 
 
 @dataclass(frozen=True)
@@ -51,9 +70,14 @@ class AdapterSpec:
             raise ConfigError(f"adapter.dropout={self.dropout} must be in [0, 1)")
 
     @property
+    def lora_alpha(self) -> float:
+        """The alpha given to peft: the `sb` kind always has scaling 1 (alpha = r)."""
+        return float(self.rank) if self.kind == "sb" else self.alpha
+
+    @property
     def scaling(self) -> float:
-        """LoRA's s = alpha / r."""
-        return self.alpha / self.rank
+        """LoRA's s = alpha / r (1 for the `sb` kind)."""
+        return self.lora_alpha / self.rank
 
     @property
     def trained_factors(self) -> tuple[str, ...]:
@@ -69,7 +93,7 @@ def inject(model: PreTrainedModel, spec: AdapterSpec) -> PeftModel:
     """
     config = LoraConfig(
         r=spec.rank,
-        lora_alpha=spec.alpha,
+        lora_alpha=spec.lora_alpha,
         lora_dropout=spec.dropout,
         target_modules=list(spec.target_modules),
         task_type="SEQ_CLS",
@@ -82,6 +106,12 @@ def inject(model: PreTrainedModel, spec: AdapterSpec) -> PeftModel:
             f"adapter.target_modules={list(spec.target_modules)} matched no layer of the model "
             f"({exc}): name Linear modules of this architecture, e.g. [query,value] for BERT"
         ) from exc
+    if spec.kind == "sb":
+        for layer in lora_layers(peft_model).values():
+            down = layer.lora_A[ADAPTER]
+            r_module = torch.nn.Linear(spec.rank, spec.rank, bias=False)
+            torch.nn.init.zeros_(r_module.weight)
+            layer.lora_A[ADAPTER] = SBDown(down, r_module.to(down.weight.device, down.weight.dtype))
     freeze(peft_model, spec)
     return peft_model
 
@@ -92,7 +122,7 @@ def freeze(model: PeftModel, spec: AdapterSpec) -> None:
         param.requires_grad_(False)
     for layer in lora_layers(model).values():
         for factor in spec.trained_factors:
-            getattr(layer, factor)[ADAPTER].weight.requires_grad_(True)
+            factor_weight(layer, factor).requires_grad_(True)
     if spec.train_head:
         for param in head_parameters(model).values():
             param.requires_grad_(True)
@@ -106,6 +136,18 @@ def _canonical(name: str) -> str:
 def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
     """Adapted layers by canonical module path, in model order."""
     return {_canonical(n): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def factor_weight(layer: LoraLayer, factor: str) -> torch.nn.Parameter:
+    """The live weight of one factor (lora_A, lora_B or, for `sb` layers, lora_R) of a layer."""
+    down = layer.lora_A[ADAPTER]
+    if factor == "lora_A":
+        return down.weight
+    if factor == "lora_B":
+        return layer.lora_B[ADAPTER].weight
+    if factor == "lora_R" and isinstance(down, SBDown):
+        return down[1].weight
+    raise KeyError(f"layer has no factor {factor!r}")
 
 
 def head_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
@@ -122,8 +164,10 @@ def adapter_tensors(model: PeftModel) -> dict[str, torch.Tensor]:
     """Every adapter and head tensor under canonical keys (live parameters, not copies)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model).items():
-        tensors[f"{name}.lora_A"] = layer.lora_A[ADAPTER].weight
-        tensors[f"{name}.lora_B"] = layer.lora_B[ADAPTER].weight
+        tensors[f"{name}.lora_A"] = factor_weight(layer, "lora_A")
+        tensors[f"{name}.lora_B"] = factor_weight(layer, "lora_B")
+        if isinstance(layer.lora_A[ADAPTER], SBDown):
+            tensors[f"{name}.lora_R"] = factor_weight(layer, "lora_R")
     tensors.update(head_parameters(model))
     return tensors
 
@@ -158,6 +202,8 @@ def write_adapter(model: PeftModel, tensors: Mapping[str, torch.Tensor]) -> None
 def initial_adapter(model: PeftModel, seed: int) -> dict[str, torch.Tensor]:
     """The round-0 global adapter: A Kaiming-uniform (peft's default) drawn from `seed`, B = 0.
 
+    R (`sb` layers) is 0 as well. The head is returned as it currently is in the model.
+
     Each layer gets its own draw from one generator, so the result depends only on the seed and
     the model's layer order, and every party that expands the same seed gets the same A.
     """
@@ -166,6 +212,16 @@ def initial_adapter(model: PeftModel, seed: int) -> dict[str, torch.Tensor]:
     for key, value in tensors.items():
         if key.endswith(".lora_A"):
             torch.nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
-        elif key.endswith(".lora_B"):
+        elif key.endswith((".lora_B", ".lora_R")):
             value.zero_()
     return tensors
+
+
+def fresh_lora(model: PeftModel, seed: int) -> dict[str, torch.Tensor]:
+    """A fresh LoRA drawn from `seed` (A Kaiming-uniform, B = 0): the factors only, no head."""
+    return {k: v for k, v in initial_adapter(model, seed).items() if not k.startswith(HEAD_PREFIX)}
+
+
+def base_weights(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The live base weights (d_out x d_in) of the adapted layers, by canonical module path."""
+    return {name: layer.get_base_layer().weight for name, layer in lora_layers(model).items()}

@@ -4,20 +4,26 @@ Clients and the server build it from the same task description, so every party h
 weights, head initialisation and round-0 adapter. It is loaded once per process and reused across
 rounds and across the simulated clients that share a process; each round restores the initial
 adapter and then loads the payload, so nothing leaks from one client or round into the next.
+
+Methods that change the base weights (FLoRA merges stacked modules into them) must not leak one
+node's base into another node's training either. The runtime keeps a pristine copy of the adapted
+layers' base weights (only the target modules: 2 d_out d_in floats per adapted layer in all) and
+`reset` restores it before merging the stacked modules the caller names, one addmm per module and
+layer: O(v d_out d_in r) work for a node at base version v, and no d_out x d_in allocation.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from peft import PeftModel
 
-from fedpeft import adapters, models
+from fedpeft import adapters, lowrank, models
 
 
 @dataclass
@@ -28,11 +34,50 @@ class ModelRuntime:
     tokenizer: Any
     initial: dict[str, torch.Tensor]
     device: torch.device
+    pristine: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_dirty: bool = False
 
-    def reset(self, payload: Mapping[str, torch.Tensor]) -> None:
-        """Restore the initial adapter, then load the round's payload over it."""
+    def reset(
+        self,
+        payload: Mapping[str, torch.Tensor],
+        stacks: Sequence[Mapping[str, torch.Tensor]] = (),
+    ) -> None:
+        """Restore the initial adapter and base, merge `stacks` into the base, load the payload.
+
+        Each stacked module maps `<module>.lora_A` (R x d_in) and `<module>.lora_B` (d_out x R) of
+        scaling 1; they are merged in order, W0 <- W0 + B A, in float32 and in place.
+        """
+        self.restore_base()
+        for stack in stacks:
+            self.merge_stack(stack)
         adapters.write_adapter(self.model, self.initial)
         adapters.write_adapter(self.model, payload)
+
+    def restore_base(self) -> None:
+        """Put the pristine base weights back if a merge changed them."""
+        if not self.base_dirty:
+            return
+        with torch.no_grad():
+            for name, weight in adapters.base_weights(self.model).items():
+                weight.copy_(self.pristine[name])
+        self.base_dirty = False
+
+    def merge_stack(self, stack: Mapping[str, torch.Tensor]) -> None:
+        """W0 <- W0 + B_stack A_stack for every adapted layer the stacked module names."""
+        live = adapters.base_weights(self.model)
+        names = {k.rsplit(".", 1)[0] for k in stack}
+        unknown = sorted(names - set(live))
+        if unknown:
+            raise KeyError(f"stacked module names layers this model does not adapt: {unknown[:3]}")
+        self.base_dirty = True
+        with torch.no_grad():
+            for name in names:
+                weight = live[name]
+                lowrank.merge_into_base_(
+                    weight.data,
+                    stack[f"{name}.lora_B"].to(weight.device),
+                    stack[f"{name}.lora_A"].to(weight.device),
+                )
 
 
 def adapter_spec(task: Mapping[str, Any]) -> adapters.AdapterSpec:
@@ -53,7 +98,7 @@ def model_spec(task: Mapping[str, Any]) -> models.ModelSpec:
     return models.ModelSpec.from_config(task["model"], int(task["num_labels"]))
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=8)
 def _runtime(task_key: str) -> ModelRuntime:
     task = json.loads(task_key)
     spec = model_spec(task)
@@ -61,10 +106,14 @@ def _runtime(task_key: str) -> ModelRuntime:
     base = models.load_model(spec, seed=int(task["adapter_seed"])).to(device)
     model = adapters.inject(base, adapter_spec(task))
     initial = adapters.initial_adapter(model, int(task["adapter_seed"]))
-    return ModelRuntime(model, models.load_tokenizer(spec), initial, device)
+    pristine = {n: w.detach().clone() for n, w in adapters.base_weights(model).items()}
+    return ModelRuntime(model, models.load_tokenizer(spec), initial, device, pristine)
 
 
 def model_runtime(task: Mapping[str, Any]) -> ModelRuntime:
-    """The cached runtime for this task's model and adapter (built on first use in this process)."""
+    """The cached runtime for this task's model and adapter (built on first use in this process).
+
+    One runtime per adapter (kind, rank, ...): FLoRA's clients of different ranks each get their own.
+    """
     keys = ("model", "num_labels", "adapter", "adapter_seed", "device")
     return _runtime(json.dumps({k: task[k] for k in keys}, sort_keys=True))

@@ -108,9 +108,18 @@ def test_message_audit_only_adapter_and_head_tensors_cross(audited_run):
     assert moved == summary["bytes_up"] + summary["bytes_down"]
 
 
-def test_ffa_lora_federation_keeps_a_fixed(tmp_path, data_dir):
-    summary = simulate([*FAST_RUN, "strategy=ffa_lora", f"run_dir={tmp_path}"])
-    assert summary["rounds_completed"] == 2
-    rank, layers, hidden = 8, 2 * 2, 64
+@pytest.mark.parametrize(
+    ("strategy", "up_per_client"),
+    [
+        ("ffa_lora", lambda layers, r, h, head: layers * r * h + head),  # B (+ head)
+        ("fedsvd", lambda layers, r, h, head: layers * r * h),  # B; head frozen
+        ("lora_fair", lambda layers, r, h, head: layers * r * 2 * h + head),  # A, B (+ head)
+    ],
+)
+def test_each_method_runs_two_rounds(strategy, up_per_client, tmp_path, data_dir):
+    summary = simulate([*FAST_RUN, f"strategy={strategy}", f"run_dir={tmp_path}"])
+    assert summary["rounds_completed"] == 2 and len(summary["accuracy_by_round"]) == 3
+    rank, layers, hidden = 8, 2 * 2, 64  # r, query+value in 2 layers, tiny_bert width
     head = 2 * hidden + 2
-    assert summary["bytes_up"] == 2 * 2 * (layers * rank * hidden + head) * 4
+    assert summary["bytes_up"] == 2 * 2 * up_per_client(layers, rank, hidden, head) * 4
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

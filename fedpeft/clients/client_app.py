@@ -8,6 +8,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft import adapters, training
+from fedpeft.clients import client_state
 from fedpeft.clients.client_data import client_examples
 from fedpeft.records import (
     ARRAYS_KEY,
@@ -27,15 +28,27 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Load the payload over the initial adapter, train the kind's factors, send them back."""
+    """Load the payload over the initial adapter, train the kind's factors, send them back.
+
+    The round's config may also say: train a LoRA of this node's own rank (`adapter-rank`), start
+    from a fresh LoRA drawn from a seed (`fresh-seed`), and take stacked modules or frozen factors
+    into this node's state (see client_state) before training.
+    """
     config = msg.content[CONFIG_KEY]
     task = json.loads(str(config[TASK_KEY]))
     server_round = int(config["server-round"])
+    if "adapter-rank" in config:
+        task["adapter"]["rank"] = int(config["adapter-rank"])
     spec = adapter_spec(task)
     runtime = model_runtime(task)
     examples = client_examples(task, context.node_config)
     payload = msg.content[ARRAYS_KEY]
-    runtime.reset(from_record(payload))
+    plain, stacks, frozen = client_state.split_payload(from_record(payload))
+    client_state.receive(context.state, config, stacks, frozen)
+    runtime.reset(plain, client_state.held_stacks(context.state))
+    adapters.write_adapter(runtime.model, client_state.held_frozen(context.state))
+    if "fresh-seed" in config:
+        adapters.write_adapter(runtime.model, adapters.fresh_lora(runtime.model, config["fresh-seed"]))
 
     hp = task["train"]
     trainable = [p for p in runtime.model.parameters() if p.requires_grad]
@@ -68,6 +81,7 @@ def train(msg: Message, context: Context) -> Message:
         "steps": result.steps,
         "bytes-down": record_bytes(payload),
         "bytes-up": record_bytes(reply),
+        **client_state.version_metrics(context.state, config),
     }
     return Message(
         RecordDict({ARRAYS_KEY: reply, METRICS_KEY: metrics_record(metrics)}), reply_to=msg

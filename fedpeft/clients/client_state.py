@@ -1,0 +1,120 @@
+"""What a node keeps between rounds, in its Flower `context.state`, driven by the round's config.
+
+Two channels carry tensors that are identical everywhere but not derivable from a seed, so that
+they reach each node once and are remembered per node (not per process: in simulation one process
+serves many nodes, and Flower persists `context.state` per node in simulation and deployment):
+
+- stacked modules (FLoRA): an ordered, versioned list of modules merged into the base weights.
+  Config `stack-from` = v0 and `stack-to` = t; payload keys `stack.<v>.<canonical key>` for
+  v = v0+1..t. The node must hold at least version v0; it keeps every module and reports
+  `base-version`.
+- frozen factors (Fed-SB's A and B): config `frozen-version` = the version the node must hold;
+  payload keys `frozen.<canonical key>` when the server (re)sends them. The node reports
+  `frozen-version`.
+
+A node that lacks what the payload assumes (it restarted, or its state was lost) raises
+`StateMismatch`; Flower turns that into an error reply, and the server then resends everything.
+No method is named here: the config says what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from fedpeft.records import from_record, to_record
+
+STACK_PREFIX = "stack."
+FROZEN_PREFIX = "frozen."
+_VERSIONS = "fedpeft.versions"
+_FROZEN = "fedpeft.frozen"
+_STACK = "fedpeft.stack.{}"
+
+
+class StateMismatch(RuntimeError):
+    """The payload assumes state this node does not hold; the server must resend from scratch."""
+
+
+def split_payload(
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Split a payload into (adapter tensors, stacked modules by version, frozen factors)."""
+    plain: dict[str, torch.Tensor] = {}
+    stacks: dict[int, dict[str, torch.Tensor]] = {}
+    frozen: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key.startswith(STACK_PREFIX):
+            version, name = key.removeprefix(STACK_PREFIX).split(".", 1)
+            stacks.setdefault(int(version), {})[name] = value
+        elif key.startswith(FROZEN_PREFIX):
+            frozen[key.removeprefix(FROZEN_PREFIX)] = value
+        else:
+            plain[key] = value
+    return plain, stacks, frozen
+
+
+def _versions(state: RecordDict) -> ConfigRecord:
+    if _VERSIONS not in state.config_records:
+        state[_VERSIONS] = ConfigRecord({"base-version": 0, "frozen-version": 0})
+    return state.config_records[_VERSIONS]
+
+
+def receive(
+    state: RecordDict,
+    config: Mapping,
+    stacks: Mapping[int, Mapping[str, torch.Tensor]],
+    frozen: Mapping[str, torch.Tensor],
+) -> None:
+    """Store the payload's stacked modules and frozen factors in `state`, checking versions."""
+    versions = _versions(state)
+    if "stack-to" in config:
+        held, start, end = int(versions["base-version"]), int(config["stack-from"]), int(
+            config["stack-to"]
+        )
+        if held < start or held > end:
+            raise StateMismatch(
+                f"base version mismatch: this node holds base version {held}, the payload carries "
+                f"versions {start + 1}..{end}; resend from version 0"
+            )
+        if sorted(stacks) != list(range(start + 1, end + 1)):
+            raise StateMismatch(f"payload stacks {sorted(stacks)} are not {start + 1}..{end}")
+        for version in range(held + 1, end + 1):
+            state[_STACK.format(version)] = to_record(stacks[version])
+        versions["base-version"] = end
+    if "frozen-version" in config:
+        want = int(config["frozen-version"])
+        if frozen:
+            state[_FROZEN] = to_record(frozen)
+            versions["frozen-version"] = want
+        held = int(versions["frozen-version"])
+        if held != want:
+            raise StateMismatch(
+                f"frozen-version mismatch: this node holds frozen factors version {held}, the "
+                f"round needs version {want}; resend them"
+            )
+
+
+def held_stacks(state: RecordDict) -> list[dict[str, torch.Tensor]]:
+    """The stacked modules 1..v this node holds, in order."""
+    version = int(_versions(state)["base-version"])
+    return [from_record(state.array_records[_STACK.format(v)]) for v in range(1, version + 1)]
+
+
+def held_frozen(state: RecordDict) -> dict[str, torch.Tensor]:
+    """The frozen factors this node holds (empty when none)."""
+    if _FROZEN not in state.array_records:
+        return {}
+    return from_record(state.array_records[_FROZEN])
+
+
+def version_metrics(state: RecordDict, config: Mapping) -> dict[str, int]:
+    """The versions this node holds, for the channels the round's config uses."""
+    versions = _versions(state)
+    metrics = {}
+    if "stack-to" in config:
+        metrics["base-version"] = int(versions["base-version"])
+    if "frozen-version" in config:
+        metrics["frozen-version"] = int(versions["frozen-version"])
+    return metrics
