@@ -28,6 +28,10 @@ KIND_FACTORS: dict[str, tuple[str, ...]] = {
     "sb": ("lora_R",),
 }
 HEAD_PREFIX = "head."
+#: payload key prefixes of per-node state (clients/client_state.py): FLoRA's stacked modules,
+#: `stack.<version>.<key>`, and frozen factors sent once, `frozen.<key>`
+STACK_PREFIX = "stack."
+FROZEN_PREFIX = "frozen."
 
 
 class SBDown(torch.nn.Sequential):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,9 +12,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fedpeft import data, training
+from fedpeft import adapters, data, models, training
 from fedpeft.errors import ConfigError
-from fedpeft.runtime import ModelRuntime, model_runtime
+from fedpeft.runtime import ModelRuntime, adapter_spec, model_runtime, model_spec
 from fedpeft.strategies import STRATEGIES, LowRankStrategy
 
 
@@ -61,19 +63,29 @@ def strategy_params(cfg: DictConfig) -> dict[str, Any]:
 
 
 class ServerEvaluator:
-    """Evaluates a global adapter on the server's held-out split, with the clients' runtime."""
+    """Evaluates a global adapter on the server's held-out split, with the clients' runtime.
+
+    `base_stacks` gives the stacked modules merged into the base so far (FLoRA): the evaluator
+    merges them into its own pristine base before every evaluation, as every client does.
+    """
 
     def __init__(
-        self, runtime: ModelRuntime, examples: list[dict], batch_size: int, num_labels: int
+        self,
+        runtime: ModelRuntime,
+        examples: list[dict],
+        batch_size: int,
+        num_labels: int,
+        base_stacks: Callable[[], list[dict[str, torch.Tensor]]] = list,
     ):
         self.runtime = runtime
         self.examples = examples
         self.batch_size = batch_size
         self.num_labels = num_labels
+        self.base_stacks = base_stacks
 
     def __call__(self, global_adapter: dict[str, torch.Tensor]) -> dict[str, float]:
         """Accuracy, loss and macro-F1 of the global adapter."""
-        self.runtime.reset(global_adapter)
+        self.runtime.reset(global_adapter, self.base_stacks())
         return training.evaluate(
             self.runtime.model,
             self.examples,
@@ -96,9 +108,58 @@ class Federation:
     partition_sizes: list[int]
 
     def save_adapter(self, path: Path) -> None:
-        """Save the global adapter in peft's format, for PeftModel.from_pretrained."""
-        self.evaluator.runtime.reset(self.strategy.global_adapter)
-        self.evaluator.runtime.model.save_pretrained(str(path))
+        """Save the global model as a plain peft LoRA, for PeftModel.from_pretrained.
+
+        Methods whose global model is not a plain LoRA on the pristine base (Fed-SB's B R A,
+        FLoRA's merged base) export one of scaling 1 (`export_lora`); it is written into a freshly
+        built plain LoRA model of that rank (alpha = rank) and saved from there.
+        """
+        export = self.strategy.export_lora()
+        if export is None:
+            self.evaluator.runtime.reset(self.strategy.global_adapter)
+            self.evaluator.runtime.model.save_pretrained(str(path))
+            return
+        tensors, rank = export
+        spec = adapter_spec(self.task)
+        plain = adapters.AdapterSpec(
+            "lora", rank, float(rank), spec.target_modules, spec.train_head, spec.dropout
+        )
+        base = models.load_model(model_spec(self.task), seed=int(self.task["adapter_seed"]))
+        model = adapters.inject(base, plain)
+        adapters.write_adapter(model, tensors)
+        model.save_pretrained(str(path))
+
+
+def layer_gradients(
+    runtime: ModelRuntime, examples: list[dict], batch_size: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(layer, dLoss/dW0) for every adapted layer, one layer at a time, on `examples`.
+
+    Only the current layer's base weight requires a gradient, so peak extra memory is one layer's
+    gradient. The loss is the mean over all examples; the adapter is the runtime's initial one.
+    """
+    model = runtime.model
+    runtime.reset({})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:
+        param.requires_grad_(False)
+    model.eval()
+    collate = functools.partial(data.collate, pad_token_id=runtime.tokenizer.pad_token_id)
+    batches = [collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
+    try:
+        for name, weight in adapters.base_weights(model).items():
+            weight.requires_grad_(True)
+            for batch in batches:
+                batch = {k: v.to(runtime.device) for k, v in batch.items()}
+                loss = model(**batch).loss * (len(batch["labels"]) / len(examples))
+                loss.backward()
+            grad = weight.grad.detach()
+            weight.grad = None
+            weight.requires_grad_(False)
+            yield name, grad
+    finally:
+        for param in trainable:
+            param.requires_grad_(True)
 
 
 def prepare(cfg: DictConfig) -> Federation:
@@ -113,11 +174,6 @@ def prepare(cfg: DictConfig) -> Federation:
     sizes = data.partition_sizes(dataset.train, num_clients, cfg.partition, seed=cfg.seed)
     task = build_task(cfg, dataset.num_labels)
     runtime = model_runtime(task)
-    test = dataset.test
-    if cfg.eval.max_examples is not None and cfg.eval.max_examples < len(test):
-        test = test.shuffle(seed=cfg.seed).select(range(cfg.eval.max_examples))
-    examples = list(data.tokenize(test, runtime.tokenizer, cfg.train.max_length))
-    evaluator = ServerEvaluator(runtime, examples, cfg.eval.batch_size, dataset.num_labels)
     try:
         strategy = STRATEGIES[cfg.strategy.name](
             runtime.initial,
@@ -131,4 +187,26 @@ def prepare(cfg: DictConfig) -> Federation:
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    test = dataset.test
+    calibration = strategy.calibration_examples
+    if calibration:
+        # Server-held calibration data, never client data: the first examples of the shuffled
+        # held-out split, removed from the evaluation set so they never count towards accuracy.
+        if calibration >= len(test):
+            raise ConfigError(
+                f"strategy.params.calibration_examples={calibration} leaves none of the "
+                f"{len(test)} held-out examples for evaluation: use fewer"
+            )
+        test = test.shuffle(seed=cfg.seed)
+        held = list(
+            data.tokenize(test.select(range(calibration)), runtime.tokenizer, cfg.train.max_length)
+        )
+        test = test.select(range(calibration, len(test)))
+        strategy.calibrate(layer_gradients(runtime, held, cfg.eval.batch_size))
+    if cfg.eval.max_examples is not None and cfg.eval.max_examples < len(test):
+        test = test.shuffle(seed=cfg.seed).select(range(cfg.eval.max_examples))
+    examples = list(data.tokenize(test, runtime.tokenizer, cfg.train.max_length))
+    evaluator = ServerEvaluator(
+        runtime, examples, cfg.eval.batch_size, dataset.num_labels, strategy.base_stacks
+    )
     return Federation(cfg, dataset, task, strategy, evaluator, sizes)

@@ -7,9 +7,10 @@ adapter and then loads the payload, so nothing leaks from one client or round in
 
 Methods that change the base weights (FLoRA merges stacked modules into them) must not leak one
 node's base into another node's training either. The runtime keeps a pristine copy of the adapted
-layers' base weights (only the target modules: 2 d_out d_in floats per adapted layer in all) and
-`reset` restores it before merging the stacked modules the caller names, one addmm per module and
-layer: O(v d_out d_in r) work for a node at base version v, and no d_out x d_in allocation.
+layers' base weights (only the target modules, taken at the first merge: one more d_out x d_in
+copy per adapted layer, none for methods that never merge), and `reset` restores it before merging
+the stacked modules the caller names, one addmm per module and layer: O(v d_out d_in r) work for a
+node at base version v, with no d_out x d_in temporary.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class ModelRuntime:
         unknown = sorted(names - set(live))
         if unknown:
             raise KeyError(f"stacked module names layers this model does not adapt: {unknown[:3]}")
+        if not self.pristine:  # first merge in this process: keep the base to restore later
+            self.pristine = {n: w.detach().clone() for n, w in live.items()}
         self.base_dirty = True
         with torch.no_grad():
             for name in names:
@@ -106,14 +109,13 @@ def _runtime(task_key: str) -> ModelRuntime:
     base = models.load_model(spec, seed=int(task["adapter_seed"])).to(device)
     model = adapters.inject(base, adapter_spec(task))
     initial = adapters.initial_adapter(model, int(task["adapter_seed"]))
-    pristine = {n: w.detach().clone() for n, w in adapters.base_weights(model).items()}
-    return ModelRuntime(model, models.load_tokenizer(spec), initial, device, pristine)
+    return ModelRuntime(model, models.load_tokenizer(spec), initial, device)
 
 
 def model_runtime(task: Mapping[str, Any]) -> ModelRuntime:
     """The cached runtime for this task's model and adapter (built on first use in this process).
 
-    One runtime per adapter (kind, rank, ...): FLoRA's clients of different ranks each get their own.
+    One runtime per adapter (kind, rank, ...): FLoRA clients of different ranks get one each.
     """
     keys = ("model", "num_labels", "adapter", "adapter_seed", "device")
     return _runtime(json.dumps({k: task[k] for k in keys}, sort_keys=True))

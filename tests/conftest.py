@@ -11,6 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ.setdefault("FEDPEFT_DATA_DIR", str(SHARED_DATA))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# No model hub on our machines: fail fast instead of retrying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY = {

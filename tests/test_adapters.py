@@ -72,3 +72,21 @@ def test_bad_specs():
     base = models.load_model(models.ModelSpec.from_config(TINY, 2))
     with pytest.raises(ConfigError, match="target_modules"):
         adapters.inject(base, adapters.AdapterSpec("lora", 4, 8.0, ("no_such_module",)))
+
+
+def test_sb_kind_trains_only_r_and_computes_b_r_a():
+    model = _model("sb", train_head=False)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.endswith("lora_A.default.1.weight") for n in trained)
+    tensors = adapters.adapter_tensors(model)
+    key = "bert.encoder.layer.0.attention.self.query"
+    assert tensors[f"{key}.lora_R"].shape == (4, 4) and tensors[f"{key}.lora_A"].shape == (4, 64)
+    g = torch.Generator().manual_seed(0)
+    new = {k: torch.randn(v.shape, generator=g) for k, v in tensors.items() if "lora" in k}
+    adapters.write_adapter(model, new)
+    layer = adapters.lora_layers(model)[key]
+    x = torch.randn(3, 64, generator=g)
+    dense = new[f"{key}.lora_B"] @ new[f"{key}.lora_R"] @ new[f"{key}.lora_A"]
+    expected = layer.get_base_layer()(x) + x @ dense.T  # scaling 1 whatever alpha says
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    assert adapters.initial_adapter(model, 0)[f"{key}.lora_R"].abs().sum() == 0

@@ -12,7 +12,10 @@ from tests.conftest import FAST_RUN
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["strategy=nope"], "strategy=nope is unknown: choose one of fedavg, fedsvd, ffa_lora, lora_fair"),
+        (
+            ["strategy=nope"],
+            "strategy=nope is unknown: choose one of fedavg, fedsvd, ffa_lora, lora_fair",
+        ),
         (["model=gpt9"], "model=gpt9 is unknown"),
         (["dataset=nope"], "dataset=nope is unknown"),
         (["partition=nope"], "partition=nope is unknown"),

@@ -48,7 +48,9 @@ def train(msg: Message, context: Context) -> Message:
     runtime.reset(plain, client_state.held_stacks(context.state))
     adapters.write_adapter(runtime.model, client_state.held_frozen(context.state))
     if "fresh-seed" in config:
-        adapters.write_adapter(runtime.model, adapters.fresh_lora(runtime.model, config["fresh-seed"]))
+        adapters.write_adapter(
+            runtime.model, adapters.fresh_lora(runtime.model, config["fresh-seed"])
+        )
 
     hp = task["train"]
     trainable = [p for p in runtime.model.parameters() if p.requires_grad]

@@ -24,10 +24,9 @@ from collections.abc import Mapping
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
+from fedpeft.adapters import FROZEN_PREFIX, STACK_PREFIX
 from fedpeft.records import from_record, to_record
 
-STACK_PREFIX = "stack."
-FROZEN_PREFIX = "frozen."
 _VERSIONS = "fedpeft.versions"
 _FROZEN = "fedpeft.frozen"
 _STACK = "fedpeft.stack.{}"
@@ -70,8 +69,10 @@ def receive(
     """Store the payload's stacked modules and frozen factors in `state`, checking versions."""
     versions = _versions(state)
     if "stack-to" in config:
-        held, start, end = int(versions["base-version"]), int(config["stack-from"]), int(
-            config["stack-to"]
+        held, start, end = (
+            int(versions["base-version"]),
+            int(config["stack-from"]),
+            int(config["stack-to"]),
         )
         if held < start or held > end:
             raise StateMismatch(

@@ -1,9 +1,11 @@
 """fedpeft's aggregation methods, one module each, on a shared Flower strategy base."""
 
 from fedpeft.strategies.base import LowRankStrategy, RoundStats
+from fedpeft.strategies.fed_sb import FedSB
 from fedpeft.strategies.fedavg import FedAvgLoRA
 from fedpeft.strategies.fedsvd import FedSVD
 from fedpeft.strategies.ffa_lora import FFALoRA
+from fedpeft.strategies.flora import FLoRA
 from fedpeft.strategies.lora_fair import LoRAFAIR
 
 #: strategy config name -> class
@@ -12,11 +14,15 @@ STRATEGIES: dict[str, type[LowRankStrategy]] = {
     "ffa_lora": FFALoRA,
     "fedsvd": FedSVD,
     "lora_fair": LoRAFAIR,
+    "flora": FLoRA,
+    "fed_sb": FedSB,
 }
 
 __all__ = [
     "STRATEGIES",
     "FFALoRA",
+    "FLoRA",
+    "FedSB",
     "FedAvgLoRA",
     "FedSVD",
     "LoRAFAIR",

@@ -2,7 +2,11 @@
 
 A method subclasses `LowRankStrategy` and says three things: which global tensors go down to a
 client (`down_keys`), which tensors a client must send back (`up_keys`), and how the valid replies
-become the new global adapter (`aggregate_updates`).
+become the new global adapter (`aggregate_updates`). Optional hooks: per-node extra payload and
+config (`node_payload`), per-node reply shapes (`up_specs`), a calibration step before round 1
+(`calibration_examples`, `calibrate`), and a plain-LoRA export for saving (`export_lora`,
+`base_stacks`). A method that keeps per-node state on clients names the reply metric that reports
+it (`version_metric`); the base tracks node -> version and resets a node to 0 when it fails.
 """
 
 from __future__ import annotations
@@ -80,6 +84,10 @@ class LowRankStrategy(Strategy):
     """
 
     kind: ClassVar[str] = "lora"
+    #: reply metric with the version of per-node state a client holds (None: no such state)
+    version_metric: ClassVar[str | None] = None
+    #: server-held calibration examples this method needs before round 1 (0: none)
+    calibration_examples: int = 0
 
     def __init__(
         self,
@@ -105,6 +113,7 @@ class LowRankStrategy(Strategy):
         self.rng = random.Random(seed)
         self.stats = RoundStats()
         self.server_round = 0
+        self.known_versions: dict[int, int] = {}
 
     # -- what each method defines -------------------------------------------------------------
     @abstractmethod
@@ -166,6 +175,26 @@ class LowRankStrategy(Strategy):
         """Per-round additions to the task (methods extend this)."""
         return {}
 
+    def node_payload(self, node_id: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Extra tensors and config entries for one node this round (methods extend this)."""
+        return {}, {}
+
+    def up_specs(self, node_id: int) -> dict[str, TensorSpec]:
+        """The tensors, with shapes, this node's reply must hold."""
+        return {k: TensorSpec(tuple(self.global_adapter[k].shape)) for k in self.up_keys()}
+
+    def calibrate(self, gradients: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Initialise from (layer, full-weight gradient) pairs on server-held calibration data."""
+        raise NotImplementedError(f"{type(self).__name__} takes no calibration data")
+
+    def base_stacks(self) -> list[dict[str, torch.Tensor]]:
+        """Stacked modules merged into the base weights so far, in order (methods extend this)."""
+        return []
+
+    def export_lora(self) -> tuple[dict[str, torch.Tensor], int] | None:
+        """The global model as one plain LoRA of scaling 1 and its rank, or None to save as is."""
+        return None
+
     def global_record(self) -> ArrayRecord:
         """The whole global adapter as an ArrayRecord (what gets checkpointed)."""
         return to_record(self.global_adapter)
@@ -197,16 +226,20 @@ class LowRankStrategy(Strategy):
     ) -> Iterable[Message]:
         """One train message per sampled node with exactly the tensors that node must load."""
         self.stats = RoundStats()
+        self.server_round = server_round
         task = json.dumps({**self.task, **self.round_instructions(server_round)})
         messages = []
         for node_id in self._sample(grid):
-            payload = to_record({k: self.global_adapter[k] for k in self.down_keys(node_id)})
+            extra, node_config = self.node_payload(node_id)
+            payload = to_record(
+                {**{k: self.global_adapter[k] for k in self.down_keys(node_id)}, **extra}
+            )
             self.stats.bytes_down += record_bytes(payload)
             content = RecordDict(
                 {
                     ARRAYS_KEY: payload,
                     CONFIG_KEY: ConfigRecord(
-                        {**config, "server-round": server_round, TASK_KEY: task}
+                        {**config, **node_config, "server-round": server_round, TASK_KEY: task}
                     ),
                 }
             )
@@ -219,17 +252,19 @@ class LowRankStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate every reply, drop bad ones with a logged reason, aggregate the rest."""
         self.server_round = server_round
-        expected = {k: TensorSpec(tuple(self.global_adapter[k].shape)) for k in self.up_keys()}
         updates, weights, losses = [], [], []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 self.stats.failed[node] = msg.error.reason
+                if self.version_metric is not None:
+                    self.known_versions[node] = 0  # it may have lost its state: resend everything
                 log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
                 continue
+            self._track_version(node, msg)
             try:
                 tensors, weight = validate_update(
-                    msg.content, expected, self.max_num_examples, self.norm_bound
+                    msg.content, self.up_specs(node), self.max_num_examples, self.norm_bound
                 )
             except UpdateRejected as exc:
                 self.stats.rejected[node] = str(exc)
@@ -262,6 +297,15 @@ class LowRankStrategy(Strategy):
         )
         metrics = MetricRecord({"train-loss": self.stats.train_loss, "num-replies": len(updates)})
         return self.global_record(), metrics
+
+    def _track_version(self, node: int, msg: Message) -> None:
+        """Remember the state version a node reports (0 when it reports none or nonsense)."""
+        if self.version_metric is None:
+            return
+        metrics = msg.content.metric_records.get(METRICS_KEY)
+        value = metrics.get(self.version_metric) if metrics is not None else None
+        ok = isinstance(value, int | float) and value >= 0 and value == int(value)
+        self.known_versions[node] = int(value) if ok else 0
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

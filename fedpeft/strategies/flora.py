@@ -1,0 +1,149 @@
+"""FLoRA: clients train a fresh LoRA each round; the server stacks them; everyone merges the stack.
+
+Implements ALGORITHMS.md §3, after Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models
+with Heterogeneous Low-Rank Adaptations" (NeurIPS 2024). Client k trains a fresh LoRA of its own
+rank r_k. The server stacks the replies into one module of scaling 1,
+B_stack = [B_1 ... B_K], A_stack = [s_1 p_1 A_1; ...; s_K p_K A_K] (s_k = alpha / r_k folded into
+A, lowrank.flora_stack), so that B_stack A_stack = sum_k p_k s_k B_k A_k exactly. Every party merges
+it into its base weights, W0 <- W0 + B_stack A_stack (float32, in place), and starts a fresh LoRA.
+
+The global base is versioned: version t is the pristine base plus the stacked modules of rounds
+1..t, merged in order. The server keeps every module; a node it knows at version v receives
+v+1..t before training (catch-up), so clients that were not sampled, restarted or joined late all
+end with the same base. A node reports the version it holds (`base-version`); a node whose state
+does not match what the server sent replies with an error and is sent everything next time.
+The few-local-steps weakness of the random restart (noted in the FedSVD paper) is reproduced, not
+fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedpeft import lowrank
+from fedpeft.adapters import STACK_PREFIX
+from fedpeft.records import TensorSpec
+from fedpeft.strategies.base import LowRankStrategy
+
+
+class FLoRA(LowRankStrategy):
+    """FLoRA stacking with per-client ranks and a versioned, merged base.
+
+    Parameters
+    ----------
+    ranks : list[int] or None (default: None)
+        LoRA ranks handed to clients in the order the server first samples them: the i-th node
+        seen gets ranks[i % len(ranks)], and keeps it for the whole run. None gives every client
+        the task's adapter rank. Any ranks and any sampling fraction work.
+    **kwargs
+        See `LowRankStrategy`. The head (when trained) is averaged as usual.
+
+    Down: the stacked modules the node lacks (per adapted layer sum_j r_j (d_in + d_out) for each
+    round it missed; in the steady state, the previous round's module), the head when trained, and
+    in the config the node's rank and the seed of its fresh LoRA (from adapter seed, round, node).
+    Up: A_k and B_k of rank r_k, and the head. The global adapter's LoRA factors stay at B = 0: the
+    global model is the merged base with a zero LoRA on top, which is also what the server evaluates
+    and what `export_lora` saves as one plain LoRA (all modules concatenated along the rank).
+    """
+
+    kind = "lora"
+    version_metric = "base-version"
+
+    def __init__(
+        self,
+        global_adapter: Mapping[str, torch.Tensor],
+        task: Mapping[str, Any],
+        *,
+        ranks: Sequence[int] | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(global_adapter, task, **kwargs)
+        adapter = self.task.get("adapter", {})
+        self.ranks = [int(r) for r in (ranks or [adapter.get("rank", 8)])]
+        if not self.ranks or any(r < 1 for r in self.ranks):
+            raise ValueError(f"strategy.params.ranks={list(ranks or [])} must be positive integers")
+        self.alpha = float(adapter.get("alpha", 16))
+        self.adapter_seed = int(self.task.get("adapter_seed", 0))
+        self.node_ranks: dict[int, int] = {}
+        self.stacks: list[dict[str, torch.Tensor]] = []
+        self.layers = [k.removesuffix(".lora_A") for k in self.factor_keys("lora_A")]
+
+    def rank_of(self, node_id: int) -> int:
+        """This node's rank, assigned the first time the node is sampled."""
+        if node_id not in self.node_ranks:
+            self.node_ranks[node_id] = self.ranks[len(self.node_ranks) % len(self.ranks)]
+        return self.node_ranks[node_id]
+
+    def down_keys(self, node_id: int) -> list[str]:
+        """Only the head (when trained): the LoRA is fresh, the stacks come in `node_payload`."""
+        return self.head_keys()
+
+    def up_keys(self) -> list[str]:
+        """A, B and the head (when trained); A and B have the node's rank (see `up_specs`)."""
+        return self.factor_keys("lora_A", "lora_B") + self.head_keys()
+
+    def up_specs(self, node_id: int) -> dict[str, TensorSpec]:
+        """A_k (r_k x d_in) and B_k (d_out x r_k) of this node's rank, and the head."""
+        r = self.rank_of(node_id)
+        specs = {}
+        for name in self.layers:
+            d_in = self.global_adapter[f"{name}.lora_A"].shape[1]
+            d_out = self.global_adapter[f"{name}.lora_B"].shape[0]
+            specs[f"{name}.lora_A"] = TensorSpec((r, d_in))
+            specs[f"{name}.lora_B"] = TensorSpec((d_out, r))
+        for key in self.head_keys():
+            specs[key] = TensorSpec(tuple(self.global_adapter[key].shape))
+        return specs
+
+    def node_payload(self, node_id: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The stacked modules this node lacks, its rank, and the seed of its fresh LoRA."""
+        known = min(self.known_versions.get(node_id, 0), len(self.stacks))
+        tensors = {
+            f"{STACK_PREFIX}{version}.{key}": value
+            for version in range(known + 1, len(self.stacks) + 1)
+            for key, value in self.stacks[version - 1].items()
+        }
+        seed = (self.adapter_seed * 1_000_003 + self.server_round * 10_007 + node_id) % 2**31
+        config = {
+            "stack-from": known,
+            "stack-to": len(self.stacks),
+            "adapter-rank": self.rank_of(node_id),
+            "fresh-seed": seed,
+        }
+        return tensors, config
+
+    def aggregate_updates(
+        self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor
+    ) -> None:
+        """Stack the clients' LoRAs (s_k p_k folded into A) as this round's module; average head."""
+        stack: dict[str, torch.Tensor] = {}
+        for name in self.layers:
+            a_list = [u[f"{name}.lora_A"] for u in updates]
+            b_list = [u[f"{name}.lora_B"] for u in updates]
+            scalings = [self.alpha / a.shape[0] for a in a_list]
+            a_stack, b_stack = lowrank.flora_stack(a_list, b_list, weights, scalings)
+            stack[f"{name}.lora_A"] = a_stack.contiguous()
+            stack[f"{name}.lora_B"] = b_stack.contiguous()
+        self.stacks.append(stack)
+        head = self.head_keys()
+        if head:
+            self.average_into_global([{k: u[k] for k in head} for u in updates], weights)
+
+    def base_stacks(self) -> list[dict[str, torch.Tensor]]:
+        """Every round's stacked module, in order."""
+        return list(self.stacks)
+
+    def export_lora(self) -> tuple[dict[str, torch.Tensor], int] | None:
+        """All stacked modules concatenated along the rank: one LoRA of scaling 1, and the head."""
+        if not self.stacks:
+            return None
+        tensors = {}
+        for name in self.layers:
+            tensors[f"{name}.lora_A"] = torch.cat([s[f"{name}.lora_A"] for s in self.stacks], 0)
+            tensors[f"{name}.lora_B"] = torch.cat([s[f"{name}.lora_B"] for s in self.stacks], 1)
+        rank = tensors[f"{self.layers[0]}.lora_A"].shape[0]
+        head = {k: v for k, v in self.global_adapter.items() if k.startswith("head.")}
+        return {**tensors, **head}, rank
