@@ -103,7 +103,8 @@ def validate(cfg: DictConfig) -> None:
         isinstance(train.batch_size, int) and train.batch_size >= 1,
         f"train.batch_size={train.batch_size} must be an integer >= 1",
     )
-    for key, value in (("train.lr", train.lr), ("strategy.lr", cfg.strategy.lr)):
+    lrs = {"train.lr": train.lr, "train.head_lr": train.head_lr, "strategy.lr": cfg.strategy.lr}
+    for key, value in lrs.items():
         if value is not None:
             _require(_is_number(value) and value > 0, f"{key}={value} must be positive, e.g. 1e-3")
     _require(

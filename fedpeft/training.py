@@ -26,8 +26,24 @@ class TrainResult:
     num_examples: int
 
 
+def param_groups(model: torch.nn.Module, lr: float, head_lr: float | None) -> list[dict]:
+    """Trainable parameters in two groups: the adapter at `lr`, the head at `head_lr` (or lr).
+
+    With a few Adam steps per round a head trained at the adapter's rate swings every logit on
+    clients that hold one label, which makes federated rounds oscillate; a lower head rate damps it.
+    """
+    head, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if "modules_to_save" in name else rest).append(param)
+    groups = [{"params": rest, "lr": lr}]
+    if head:
+        groups.append({"params": head, "lr": head_lr or lr})
+    return groups
+
+
 def make_optimizer(
-    params: Sequence[torch.nn.Parameter],
+    params: Sequence[torch.nn.Parameter] | Sequence[dict],
     name: str,
     lr: float,
     weight_decay: float = 0.0,

@@ -53,9 +53,9 @@ def train(msg: Message, context: Context) -> Message:
         )
 
     hp = task["train"]
-    trainable = [p for p in runtime.model.parameters() if p.requires_grad]
+    groups = training.param_groups(runtime.model, float(hp["lr"]), hp.get("head_lr"))
     optimizer = training.make_optimizer(
-        trainable, hp["optimizer"], float(hp["lr"]), hp["weight_decay"], hp["momentum"]
+        groups, hp["optimizer"], float(hp["lr"]), hp["weight_decay"], hp["momentum"]
     )
     steps = training.planned_steps(
         len(examples), hp["batch_size"], hp["local_steps"], hp["local_epochs"]
