@@ -17,12 +17,12 @@ import torch
 from flwr.supercore import log
 
 from fedpeft import lowrank
-from fedpeft.strategies.base import LowRankStrategy
+from fedpeft.strategies.fedavg import FedAvgLoRA
 
 VARIANTS = ("cosine", "closed_form")
 
 
-class LoRAFAIR(LowRankStrategy):
+class LoRAFAIR(FedAvgLoRA):
     """LoRA-FAIR residual correction of FedAvg on LoRA.
 
     Parameters
@@ -43,10 +43,9 @@ class LoRAFAIR(LowRankStrategy):
     **kwargs
         See `LowRankStrategy`.
 
-    Down: A_bar and B' (and the head when trained). Up: A_k and B_k (and the head).
+    Down: A_bar and B' (and the head when trained). Up: A_k and B_k (and the head), as in FedAvg,
+    whose exchange this class inherits.
     """
-
-    kind = "lora"
 
     def __init__(
         self,
@@ -70,19 +69,11 @@ class LoRAFAIR(LowRankStrategy):
         self.tol, self.patience, self.variant = tol, patience, variant
         self.last_info: dict = {}
 
-    def down_keys(self, node_id: int) -> list[str]:
-        """A_bar and B' (and the head when trained)."""
-        return self.up_keys()
-
-    def up_keys(self) -> list[str]:
-        """A, B and the head (when trained)."""
-        return self.factor_keys("lora_A", "lora_B") + self.head_keys()
-
     def aggregate_updates(
         self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor
     ) -> None:
         """Average everything, then replace B_bar by B_bar + dB for each group of layers."""
-        self.average_into_global(updates, weights)
+        super().aggregate_updates(updates, weights)
         for names in self.layer_groups():
             a_stack = torch.stack([self.stack_factor(names, "lora_A", u) for u in updates])
             b_stack = torch.stack([self.stack_factor(names, "lora_B", u) for u in updates])
