@@ -78,7 +78,7 @@ def simulate(overrides: Sequence[str]) -> dict:
     )
     if not result:
         raise RuntimeError("the simulation ended before the server finished its rounds")
-    table = Table(title=f"fedpeft {cfg.strategy.name} on {cfg.dataset.name}: held-out accuracy")
+    table = Table(title="held-out accuracy")
     table.add_column("round", justify="right")
     table.add_column("accuracy", justify="right")
     for server_round, accuracy in enumerate(result["accuracy_by_round"]):
