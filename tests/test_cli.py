@@ -14,7 +14,8 @@ from tests.conftest import FAST_RUN
     [
         (
             ["strategy=nope"],
-            "strategy=nope is unknown: choose one of fed_sb, fedavg, fedsvd, ffa_lora, flora, lora_fair",
+            "strategy=nope is unknown: choose one of "
+            "fed_sb, fedavg, fedsvd, ffa_lora, flora, lora_fair",
         ),
         (["model=gpt9"], "model=gpt9 is unknown"),
         (["dataset=nope"], "dataset=nope is unknown"),
