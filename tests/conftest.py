@@ -46,3 +46,33 @@ def data_dir() -> Path:
     if not (path / "sst2" / "train.tsv").is_file():
         pytest.fail(f"FEDPEFT_DATA_DIR={path} does not hold the shared data sets (sst2/train.tsv)")
     return path
+
+
+def plain_peft_metrics(overrides: list[str], adapter_dir: str, skip_test: int = 0) -> dict:
+    """Load a run's saved adapter in plain transformers + peft and evaluate it on the test split.
+
+    `skip_test` drops Fed-SB's calibration slice: the first examples of the seed-shuffled test split.
+    """
+    import torch
+    from peft import PeftModel
+
+    from fedpeft import data, models, training
+    from fedpeft.config import compose_config
+
+    cfg = compose_config(overrides)
+    dataset = data.load_text_dataset(cfg.dataset, seed=cfg.seed)
+    spec = models.ModelSpec.from_config(cfg.model, dataset.num_labels)
+    base = models.load_model(spec, seed=cfg.adapter.init_seed)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    tokenizer = models.load_tokenizer(spec)
+    test = dataset.test
+    if skip_test:
+        test = test.shuffle(seed=cfg.seed).select(range(skip_test, len(test)))
+    return training.evaluate(
+        model,
+        list(data.tokenize(test, tokenizer, cfg.train.max_length)),
+        batch_size=64,
+        pad_token_id=tokenizer.pad_token_id,
+        device=torch.device("cpu"),
+        num_labels=dataset.num_labels,
+    )

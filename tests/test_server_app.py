@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
 
-from fedpeft import data, models, training
+from fedpeft import models
 from fedpeft.cli import simulate
 from fedpeft.config import compose_config
 from fedpeft.strategies.base import LowRankStrategy
-from tests.conftest import FAST_RUN
+from tests.conftest import FAST_RUN, plain_peft_metrics
 
 ADAPTER_KEY_ENDINGS = (".lora_A", ".lora_B")
 
@@ -63,21 +62,7 @@ def test_run_folder_contract(audited_run):
 
 def test_saved_adapter_loads_in_plain_peft_and_reproduces_accuracy(audited_run):
     summary, *_ = audited_run
-    cfg = compose_config([*FAST_RUN, "strategy=fedavg"])
-    dataset = data.load_text_dataset(cfg.dataset, seed=cfg.seed)
-    spec = models.ModelSpec.from_config(cfg.model, dataset.num_labels)
-    base = models.load_model(spec, seed=cfg.adapter.init_seed)
-    model = PeftModel.from_pretrained(base, summary["adapter_dir"])
-    tokenizer = models.load_tokenizer(spec)
-    examples = list(data.tokenize(dataset.test, tokenizer, cfg.train.max_length))
-    metrics = training.evaluate(
-        model,
-        examples,
-        batch_size=64,
-        pad_token_id=tokenizer.pad_token_id,
-        device=torch.device("cpu"),
-        num_labels=dataset.num_labels,
-    )
+    metrics = plain_peft_metrics([*FAST_RUN, "strategy=fedavg"], summary["adapter_dir"])
     assert metrics["accuracy"] == pytest.approx(summary["final_accuracy"], abs=1e-9)
 
 

@@ -1,15 +1,13 @@
 import pytest
 import torch
 from flwr.app import Context, Error, Message, RecordDict
-from peft import PeftModel
 
-from fedpeft import data, models, training
 from fedpeft.cli import simulate
 from fedpeft.clients.client_app import train
 from fedpeft.config import compose_config
 from fedpeft.federation import prepare
 from fedpeft.strategies import FedSB
-from tests.conftest import FAST_RUN
+from tests.conftest import FAST_RUN, plain_peft_metrics
 from tests.strategies.conftest import (
     D_IN,
     D_OUT,
@@ -126,20 +124,6 @@ def test_simulation_excludes_calibration_data_and_saves_plain_lora(tmp_path, dat
     assert summary["bytes_up"] == 2 * 2 * (layers * rank * rank + head) * 4
     once = layers * rank * 2 * 64
     assert summary["bytes_down"] == (2 * 2 * (layers * rank * rank + head) + 2 * once) * 4
-    cfg = compose_config(run)
-    dataset = data.load_text_dataset(cfg.dataset, seed=cfg.seed)
-    spec = models.ModelSpec.from_config(cfg.model, dataset.num_labels)
-    model = PeftModel.from_pretrained(models.load_model(spec, seed=0), summary["adapter_dir"])
-    tokenizer = models.load_tokenizer(spec)
-    test = dataset.test.shuffle(seed=cfg.seed)
-    held_out = test.select(range(32, len(test)))  # the evaluation set without calibration data
-    metrics = training.evaluate(
-        model,
-        list(data.tokenize(held_out, tokenizer, cfg.train.max_length)),
-        batch_size=64,
-        pad_token_id=tokenizer.pad_token_id,
-        device=torch.device("cpu"),
-        num_labels=dataset.num_labels,
-    )
+    metrics = plain_peft_metrics(run, summary["adapter_dir"], skip_test=32)
     assert metrics["accuracy"] == pytest.approx(summary["final_accuracy"], abs=1e-9)
     assert metrics["loss"] == pytest.approx(summary["final_loss"], abs=1e-5)

@@ -3,9 +3,8 @@ import json
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
-from peft import PeftModel
 
-from fedpeft import adapters, data, models, training
+from fedpeft import adapters
 from fedpeft.cli import simulate
 from fedpeft.clients.client_app import train
 from fedpeft.clients.client_state import StateMismatch
@@ -13,7 +12,7 @@ from fedpeft.config import compose_config
 from fedpeft.federation import prepare
 from fedpeft.runtime import model_runtime
 from fedpeft.strategies import FLoRA
-from tests.conftest import FAST_RUN
+from tests.conftest import FAST_RUN, plain_peft_metrics
 from tests.strategies.conftest import D_IN, D_OUT, LAYERS, FakeGrid, global_adapter, reply
 
 RANKS = [2, 5, 3]
@@ -150,18 +149,6 @@ def test_simulation_and_saved_adapter(tmp_path, data_dir):
     assert summary["bytes_up"] == 2 * sum(up) * 4
     stack = layers * 12 * 2 * hidden  # round 2: round 1's module, sum r_j = 12, to both clients
     assert summary["bytes_down"] == (2 * head + 2 * (head + stack)) * 4
-    cfg = compose_config(run)
-    dataset = data.load_text_dataset(cfg.dataset, seed=cfg.seed)
-    spec = models.ModelSpec.from_config(cfg.model, dataset.num_labels)
-    model = PeftModel.from_pretrained(models.load_model(spec, seed=0), summary["adapter_dir"])
-    tokenizer = models.load_tokenizer(spec)
-    metrics = training.evaluate(
-        model,
-        list(data.tokenize(dataset.test, tokenizer, cfg.train.max_length)),
-        batch_size=64,
-        pad_token_id=tokenizer.pad_token_id,
-        device=torch.device("cpu"),
-        num_labels=dataset.num_labels,
-    )
+    metrics = plain_peft_metrics(run, summary["adapter_dir"])
     assert metrics["accuracy"] == pytest.approx(summary["final_accuracy"], abs=1e-9)
     assert metrics["loss"] == pytest.approx(summary["final_loss"], abs=1e-5)
