@@ -51,7 +51,7 @@ def data_dir() -> Path:
 def plain_peft_metrics(overrides: list[str], adapter_dir: str, skip_test: int = 0) -> dict:
     """Load a run's saved adapter in plain transformers + peft and evaluate it on the test split.
 
-    `skip_test` drops Fed-SB's calibration slice: the first examples of the seed-shuffled test split.
+    `skip_test` drops Fed-SB's calibration slice, the head of the seed-shuffled test split.
     """
     import torch
     from peft import PeftModel
