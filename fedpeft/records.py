@@ -84,8 +84,8 @@ def validate_update(
         value = torch.from_numpy(np.array(array.numpy(), copy=True))
         if not torch.isfinite(value).all():
             raise UpdateRejected(f"{key}: contains NaN or Inf")
-        if max_norm is not None and float(value.norm()) > max_norm:
-            raise UpdateRejected(f"{key}: norm {float(value.norm()):.3g} exceeds bound {max_norm}")
+        if max_norm is not None and (norm := float(value.norm())) > max_norm:
+            raise UpdateRejected(f"{key}: norm {norm:.3g} exceeds bound {max_norm}")
         tensors[key] = value
     num_examples = content.metric_records[METRICS_KEY].get(NUM_EXAMPLES)
     if not isinstance(num_examples, int | float) or not math.isfinite(num_examples):
