@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedpeft.errors import ConfigError
+from fedpeft.privacy.settings import validate_dp
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 GROUPS = ("strategy", "model", "dataset", "dp", "partition", "federation")
@@ -125,3 +126,4 @@ def validate(cfg: DictConfig) -> None:
             _is_number(alpha) and alpha > 0, f"partition.alpha={alpha} must be positive, e.g. 0.5"
         )
     _require(isinstance(cfg.seed, int), f"seed={cfg.seed} must be an integer")
+    validate_dp(cfg)

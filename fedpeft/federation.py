@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fedpeft import adapters, data, models, training
+from fedpeft import adapters, data, models, privacy, training
 from fedpeft.errors import ConfigError
 from fedpeft.runtime import ModelRuntime, adapter_spec, model_runtime, model_spec
 from fedpeft.strategies import STRATEGIES, LowRankStrategy
@@ -42,6 +42,7 @@ def build_task(cfg: DictConfig, num_labels: int) -> dict[str, Any]:
             "train_head": bool(train_head),
             "dropout": cfg.adapter.dropout,
         },
+        "dp": dp_task(cfg),
         "train": {
             **plain["train"],
             "lr": cfg.strategy.lr or cfg.train.lr,
@@ -49,6 +50,19 @@ def build_task(cfg: DictConfig, num_labels: int) -> dict[str, Any]:
             "local_epochs": cfg.federation.local_epochs,
         },
     }
+
+
+def dp_task(cfg: DictConfig) -> dict[str, Any]:
+    """The `dp` group as clients need it, with the rounds each client is planned to train in."""
+    plain = OmegaConf.to_container(cfg.dp, resolve=True)
+    assert isinstance(plain, dict)
+    if not plain.get("enabled"):
+        return {"enabled": False}
+    fed = cfg.federation
+    planned = plain.get("planned_rounds") or privacy.planned_rounds(
+        fed.rounds, fed.num_clients, fed.fraction, fed.min_clients
+    )
+    return {**plain, "planned_rounds": int(planned)}
 
 
 def strategy_params(cfg: DictConfig) -> dict[str, Any]:
@@ -174,6 +188,8 @@ def prepare(cfg: DictConfig) -> Federation:
     sizes = data.partition_sizes(dataset.train, num_clients, cfg.partition, seed=cfg.seed)
     task = build_task(cfg, dataset.num_labels)
     runtime = model_runtime(task)
+    if task["dp"]["enabled"]:
+        privacy.check_model(runtime.model)
     try:
         strategy = STRATEGIES[cfg.strategy.name](
             runtime.initial,

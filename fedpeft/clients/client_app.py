@@ -7,7 +7,7 @@ import json
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeft import adapters, training
+from fedpeft import adapters, privacy, training
 from fedpeft.clients import client_state
 from fedpeft.clients.client_data import client_examples
 from fedpeft.records import (
@@ -62,17 +62,34 @@ def train(msg: Message, context: Context) -> Message:
     )
     member = int(context.node_config.get("partition-id", context.node_id))
     seed = (int(task["seed"]) * 1_000_003 + server_round * 10_007 + member) % (2**31)
-    result = training.train_steps(
-        runtime.model,
-        examples,
-        optimizer,
-        steps=steps,
-        batch_size=int(hp["batch_size"]),
-        pad_token_id=runtime.tokenizer.pad_token_id,
-        device=runtime.device,
-        seed=seed,
-        max_grad_norm=hp.get("max_grad_norm"),
-    )
+    dp = privacy.DPSettings.from_task(task)
+    dp_metrics: dict[str, float] = {}
+    if dp.enabled:
+        privacy.check_model(runtime.model)
+        result, dp_metrics = privacy.private_round(
+            runtime.model,
+            examples,
+            optimizer,
+            state=context.state,
+            settings=dp,
+            steps=steps,
+            batch_size=int(hp["batch_size"]),
+            pad_token_id=runtime.tokenizer.pad_token_id,
+            device=runtime.device,
+            seed=seed,
+        )
+    else:
+        result = training.train_steps(
+            runtime.model,
+            examples,
+            optimizer,
+            steps=steps,
+            batch_size=int(hp["batch_size"]),
+            pad_token_id=runtime.tokenizer.pad_token_id,
+            device=runtime.device,
+            seed=seed,
+            max_grad_norm=hp.get("max_grad_norm"),
+        )
     keys = adapters.select_keys(
         adapters.adapter_tensors(runtime.model), spec.trained_factors, spec.train_head
     )
@@ -84,6 +101,7 @@ def train(msg: Message, context: Context) -> Message:
         "bytes-down": record_bytes(payload),
         "bytes-up": record_bytes(reply),
         **client_state.version_metrics(context.state, config),
+        **dp_metrics,
     }
     return Message(
         RecordDict({ARRAYS_KEY: reply, METRICS_KEY: metrics_record(metrics)}), reply_to=msg

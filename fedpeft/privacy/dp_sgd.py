@@ -1,0 +1,172 @@
+"""The DP-SGD local training loop: Opacus per-sample clipping and noise on the trainable factors.
+
+Built from Opacus' parts rather than `PrivacyEngine.make_private` so that the sampling rate the
+accountant uses is the exact q = batch / n (make_private derives it as 1 / len(loader)), the
+accountant can carry a client's history across rounds, and the hooks come off the shared model
+after the round. Only the parameters that require grad (the adapter kind's factors and the head)
+get per-sample gradients; the frozen base never does.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+
+import torch
+from opacus.accountants import IAccountant
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import DPOptimizer, get_optimizer_class
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader
+
+from fedpeft.data import collate
+from fedpeft.errors import FedPeftError
+from fedpeft.training import Example, TrainResult
+
+# Opacus' hooks fire on module outputs because the frozen inputs need no gradient: expected.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+def _collate_or_none(batch: list[Example], pad_token_id: int) -> dict[str, torch.Tensor] | None:
+    return collate(batch, pad_token_id) if batch else None
+
+
+def _empty_step_grads(params: Sequence[torch.nn.Parameter], ghost: bool) -> None:
+    """Zero per-sample gradients for an empty Poisson batch, so the step is pure noise."""
+    for p in params:
+        if ghost:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+
+def make_dp_optimizer(
+    optimizer: torch.optim.Optimizer,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    grad_sample_mode: str = "hooks",
+    generator: torch.Generator | None = None,
+) -> DPOptimizer:
+    """Opacus' DP optimiser: clip per example to C, add N(0, (sigma C)^2), divide by B."""
+    return get_optimizer_class("flat", False, grad_sample_mode)(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=generator,
+    )
+
+
+def train_private(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    optimizer: torch.optim.Optimizer,
+    *,
+    steps: int,
+    sample_rate: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    pad_token_id: int,
+    device: torch.device,
+    seed: int,
+    accountant: IAccountant | None = None,
+    grad_sample_mode: str = "hooks",
+    max_physical_batch_size: int | None = None,
+) -> TrainResult:
+    """Take `steps` DP-SGD steps on Poisson batches (rate `sample_rate`) of `examples`.
+
+    Each example's gradient over the trainable parameters is clipped to `max_grad_norm`; Gaussian
+    noise of std noise_multiplier x max_grad_norm is added to the sum, which is divided by the
+    expected batch size q n. `accountant` is stepped once per optimiser step that happened.
+    """
+    ghost = grad_sample_mode == "ghost"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    extra = {"max_grad_norm": max_grad_norm} if ghost else {}
+    hooks = prepare_module(
+        model,
+        grad_sample_mode,
+        wrap_model=False,
+        batch_first=True,
+        loss_reduction="mean",
+        **extra,
+    )
+    try:
+        dp_optimizer = make_dp_optimizer(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=max(1, round(sample_rate * len(examples))),
+            grad_sample_mode=grad_sample_mode,
+            generator=torch.Generator(device=device).manual_seed(seed + 1),
+        )
+        if accountant is not None:
+            dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate))
+        criterion = (
+            DPLossFastGradientClipping(
+                hooks, dp_optimizer, torch.nn.CrossEntropyLoss(reduction="mean"), "mean"
+            )
+            if ghost
+            else None
+        )
+        sampler = UniformWithReplacementSampler(
+            num_samples=len(examples),
+            sample_rate=sample_rate,
+            generator=torch.Generator().manual_seed(seed),
+            steps=steps,
+        )
+        loader = DataLoader(
+            examples,  # type: ignore[arg-type]
+            batch_sampler=sampler,
+            collate_fn=functools.partial(_collate_or_none, pad_token_id=pad_token_id),
+        )
+        model.train()
+        total, seen, taken = 0.0, 0, 0
+        with BatchMemoryManager(
+            data_loader=loader,
+            max_physical_batch_size=max_physical_batch_size or len(examples),
+            optimizer=dp_optimizer,
+        ) as batches:
+            for batch in batches:
+                dp_optimizer.zero_grad(set_to_none=True)
+                if batch is None:
+                    _empty_step_grads(trainable, ghost)
+                else:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    if ghost:
+                        labels = batch.pop("labels")
+                        loss = criterion(model(**batch).logits, labels)
+                    else:
+                        loss = model(**batch).loss
+                    loss.backward()
+                    total += float(loss.detach()) * len(batch["input_ids"])
+                    seen += len(batch["input_ids"])
+                dp_optimizer.step()
+                if dp_optimizer._is_last_step_skipped:
+                    continue
+                taken += 1
+                if taken == 1:
+                    _check_moved(trainable, before)
+        return TrainResult(
+            loss=total / max(seen, 1),
+            steps=taken,
+            num_examples=len(examples),
+        )
+    finally:
+        hooks.cleanup()
+
+
+def _check_moved(params: Sequence[torch.nn.Parameter], before: Sequence[torch.Tensor]) -> None:
+    """Fail loudly if the first private step left every trainable tensor as it was."""
+    if all(torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True)):
+        raise FedPeftError(
+            "the first DP-SGD step left the adapter unchanged (per-sample gradients did not reach "
+            "the optimiser): check that the model was moved to its device before the adapter "
+            "was injected, and that train.lr > 0"
+        )

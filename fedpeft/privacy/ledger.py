@@ -1,0 +1,153 @@
+"""A client's privacy ledger: its calibration and its accountant's history, kept across rounds.
+
+The ledger lives in the node's Flower Context state, so a client's spending accumulates over every
+round it trains in (a fresh accountant per round would forget earlier rounds). It is calibrated
+once, at the client's first private round, and refuses a round that would exceed the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from flwr.app import ConfigRecord, RecordDict
+from opacus.accountants import IAccountant, create_accountant
+
+from fedpeft.errors import FedPeftError
+from fedpeft.privacy.calibration import calibrate_noise
+from fedpeft.privacy.settings import DPSettings, default_delta
+
+STATE_KEY = "dp-ledger"
+
+
+class BudgetExhausted(FedPeftError):
+    """The client's next round would spend more than its target epsilon."""
+
+
+@dataclass
+class PrivacyLedger:
+    """Calibration (sigma, q, delta, target) and the (sigma, q, steps) history of one client."""
+
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    target_epsilon: float
+    accountant_name: str
+    num_examples: int
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+    @classmethod
+    def open(
+        cls,
+        state: RecordDict,
+        settings: DPSettings,
+        num_examples: int,
+        batch_size: int,
+        steps_per_round: int,
+    ) -> PrivacyLedger:
+        """This node's ledger from its state, or a newly calibrated one at its first round."""
+        if STATE_KEY in state.config_records:
+            ledger = cls._load(state.config_records[STATE_KEY])
+            if ledger.num_examples != num_examples:
+                raise FedPeftError(
+                    f"this client's data changed from {ledger.num_examples} to {num_examples} "
+                    "examples since its privacy budget was calibrated: restore the data or start "
+                    "a new run"
+                )
+            return ledger
+        sample_rate = min(1.0, batch_size / num_examples)
+        delta = settings.delta or default_delta(num_examples)
+        sigma = settings.noise_multiplier
+        if sigma is None:
+            sigma = calibrate_noise(
+                settings.target_epsilon,
+                delta,
+                sample_rate,
+                settings.planned_rounds * steps_per_round,
+                settings.accountant,
+            )
+        return cls(
+            float(sigma),
+            sample_rate,
+            delta,
+            float(settings.target_epsilon),
+            settings.accountant,
+            num_examples,
+        )
+
+    @classmethod
+    def _load(cls, record: ConfigRecord) -> PrivacyLedger:
+        history = zip(
+            record["history-noise"], record["history-rate"], record["history-steps"], strict=True
+        )
+        return cls(
+            noise_multiplier=float(record["noise-multiplier"]),
+            sample_rate=float(record["sample-rate"]),
+            delta=float(record["delta"]),
+            target_epsilon=float(record["target-epsilon"]),
+            accountant_name=str(record["accountant"]),
+            num_examples=int(record["num-examples"]),
+            history=[(float(s), float(q), int(n)) for s, q, n in history],
+        )
+
+    def save(self, state: RecordDict) -> None:
+        """Write the ledger into the node's state (replacing the previous round's)."""
+        state.config_records[STATE_KEY] = ConfigRecord(
+            {
+                "noise-multiplier": self.noise_multiplier,
+                "sample-rate": self.sample_rate,
+                "delta": self.delta,
+                "target-epsilon": self.target_epsilon,
+                "accountant": self.accountant_name,
+                "num-examples": self.num_examples,
+                "history-noise": [float(h[0]) for h in self.history],
+                "history-rate": [float(h[1]) for h in self.history],
+                "history-steps": [int(h[2]) for h in self.history],
+            }
+        )
+
+    def accountant(self) -> IAccountant:
+        """An Opacus accountant holding this ledger's history (steps taken so far)."""
+        accountant = create_accountant(self.accountant_name)
+        accountant.history = list(self.history)
+        return accountant
+
+    def record(self, accountant: IAccountant) -> None:
+        """Take the history of an accountant that was stepped by the optimiser this round."""
+        self.history = [(float(s), float(q), int(n)) for s, q, n in accountant.history]
+
+    @property
+    def steps(self) -> int:
+        """Private optimiser steps taken so far, over all rounds."""
+        return sum(n for _, _, n in self.history)
+
+    def epsilon(self, extra_steps: int = 0) -> float:
+        """Epsilon spent at this ledger's delta so far, or after `extra_steps` more steps."""
+        history = list(self.history)
+        if extra_steps:
+            history = _extend(history, self.noise_multiplier, self.sample_rate, extra_steps)
+        if not history:
+            return 0.0
+        if self.noise_multiplier == 0:
+            return math.inf
+        accountant = create_accountant(self.accountant_name)
+        accountant.history = history
+        return float(accountant.get_epsilon(delta=self.delta))
+
+    def check_budget(self, steps: int) -> None:
+        """Raise BudgetExhausted if `steps` more steps would take epsilon past the target."""
+        after = self.epsilon(steps)
+        if after > self.target_epsilon * (1 + 1e-9):
+            raise BudgetExhausted(
+                f"budget exhausted: ε would reach {after:.3f} > target {self.target_epsilon:g} "
+                f"(δ={self.delta:g}) after {self.steps + steps} steps; this client stops training"
+            )
+
+
+def _extend(
+    history: list[tuple[float, float, int]], sigma: float, rate: float, steps: int
+) -> list[tuple[float, float, int]]:
+    """History plus `steps` steps, merged into the last entry if sigma and q match (as Opacus)."""
+    if history and history[-1][:2] == (sigma, rate):
+        return [*history[:-1], (sigma, rate, history[-1][2] + steps)]
+    return [*history, (sigma, rate, steps)]
