@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import ModulesToSaveWrapper
 from transformers import PreTrainedModel
@@ -110,6 +111,13 @@ def inject(model: PreTrainedModel, spec: AdapterSpec) -> PeftModel:
             f"adapter.target_modules={list(spec.target_modules)} matched no layer of the model "
             f"({exc}): name Linear modules of this architecture, e.g. [query,value] for BERT"
         ) from exc
+    for name, layer in lora_layers(peft_model).items():
+        if not isinstance(layer, LoraLinear):
+            raise ConfigError(
+                f"adapter on {type(layer).__name__} module {name!r} is not supported: fedpeft "
+                "exchanges LoRA factors of Linear layers (and under DP-SGD Opacus computes no "
+                "per-sample gradients for embeddings); drop it from adapter.target_modules"
+            )
     if spec.kind == "sb":
         for layer in lora_layers(peft_model).values():
             down = layer.lora_A[ADAPTER]

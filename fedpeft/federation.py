@@ -18,8 +18,13 @@ from fedpeft.runtime import ModelRuntime, adapter_spec, model_runtime, model_spe
 from fedpeft.strategies import STRATEGIES, LowRankStrategy
 
 
-def build_task(cfg: DictConfig, num_labels: int) -> dict[str, Any]:
-    """The JSON-able instructions every client needs to rebuild model, adapter and data."""
+def build_task(
+    cfg: DictConfig, num_labels: int, label_names: list[str] | None = None
+) -> dict[str, Any]:
+    """The JSON-able instructions every client needs to rebuild model, adapter and data.
+
+    `label_names` lets a node that trains on its own file map its labels onto the server's.
+    """
     strategy_cls = STRATEGIES[cfg.strategy.name]
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(plain, dict)
@@ -31,9 +36,11 @@ def build_task(cfg: DictConfig, num_labels: int) -> dict[str, Any]:
         "dataset": plain["dataset"],
         "partition": plain["partition"],
         "num_labels": num_labels,
+        "label_names": list(label_names or []),
         "seed": cfg.seed,
         "adapter_seed": cfg.adapter.init_seed,
         "device": cfg.device,
+        "faults": {**plain["faults"], "round_timeout": cfg.federation.round_timeout},
         "adapter": {
             "kind": strategy_cls.kind,
             "rank": cfg.adapter.rank,
@@ -186,10 +193,8 @@ def prepare(cfg: DictConfig) -> Federation:
             "examples: use fewer clients or a larger dataset"
         )
     sizes = data.partition_sizes(dataset.train, num_clients, cfg.partition, seed=cfg.seed)
-    task = build_task(cfg, dataset.num_labels)
+    task = build_task(cfg, dataset.num_labels, list(dataset.label_names))
     runtime = model_runtime(task)
-    if task["dp"]["enabled"]:
-        privacy.check_model(runtime.model)
     try:
         strategy = STRATEGIES[cfg.strategy.name](
             runtime.initial,
@@ -198,7 +203,8 @@ def prepare(cfg: DictConfig) -> Federation:
             fraction=cfg.federation.fraction,
             min_clients=cfg.federation.min_clients,
             seed=cfg.seed,
-            max_num_examples=max(sizes),
+            max_num_examples=cfg.replies.max_num_examples or max(sizes),
+            norm_bound=cfg.replies.norm_bound,
             **strategy_params(cfg),
         )
     except ValueError as exc:

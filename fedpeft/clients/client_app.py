@@ -10,6 +10,7 @@ from flwr.clientapp import ClientApp
 from fedpeft import adapters, privacy, training
 from fedpeft.clients import client_state
 from fedpeft.clients.client_data import client_examples
+from fedpeft.clients.node_config import node_task
 from fedpeft.records import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -35,7 +36,7 @@ def train(msg: Message, context: Context) -> Message:
     into this node's state (see client_state) before training.
     """
     config = msg.content[CONFIG_KEY]
-    task = json.loads(str(config[TASK_KEY]))
+    task = node_task(json.loads(str(config[TASK_KEY])), context.node_config)
     server_round = int(config["server-round"])
     if "adapter-rank" in config:
         task["adapter"]["rank"] = int(config["adapter-rank"])
@@ -65,7 +66,6 @@ def train(msg: Message, context: Context) -> Message:
     dp = privacy.DPSettings.from_task(task)
     dp_metrics: dict[str, float] = {}
     if dp.enabled:
-        privacy.check_model(runtime.model)
         result, dp_metrics = privacy.private_round(
             runtime.model,
             examples,

@@ -1,4 +1,4 @@
-"""The `dp` config group as a typed record, its validation, and the model checks DP-SGD needs."""
+"""The `dp` config group as a typed record, and its validation."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from omegaconf import DictConfig
-from peft.tuners.lora import Embedding as LoraEmbedding
-from peft.tuners.lora import LoraLayer
 
 from fedpeft.errors import ConfigError
 
@@ -105,12 +103,3 @@ def validate_dp(cfg: DictConfig) -> None:
         if not ok:
             raise ConfigError(message)
 
-
-def check_model(model: Any) -> None:
-    """Refuse adapters Opacus cannot privatise: LoRA on embeddings gets no per-sample gradients."""
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and isinstance(module, LoraEmbedding):
-            raise ConfigError(
-                f"adapter on embedding module {name!r} cannot be trained under DP-SGD (Opacus "
-                "computes no per-sample gradients for it): drop it from adapter.target_modules"
-            )

@@ -1,0 +1,54 @@
+"""The privacy ledger: calibration once, history across rounds in node state, the budget check."""
+
+import pytest
+from flwr.app import RecordDict
+from opacus.accountants import create_accountant
+
+from fedpeft.errors import FedPeftError
+from fedpeft.privacy import BudgetExhausted, DPSettings, PrivacyLedger
+
+SETTINGS = DPSettings(enabled=True, target_epsilon=3.0, planned_rounds=3)
+
+
+def test_first_open_calibrates_for_the_planned_steps():
+    ledger = PrivacyLedger.open(RecordDict(), SETTINGS, 1000, 16, steps_per_round=20)
+    assert ledger.sample_rate == 16 / 1000 and ledger.delta == 1e-5 and ledger.steps == 0
+    accountant = create_accountant("prv")
+    accountant.history = [(ledger.noise_multiplier, ledger.sample_rate, 60)]
+    assert 2.99 <= accountant.get_epsilon(delta=1e-5) <= 3.0
+    assert ledger.epsilon(60) == pytest.approx(accountant.get_epsilon(delta=1e-5))
+
+
+def test_ledger_survives_the_node_state_and_keeps_its_calibration():
+    state = RecordDict()
+    ledger = PrivacyLedger.open(state, SETTINGS, 1000, 16, steps_per_round=20)
+    accountant = ledger.accountant()
+    for _ in range(20):
+        accountant.step(noise_multiplier=ledger.noise_multiplier, sample_rate=ledger.sample_rate)
+    ledger.record(accountant)
+    ledger.save(state)
+    # A later round with other settings in the task still uses the first calibration.
+    again = PrivacyLedger.open(state, DPSettings(enabled=True, target_epsilon=9.0), 1000, 16, 5)
+    assert again == ledger and again.steps == 20 and again.target_epsilon == 3.0
+
+
+def test_a_round_past_the_budget_is_refused_with_the_numbers():
+    state = RecordDict()
+    ledger = PrivacyLedger.open(state, SETTINGS, 1000, 16, steps_per_round=20)
+    ledger.history = [(ledger.noise_multiplier, ledger.sample_rate, 60)]
+    ledger.check_budget(0)
+    with pytest.raises(BudgetExhausted, match=r"budget exhausted: ε would reach 3\.\d+ > target 3"):
+        ledger.check_budget(20)
+
+
+def test_a_client_whose_data_changed_size_is_stopped():
+    state = RecordDict()
+    PrivacyLedger.open(state, SETTINGS, 1000, 16, steps_per_round=20).save(state)
+    with pytest.raises(FedPeftError, match="changed from 1000 to 1200 examples"):
+        PrivacyLedger.open(state, SETTINGS, 1200, 16, steps_per_round=20)
+
+
+def test_a_fixed_noise_multiplier_overrides_calibration():
+    settings = DPSettings(enabled=True, target_epsilon=8.0, noise_multiplier=1.1, delta=1e-6)
+    ledger = PrivacyLedger.open(RecordDict(), settings, 50, 64, steps_per_round=5)
+    assert ledger.noise_multiplier == 1.1 and ledger.sample_rate == 1.0 and ledger.delta == 1e-6
