@@ -19,11 +19,16 @@ Example = dict[str, object]
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What one client's local round produced: mean loss over the steps actually taken."""
+    """What one client's local round produced: mean loss over the steps actually taken.
+
+    `num_examples` is the client's data size (its aggregation weight); `examples_seen` counts the
+    examples its steps processed (for throughput).
+    """
 
     loss: float
     steps: int
     num_examples: int
+    examples_seen: int = 0
 
 
 def param_groups(model: torch.nn.Module, lr: float, head_lr: float | None) -> list[dict]:
@@ -95,7 +100,7 @@ def train_steps(
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    total, taken = 0.0, 0
+    total, taken, seen = 0.0, 0, 0
     for batch in _cycle(loader):
         if taken == steps:
             break
@@ -108,7 +113,10 @@ def train_steps(
         optimizer.step()
         total += float(loss.detach())
         taken += 1
-    return TrainResult(loss=total / max(taken, 1), steps=taken, num_examples=len(examples))
+        seen += len(batch["labels"])
+    return TrainResult(
+        loss=total / max(taken, 1), steps=taken, num_examples=len(examples), examples_seen=seen
+    )
 
 
 @torch.no_grad()

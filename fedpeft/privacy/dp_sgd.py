@@ -157,6 +157,7 @@ def train_private(
             loss=total / max(seen, 1),
             steps=taken,
             num_examples=len(examples),
+            examples_seen=seen,
         )
     finally:
         hooks.cleanup()
