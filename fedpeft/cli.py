@@ -1,4 +1,4 @@
-"""`fedpeft simulate [overrides]`: run a federation in Flower's simulation engine."""
+"""`fedpeft simulate [overrides]`: one simulated federation; `fedpeft compare`: a grid of them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from fedpeft import certs
 from fedpeft.errors import FedPeftError
 
 
@@ -37,28 +38,29 @@ def simulate(overrides: Sequence[str]) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from fedpeft.clients.client_app import app as client_app
+    from fedpeft.clients.simulation import simulation_app
     from fedpeft.config import compose_config
     from fedpeft.federation import prepare
-    from fedpeft.server_app import default_run_dir, run_federation
+    from fedpeft.server_app import default_run_dir, resume_point, run_federation
 
     cfg = compose_config(list(overrides))
     _quiet(cfg.verbose)
     console = Console(stderr=True)
+    run_dir = default_run_dir(cfg)
+    resumed = resume_point(cfg, run_dir)
     fed = prepare(cfg)
     console.print(
         f"[bold]fedpeft[/bold] {cfg.strategy.name} on {cfg.dataset.name} with {cfg.model.name}: "
         f"{cfg.federation.num_clients} clients (sizes {fed.partition_sizes}), "
         f"{cfg.federation.rounds} rounds"
     )
-    run_dir = default_run_dir(cfg)
     result: dict = {}
 
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid, context) -> None:  # noqa: ANN001
-        result.update(run_federation(grid, fed, run_dir, console))
+        result.update(run_federation(grid, fed, run_dir, console, identify=True, resumed=resumed))
 
     fed_cfg = cfg.federation
     backend = {
@@ -71,7 +73,7 @@ def simulate(overrides: Sequence[str]) -> dict:
     }
     run_simulation(
         server_app=server_app,
-        client_app=client_app,
+        client_app=simulation_app(),
         num_supernodes=fed_cfg.num_clients,
         backend_config=backend,
         verbose_logging=bool(cfg.verbose),
@@ -93,16 +95,46 @@ def simulate(overrides: Sequence[str]) -> dict:
     return result
 
 
+def compare(args: Sequence[str]) -> int:
+    """Run a grid of federations (fedpeft.compare), show its table; 1 when a run failed."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from fedpeft.compare import compare as run_compare
+
+    result = run_compare(args)
+    out = Console()
+    out.print(Markdown(result.table.read_text()))
+    written = [result.results_csv, result.table, *result.plots]
+    out.print("results: " + ", ".join(map(str, written)))
+    if result.failed:
+        print(f"fedpeft: {len(result.failed)} runs failed (see the table)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; bad input prints one line on stderr and exits 2."""
     parser = argparse.ArgumentParser(prog="fedpeft", description="Federated fine-tuning with LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a simulated federation")
     sim.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. strategy=ffa_lora")
+    cmp = sub.add_parser("compare", help="run a grid of federations; leave a table and plots")
+    cmp.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides, comma lists sweep (strategy=fedavg,fedsvd seed=0,1), plus "
+        "out_dir=, jobs=, target= and study=<name>",
+    )
+    certs.add_subcommand(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "simulate":
             simulate(args.overrides)
+        elif args.command == "compare":
+            return compare(args.overrides)
+        elif args.command == "certs":
+            certs.run_subcommand(args)
     except FedPeftError as exc:
         print(f"fedpeft: error: {exc}", file=sys.stderr)
         return 2

@@ -1,36 +1,139 @@
-"""A client's own training data: its partition of the task's dataset, tokenized once per process."""
+"""A client's own training data, tokenized once per process.
+
+A deployed SuperNode trains on its own file, named in its node config: `data-path` (csv, tsv, json,
+jsonl or parquet), with `text-column` and `label-column` (default `text` and `label`). Its labels
+must belong to the server's label set: values are matched to the server's label names, or, when
+the server's names are not themselves numbers, taken as label ids 0..num_labels-1. For demos and
+simulation a node can instead take its partition of the task's dataset (`partition-id`,
+`num-partitions`).
+"""
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from fedpeft import data, models
-from fedpeft.errors import ConfigError
+import pandas as pd
+
+from fedpeft import data, models, tasks
+from fedpeft.data.table_files import FILE_FORMATS, as_texts, read_frame, require_column
+from fedpeft.data.text_dataset import make_dataset
+from fedpeft.errors import ConfigError, DataError
 from fedpeft.runtime import model_spec
+
+DATA_PATH, TEXT_COLUMN, LABEL_COLUMN = "data-path", "text-column", "label-column"
+PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
+_TASK_KEYS = ("task", "dataset", "partition", "seed", "model", "num_labels", "train")
 
 
 @functools.lru_cache(maxsize=4)
-def _client_examples(task_key: str, partition_id: int, num_partitions: int) -> list[dict]:
+def _partition_examples(task_key: str, partition_id: int, num_partitions: int) -> list[dict]:
     task = json.loads(task_key)
     source = data.load_text_dataset(task["dataset"], seed=int(task["seed"]))
     part = data.partition_dataset(
         source.train, num_partitions, partition_id, task["partition"], seed=int(task["seed"])
     )
     tokenizer = models.load_tokenizer(model_spec(task))
-    return list(data.tokenize(part, tokenizer, int(task["train"]["max_length"])))
+    return tasks.encode(
+        task.get("task", "classification"), part, tokenizer, int(task["train"]["max_length"])
+    )
+
+
+def label_ids(values: pd.Series, names: Sequence[str], num_labels: int, where: str) -> list[int]:
+    """Map a file's label values onto the server's label ids; any value outside is a DataError.
+
+    A value matches a label name (compared as text), or, when no name is a number, it is taken as
+    a label id in 0..num_labels-1.
+    """
+    missing = int(values.isna().sum())
+    if missing:
+        raise DataError(f"{where} has {missing} row(s) with an empty label: fill or drop them")
+    texts = [_as_text(v) for v in values.tolist()]
+    index = {str(n): i for i, n in enumerate(names)}
+    if texts and all(t in index for t in texts):
+        return [index[t] for t in texts]
+    ids_allowed = not any(_is_int(n) for n in names)
+    if ids_allowed and all(_is_int(t) and 0 <= int(t) < num_labels for t in texts):
+        return [int(t) for t in texts]
+    bad = sorted(
+        {t for t in texts if t not in index and not (ids_allowed and _in_range(t, num_labels))}
+    )
+    shown = ", ".join(repr(b) for b in bad[:5]) + (" ..." if len(bad) > 5 else "")
+    allowed = ", ".join(repr(str(n)) for n in names[:10]) + (" ..." if len(names) > 10 else "")
+    ids = f" or ids 0..{num_labels - 1}" if ids_allowed else ""
+    raise DataError(
+        f"{where} has labels outside the server's label set: {shown}; the server's labels are "
+        f"{allowed}{ids}: relabel the file or set the node config label-column to the right column"
+    )
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _is_int(text: str) -> bool:
+    return text.lstrip("-").isdigit()
+
+
+def _in_range(text: str, num_labels: int) -> bool:
+    return _is_int(text) and 0 <= int(text) < num_labels
+
+
+@functools.lru_cache(maxsize=4)
+def _file_examples(task_key: str, path: str, text_column: str, label_column: str) -> list[dict]:
+    task = json.loads(task_key)
+    file = Path(path).expanduser()
+    fmt = FILE_FORMATS.get(file.suffix.lower())
+    if fmt is None:
+        raise DataError(
+            f"node config data-path={path}: unsupported file type {file.suffix!r}: use one of "
+            f"{', '.join(FILE_FORMATS)}"
+        )
+    hint = "set the node config data-path to this node's csv/tsv/json/jsonl/parquet file"
+    frame = read_frame(file, fmt, hint)
+    texts = as_texts(
+        require_column(frame, text_column, file, 'set node config text-column="<one of them>"')
+    )
+    labels = require_column(
+        frame, label_column, file, 'set node config label-column="<one of them>"'
+    )
+    names = task.get("label_names") or [str(i) for i in range(int(task["num_labels"]))]
+    ids = label_ids(labels, names, int(task["num_labels"]), str(file))
+    ds = make_dataset(texts, ids, list(names))
+    if len(ds) == 0:
+        raise DataError(f"{file} has no rows with text in column {text_column!r}: add some")
+    tokenizer = models.load_tokenizer(model_spec(task))
+    return list(data.tokenize(ds, tokenizer, int(task["train"]["max_length"])))
 
 
 def client_examples(task: Mapping[str, Any], node_config: Mapping[str, Any]) -> list[dict]:
-    """This node's tokenized training examples: its partition of the task's dataset."""
-    if "partition-id" not in node_config or "num-partitions" not in node_config:
-        raise ConfigError(
-            "this node has no data: set node config partition-id=<i> num-partitions=<n>"
+    """This node's tokenized training examples: its own file, or its partition of the dataset."""
+    key = json.dumps(
+        {k: task[k] for k in (*_TASK_KEYS, "label_names") if k in task}, sort_keys=True
+    )
+    if DATA_PATH in node_config:
+        if task.get("task") == "causal_lm":
+            raise ConfigError(
+                "node config data-path is for classification files; a causal_lm node trains on "
+                "its partition of the task's dataset: set partition-id and num-partitions"
+            )
+        return _file_examples(
+            key,
+            str(node_config[DATA_PATH]),
+            str(node_config.get(TEXT_COLUMN, "text")),
+            str(node_config.get(LABEL_COLUMN, "label")),
         )
-    keys = ("dataset", "partition", "seed", "model", "num_labels", "train")
-    key = json.dumps({k: task[k] for k in keys}, sort_keys=True)
-    return _client_examples(
-        key, int(node_config["partition-id"]), int(node_config["num-partitions"])
+    if PARTITION_ID not in node_config or NUM_PARTITIONS not in node_config:
+        raise ConfigError(
+            'this node has no data: set node config data-path="/path/to/its/file.csv" '
+            "(its own data) or partition-id=<i> num-partitions=<n> (a partition of the task's "
+            "dataset)"
+        )
+    return _partition_examples(
+        key, int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])
     )
