@@ -1,0 +1,100 @@
+"""`fedpeft compare`: run a grid of federations and leave results.csv, a table and plots.
+
+    fedpeft compare strategy=fedavg,ffa_lora,fedsvd seed=0,1,2 out_dir=runs/cmp [jobs=2]
+    fedpeft compare study=fedsvd_table2_small [federation.rounds=20]
+
+Besides Hydra overrides (comma lists sweep) it takes `out_dir=` (required unless the study names
+one), `jobs=` (runs at a time, default 1), `target=` (accuracy for "rounds to target") and
+`study=` (a packaged study or a study YAML; later overrides replace the study's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from fedpeft.compare import aggregate, plots
+from fedpeft.compare.cells import Outcome, run_grid
+from fedpeft.compare.grid import expand, merge
+from fedpeft.compare.studies import load_study
+from fedpeft.errors import ConfigError
+
+OPTIONS = ("out_dir", "jobs", "target", "study")
+
+
+@dataclass
+class CompareResult:
+    """The grid's outcomes and the files it wrote."""
+
+    outcomes: list[Outcome]
+    results_csv: Path
+    table: Path
+    plots: list[Path]
+
+    @property
+    def failed(self) -> list[Outcome]:
+        """Runs that did not finish."""
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+def split_options(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Separate compare's own options from the Hydra overrides."""
+    options, overrides = {}, []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key in OPTIONS:
+            options[key] = value
+        else:
+            overrides.append(arg)
+    return options, overrides
+
+
+def _number(options: dict[str, str], key: str, kind: type, default, check, hint: str):
+    if key not in options:
+        return default
+    try:
+        value = kind(options[key])
+    except ValueError:
+        value = None
+    if value is None or not check(value):
+        raise ConfigError(f"{key}={options[key]} must be {hint}")
+    return value
+
+
+def compare(args: Sequence[str], console: Console | None = None) -> CompareResult:
+    """Expand the grid, run what is not done, then write results.csv, results.md and plots."""
+    console = console or Console(stderr=True)
+    options, overrides = split_options(args)
+    study = load_study(options["study"]) if "study" in options else None
+    out_dir = options.get("out_dir") or (study.out_dir if study else None)
+    if not out_dir:
+        raise ConfigError("out_dir is not set: give out_dir=<folder> for the grid's runs")
+    if "'" in out_dir or "\\" in out_dir:
+        raise ConfigError(f"out_dir={out_dir} holds a quote or backslash: choose a plainer path")
+    jobs = _number(options, "jobs", int, 1, lambda v: v >= 1, "an integer >= 1, e.g. jobs=2")
+    default_target = study.target if study and study.target else aggregate.DEFAULT_TARGET
+    target = _number(
+        options, "target", float, default_target, lambda v: 0 < v <= 1, "in (0, 1], e.g. 0.8"
+    )
+    grid = merge(study.overrides, overrides) if study else overrides
+    runs = expand(grid, study.strategy_overrides if study else None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"fedpeft compare: {study.name}" if study else "fedpeft compare"
+    console.print(f"[bold]{title}[/bold]: {len(runs)} runs in {out}, {jobs} at a time")
+    outcomes = run_grid(runs, out, jobs=jobs, console=console)
+    results = aggregate.load_results(runs, out)
+    csv_path = aggregate.write_results_csv(results, out / "results.csv", target)
+    table = aggregate.write_table(
+        results, out / "results.md", target, title, study.description if study else "", grid
+    )
+    made = []
+    if any(r.done for r in results):
+        made = [
+            plots.accuracy_by_round(results, out / "accuracy_by_round.png"),
+            plots.accuracy_vs_bytes(results, out / "accuracy_vs_bytes.png"),
+        ]
+    return CompareResult(outcomes, csv_path, table, made)

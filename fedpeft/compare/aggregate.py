@@ -1,0 +1,217 @@
+"""Collect the grid's run folders into results.csv (a row per run) and a markdown table.
+
+The table has a row per configuration (the swept values other than the seed): mean and 95%
+confidence half-width over its seeds (Student t, n - 1 degrees of freedom) of the final and best
+held-out accuracy, the rounds to a target accuracy, the total bytes moved, the wall time and the
+final epsilon.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from scipy import stats
+
+from fedpeft.compare.cells import LOG_NAME, is_done
+from fedpeft.compare.grid import Run
+
+DEFAULT_TARGET = 0.8
+SEED = "seed"
+
+
+@dataclass
+class RunResult:
+    """One run's folder as read back: its summary and per-round history when it finished."""
+
+    run: Run
+    folder: Path
+    seed: int | None
+    summary: dict[str, Any] | None
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        """Whether the run finished (it has a summary)."""
+        return self.summary is not None
+
+    @property
+    def config(self) -> tuple[tuple[str, str], ...]:
+        """The swept values other than the seed: what the table groups by."""
+        return tuple((k, v) for k, v in self.run.swept if k != SEED)
+
+    def accuracy(self) -> list[float]:
+        """Held-out accuracy by round, round 0 first."""
+        return [float(a) for a in (self.summary or {}).get("accuracy_by_round", [])]
+
+    def cumulative_bytes(self) -> list[float]:
+        """Bytes moved up and down until the end of each round, round 0 first."""
+        total, out = 0.0, []
+        for row in self.history:
+            total += float(row.get("bytes_up") or 0) + float(row.get("bytes_down") or 0)
+            out.append(total)
+        return out
+
+
+def load_results(runs: Sequence[Run], out_dir: Path) -> list[RunResult]:
+    """Read every run's folder (unfinished runs come back without a summary)."""
+    results = []
+    for run in runs:
+        folder = run.folder(out_dir)
+        summary = history = None
+        seed = None
+        if (folder / "config.yaml").is_file():
+            seed = int(OmegaConf.load(folder / "config.yaml").seed)
+        if is_done(folder):
+            summary = json.loads((folder / "summary.json").read_text())
+            with (folder / "history.csv").open(newline="") as fh:
+                history = list(csv.DictReader(fh))
+        results.append(RunResult(run, folder, seed, summary, history or []))
+    return results
+
+
+def rounds_to_target(accuracy: Sequence[float], target: float) -> int | None:
+    """The first round whose accuracy reaches `target` (None if none does)."""
+    return next((r for r, a in enumerate(accuracy) if a >= target), None)
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and 95% confidence half-width (Student t); no half-width from a single value."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, float(half)
+
+
+def run_row(result: RunResult, target: float) -> dict[str, Any]:
+    """One row of results.csv."""
+    row: dict[str, Any] = {"run": result.run.name, "status": "done" if result.done else "failed"}
+    row.update(dict(result.config))
+    row[SEED] = result.seed
+    s = result.summary or {}
+    acc = result.accuracy()
+    row.update(
+        strategy=s.get("strategy"),
+        rounds_completed=s.get("rounds_completed"),
+        final_accuracy=s.get("final_accuracy"),
+        best_accuracy=max(acc) if acc else None,
+        rounds_to_target=rounds_to_target(acc, target) if acc else None,
+        bytes_up=s.get("bytes_up"),
+        bytes_down=s.get("bytes_down"),
+        total_bytes=s["bytes_up"] + s["bytes_down"] if s else None,
+        wall_time_s=s.get("wall_time_s"),
+        max_epsilon=s.get("max_epsilon"),
+        run_dir=str(result.folder),
+    )
+    return row
+
+
+def write_results_csv(results: Sequence[RunResult], path: Path, target: float) -> Path:
+    """results.csv: a row per run, finished or not."""
+    rows = [run_row(r, target) for r in results]
+    fields = list(rows[0]) if rows else ["run"]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def group_by_config(results: Sequence[RunResult]) -> dict[tuple, list[RunResult]]:
+    """Finished runs by configuration, in grid order."""
+    groups: dict[tuple, list[RunResult]] = {}
+    for result in results:
+        if result.done:
+            groups.setdefault(result.config, []).append(result)
+    return groups
+
+
+def _fmt(values: Sequence[float], digits: int) -> str:
+    mean, half = mean_ci(values)
+    return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def _rounds_cell(group: Sequence[RunResult], target: float) -> str:
+    reached = [rounds_to_target(r.accuracy(), target) for r in group]
+    hits = [float(r) for r in reached if r is not None]
+    if not hits:
+        return "not reached"
+    text = _fmt(hits, 1)
+    return text if len(hits) == len(group) else f"{text} ({len(hits)}/{len(group)} seeds)"
+
+
+def table_rows(results: Sequence[RunResult], target: float) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the summary table, a row per configuration."""
+    groups = group_by_config(results)
+    keys = [k for k, _ in next(iter(groups))] if groups else []
+    header = [
+        *keys,
+        "seeds",
+        "final accuracy",
+        "best accuracy",
+        f"rounds to {target:g}",
+        "total MB",
+        "wall time (s)",
+        "final ε",
+    ]
+    rows = []
+    for config, group in groups.items():
+        eps = [r.summary["max_epsilon"] for r in group if r.summary["max_epsilon"] is not None]
+        rows.append(
+            [
+                *(v for _, v in config),
+                str(len(group)),
+                _fmt([r.summary["final_accuracy"] for r in group], 4),
+                _fmt([max(r.accuracy()) for r in group], 4),
+                _rounds_cell(group, target),
+                _fmt([(r.summary["bytes_up"] + r.summary["bytes_down"]) / 1e6 for r in group], 2),
+                _fmt([r.summary["wall_time_s"] for r in group], 1),
+                _fmt(eps, 2) if eps else "—",
+            ]
+        )
+    return header, rows
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(
+    results: Sequence[RunResult],
+    path: Path,
+    target: float,
+    title: str,
+    description: str = "",
+    grid: Sequence[str] = (),
+) -> Path:
+    """results.md: the summary table, the grid it ran, how to read it, and any unfinished runs."""
+    header, rows = table_rows(results, target)
+    parts = [f"# {title}\n"]
+    if description:
+        parts.append(description + "\n")
+    if grid:
+        parts.append("Grid: `" + " ".join(grid) + "`\n")
+    parts.append(
+        "Mean ± 95% confidence half-width over seeds (Student t); a single seed shows its value. "
+        f"Rounds to {target:g}: the first round whose held-out accuracy reaches it. Total MB: "
+        "adapter bytes moved up and down over the run. Final ε: the largest client epsilon.\n"
+    )
+    parts.append(markdown_table(header, rows))
+    failed = [r for r in results if not r.done]
+    if failed:
+        parts.append(f"Unfinished runs ({len(failed)}), left out of the table:\n")
+        parts += [f"- {r.run.name}: see {r.folder / LOG_NAME}" for r in failed]
+        parts.append("")
+    path.write_text("\n".join(parts))
+    return path

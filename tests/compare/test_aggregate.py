@@ -1,0 +1,81 @@
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedpeft.compare.aggregate import (
+    RunResult,
+    mean_ci,
+    rounds_to_target,
+    table_rows,
+)
+from fedpeft.compare.grid import Run
+
+
+def test_mean_ci_is_the_student_t_half_width():
+    mean, half = mean_ci([0.8, 0.9, 1.0])
+    # t(0.975, 2 degrees of freedom) = 4.302653; sd = 0.1
+    assert mean == pytest.approx(0.9)
+    assert half == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)
+    assert mean_ci([0.7]) == (0.7, None)
+
+
+def test_rounds_to_target():
+    assert rounds_to_target([0.5, 0.7, 0.85, 0.9], 0.8) == 2
+    assert rounds_to_target([0.5, 0.7], 0.8) is None
+    assert rounds_to_target([0.9], 0.8) == 0
+
+
+def _result(strategy, seed, accuracy, eps=None):
+    run = Run((), (("strategy", strategy), ("seed", str(seed))), f"{strategy}{seed}")
+    summary = {
+        "final_accuracy": accuracy[-1],
+        "accuracy_by_round": accuracy,
+        "bytes_up": 1_000_000,
+        "bytes_down": 3_000_000,
+        "wall_time_s": 10.0 + seed,
+        "max_epsilon": eps,
+    }
+    return RunResult(run, Path("."), seed, summary)
+
+
+def test_table_groups_seeds_and_reports_partial_targets():
+    results = [
+        _result("fedavg", 0, [0.5, 0.7, 0.9]),
+        _result("fedavg", 1, [0.5, 0.6, 0.7]),
+        _result("fedsvd", 0, [0.5, 0.85, 0.8], eps=2.9),
+        _result("fedsvd", 1, [0.5, 0.9, 0.95], eps=3.0),
+    ]
+    header, rows = table_rows(results, 0.8)
+    assert header[:2] == ["strategy", "seeds"] and header[4] == "rounds to 0.8"
+    fedavg, fedsvd = rows
+    assert fedavg[4] == "2.0 (1/2 seeds)" and fedavg[7] == "—"
+    assert fedsvd[4] == "1.0 ± 0.0"
+    assert fedsvd[2].startswith("0.8750 ± ")  # final accuracy: mean of 0.8 and 0.95
+    assert fedsvd[3].startswith("0.9000 ± ")  # best accuracy: mean of 0.85 and 0.95
+    assert fedsvd[5] == "4.00 ± 0.00" and fedsvd[7].startswith("2.95 ± ")
+
+
+def test_results_csv_and_table_match_the_run_folders(grid_dir):
+    with (grid_dir / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"done"}
+    assert sorted((r["strategy"], r["seed"]) for r in rows) == [
+        ("fedavg", "0"),
+        ("fedavg", "1"),
+        ("flora", "0"),
+        ("flora", "1"),
+    ]
+    for row in rows:
+        summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        assert float(row["final_accuracy"]) == summary["final_accuracy"]
+        assert float(row["best_accuracy"]) == max(summary["accuracy_by_round"])
+        assert int(row["total_bytes"]) == summary["bytes_up"] + summary["bytes_down"]
+        assert row["max_epsilon"] == ""
+    table = (grid_dir / "results.md").read_text()
+    fedavg = [float(r["final_accuracy"]) for r in rows if r["strategy"] == "fedavg"]
+    mean, half = mean_ci(fedavg)
+    assert f"| fedavg | 2 | {mean:.4f} ± {half:.4f} |" in table
+    assert "| flora | 2 |" in table and "Unfinished" not in table

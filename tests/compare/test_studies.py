@@ -1,0 +1,57 @@
+import pytest
+
+from fedpeft.compare.grid import expand, merge
+from fedpeft.compare.studies import load_study, study_names
+from fedpeft.config import compose_config
+from fedpeft.errors import ConfigError
+
+
+def _runs(name, *extra):
+    study = load_study(name)
+    return expand(merge(study.overrides, list(extra)), study.strategy_overrides)
+
+
+def test_packaged_studies():
+    assert study_names() == ["comm_efficiency", "fedsvd_table2_small", "hetero_rank"]
+
+
+def test_fedsvd_table2_small_is_the_papers_setting():
+    assert "seed=0,1,2" in load_study("fedsvd_table2_small").overrides
+    runs = _runs("fedsvd_table2_small", "seed=0")
+    assert len(runs) == 6 * 3
+    assert {r.values["dp"] for r in runs} == {"off", "eps3", "eps6"}
+    flora = next(r for r in runs if r.values["strategy"] == "flora")
+    cfg = compose_config(list(flora.overrides))
+    assert cfg.strategy.params.ranks is None and cfg.adapter.rank == 8
+    assert cfg.federation.num_clients == 6 and cfg.federation.fraction == 0.5
+    assert (cfg.model.name, cfg.dataset.name, cfg.partition.alpha) == ("minilm", "sst2", 0.5)
+
+
+def test_hetero_rank_gives_both_methods_the_same_ranks():
+    runs = _runs("hetero_rank")
+    assert sorted({r.values["strategy"] for r in runs}) == ["fedavg", "flora"]
+    for run in runs:
+        cfg = compose_config(list(run.overrides))
+        assert list(cfg.strategy.params.ranks) == [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
+        assert cfg.federation.num_clients == 10
+
+
+def test_comm_efficiency_and_command_line_overrides_replace_the_studys():
+    runs = _runs("comm_efficiency", "seed=0", "federation.rounds=5")
+    assert len(runs) == 6 * 2
+    assert all("seed" not in r.values and "federation.rounds=5" in r.overrides for r in runs)
+
+
+def test_study_from_a_file_and_bad_studies(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("description: two seeds\noverrides: [model=tiny_bert, 'seed=0,1']\n")
+    study = load_study(str(path))
+    assert study.name == "mine" and len(expand(study.overrides)) == 2
+    with pytest.raises(ConfigError, match="study=nope is unknown: choose one of comm_efficiency"):
+        load_study("nope")
+    path.write_text("overrides: [seed=0]\ntargett: 0.9\n")
+    with pytest.raises(ConfigError, match="unknown key 'targett'"):
+        load_study(str(path))
+    path.write_text("description: no overrides\n")
+    with pytest.raises(ConfigError, match="needs a list `overrides:`"):
+        load_study(str(path))
