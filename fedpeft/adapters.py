@@ -94,14 +94,15 @@ def inject(model: PreTrainedModel, spec: AdapterSpec) -> PeftModel:
     """Wrap `model` with peft LoRA on the target modules and freeze what the kind keeps fixed.
 
     The classification head is always a peft `modules_to_save` module so that the saved adapter
-    carries it; it is trainable only when `spec.train_head`.
+    carries it; it is trainable only when `spec.train_head`. A causal LM (a model that generates)
+    gets peft's CAUSAL_LM task type and has no head.
     """
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.dropout,
         target_modules=list(spec.target_modules),
-        task_type="SEQ_CLS",
+        task_type="CAUSAL_LM" if model.can_generate() else "SEQ_CLS",
         init_lora_weights=True,
     )
     try:
@@ -109,7 +110,8 @@ def inject(model: PreTrainedModel, spec: AdapterSpec) -> PeftModel:
     except ValueError as exc:
         raise ConfigError(
             f"adapter.target_modules={list(spec.target_modules)} matched no layer of the model "
-            f"({exc}): name Linear modules of this architecture, e.g. [query,value] for BERT"
+            f"({exc}): name Linear modules of this architecture, e.g. [query,value] for BERT, "
+            "[q_proj,v_proj] for Llama"
         ) from exc
     for name, layer in lora_layers(peft_model).items():
         if not isinstance(layer, LoraLinear):

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedpeft.errors import ConfigError
+from fedpeft.models import ModelSpec
 from fedpeft.privacy.settings import validate_dp
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -126,4 +127,81 @@ def validate(cfg: DictConfig) -> None:
             _is_number(alpha) and alpha > 0, f"partition.alpha={alpha} must be positive, e.g. 0.5"
         )
     _require(isinstance(cfg.seed, int), f"seed={cfg.seed} must be an integer")
+    _validate_task(cfg)
+    _validate_robustness(cfg)
+
+
+def _validate_task(cfg: DictConfig) -> None:
+    """The task, its model and data agree; causal-LM data has no labels to partition by."""
+    task, dataset_task = cfg.task, cfg.dataset.get("task") or "classification"
+    _require(
+        task in ("classification", "causal_lm"),
+        f"task={task} is unknown: choose classification or causal_lm",
+    )
+    _require(
+        task == dataset_task,
+        f"task={task} but dataset={cfg.dataset.name} is {dataset_task} data: pick a "
+        + (
+            "prompt/response dataset (dataset=gsm8k or jsonl)"
+            if task == "causal_lm"
+            else "text/label dataset"
+        )
+        + " or drop task=",
+    )
+    ModelSpec.from_config(cfg.model, 0, task)
+    _require(
+        cfg.model.get("task") in (None, task),
+        f"model.task={cfg.model.get('task')} does not match task={task}: use model=hf for "
+        "classifiers and model=hf_causal for causal LMs",
+    )
+    if task == "causal_lm":
+        _require(
+            cfg.partition.name == "iid",
+            f"partition={cfg.partition.name} splits by label, and {cfg.dataset.name} has none: "
+            "use partition=iid",
+        )
+        tokens = cfg.eval.get("max_new_tokens")
+        _require(
+            isinstance(tokens, int) and tokens >= 1,
+            f"eval.max_new_tokens={tokens} must be an integer >= 1, e.g. 256",
+        )
+
+
+def _validate_robustness(cfg: DictConfig) -> None:
+    """Round timeout, reply checks, fault injection and resume."""
+    timeout = cfg.federation.round_timeout
+    _require(
+        _is_number(timeout) and timeout > 0,
+        f"federation.round_timeout={timeout} must be a positive number of seconds, e.g. 600",
+    )
+    bound, most = cfg.replies.norm_bound, cfg.replies.max_num_examples
+    _require(
+        bound is None or (_is_number(bound) and bound > 0),
+        f"replies.norm_bound={bound} must be positive (or null for no bound), e.g. 100",
+    )
+    _require(
+        most is None or (isinstance(most, int) and most >= 1),
+        f"replies.max_num_examples={most} must be an integer >= 1 (or null)",
+    )
+    faults = cfg.faults
+    for key in ("crash_prob", "slow_prob"):
+        value = faults[key]
+        _require(
+            _is_number(value) and 0 <= value <= 1,
+            f"faults.{key}={value} must be a probability in [0, 1], e.g. 0.3",
+        )
+    _require(
+        faults.crash_prob + faults.slow_prob <= 1,
+        f"faults.crash_prob + faults.slow_prob = {faults.crash_prob + faults.slow_prob} "
+        "exceeds 1: lower one of them",
+    )
+    _require(
+        faults.slow_s is None or (_is_number(faults.slow_s) and faults.slow_s >= 0),
+        f"faults.slow_s={faults.slow_s} must be >= 0 seconds (or null: round_timeout + 1)",
+    )
+    _require(isinstance(faults.seed, int), f"faults.seed={faults.seed} must be an integer")
+    _require(
+        cfg.resume is None or (isinstance(cfg.resume, str) and Path(cfg.resume).is_dir()),
+        f"resume={cfg.resume} is not a run folder: pass resume=<run_dir> of an earlier run",
+    )
     validate_dp(cfg)

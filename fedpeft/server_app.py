@@ -1,28 +1,46 @@
-"""The Flower ServerApp: runs the rounds, evaluates, and writes the run folder."""
+"""The Flower ServerApp: runs the rounds, evaluates, checkpoints, and writes the run folder."""
 
 from __future__ import annotations
 
 import shlex
 import time
 from datetime import datetime
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedpeft import checkpoint
 from fedpeft.config import compose_config
+from fedpeft.errors import ConfigError
 from fedpeft.federation import Federation, prepare
+from fedpeft.records import IDENTITY_ACTION, METRICS_KEY, PARTITION_ID
 from fedpeft.run_folder import RunFolder
+
+#: Longest failure reason kept in history.csv (the log has it whole).
+REASON_CHARS = 300
 
 app = ServerApp()
 
 
 def default_run_dir(cfg: DictConfig) -> Path:
-    """runs/<date>-<time>-<strategy> under the working directory, unless run_dir= is given."""
+    """runs/<date>-<time>-<strategy> under the working directory, unless run_dir= is given.
+
+    A resumed run continues in the folder it resumes (resume=<run_dir>).
+    """
+    if cfg.get("resume"):
+        if cfg.run_dir and Path(cfg.run_dir).resolve() != Path(cfg.resume).resolve():
+            raise ConfigError(
+                f"run_dir={cfg.run_dir} differs from resume={cfg.resume}: a resumed run "
+                "continues in its own folder; drop run_dir="
+            )
+        return Path(cfg.resume)
     if cfg.run_dir:
         return Path(cfg.run_dir)
     return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.strategy.name}"
@@ -45,24 +63,97 @@ def _row(server_round: int, metrics: dict[str, float], fed: Federation, **extra:
         "max_epsilon": max(eps.values()) if eps else None,
         "client_train_loss": {str(k): round(v, 5) for k, v in stats.client_loss.items()},
         "client_epsilon": {str(k): v for k, v in eps.items()},
+        "failures": {
+            str(k): reason[:REASON_CHARS]
+            for k, reason in sorted({**stats.failed, **stats.rejected}.items())
+        },
         **extra,
     }
 
 
+def identify_nodes(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
+    """Ask every node for its partition id: node id -> partition id, for those that answer.
+
+    Waits up to `timeout` for `expected` nodes to connect and answer. A node that does not
+    answer, or claims a partition another node claims too, keeps its node id as its name.
+    """
+    deadline = time.monotonic() + timeout
+    while len(nodes := sorted(grid.get_node_ids())) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    messages = [
+        Message(
+            RecordDict(), dst_node_id=node, message_type=f"{MessageType.QUERY}.{IDENTITY_ACTION}"
+        )
+        for node in nodes
+    ]
+    replies = grid.send_and_receive(messages, timeout=max(deadline - time.monotonic(), 1.0))
+    claims: dict[int, int] = {}
+    for msg in replies:
+        metrics = None if msg.has_error() else msg.content.metric_records.get(METRICS_KEY)
+        value = metrics.get(PARTITION_ID) if metrics is not None else None
+        if isinstance(value, int):
+            claims[msg.metadata.src_node_id] = value
+    counts: dict[int, int] = {}
+    for value in claims.values():
+        counts[value] = counts.get(value, 0) + 1
+    identities = {node: m for node, m in claims.items() if counts[m] == 1}
+    if len(identities) < len(nodes):
+        log(
+            WARNING,
+            "%d of %d nodes gave no unique partition id",
+            len(nodes) - len(identities),
+            len(nodes),
+        )
+    return identities
+
+
+def resume_point(cfg: DictConfig, run_dir: Path) -> checkpoint.Checkpoint | None:
+    """The checkpoint a `resume=` run continues from, checked against `cfg`; None otherwise."""
+    if not cfg.get("resume"):
+        return None
+    resumed = checkpoint.load(run_dir)
+    checkpoint.check_resumable(resumed, cfg)
+    return resumed
+
+
 def run_federation(
-    grid: Grid, fed: Federation, run_dir: Path, console: Console | None = None
+    grid: Grid,
+    fed: Federation,
+    run_dir: Path,
+    console: Console | None = None,
+    *,
+    identify: bool = False,
+    resumed: checkpoint.Checkpoint | None = None,
 ) -> dict:
-    """Run every round on `grid`, evaluating and checkpointing the global adapter after each."""
+    """Run every round on `grid`, evaluating and checkpointing the server's state after each.
+
+    `identify` first asks every node for its partition id (simulations: see
+    clients/simulation.py), so sampling and records do not depend on Flower's random node ids.
+    With `resume=<run_dir>` in the config the run continues from that folder's checkpoint
+    (`resumed`, when the caller has loaded it already).
+    """
     cfg, strategy = fed.cfg, fed.strategy
     console = console or Console(stderr=True)
+    if resumed is None:
+        resumed = resume_point(cfg, run_dir)
     folder = RunFolder(run_dir, cfg)
-    started = time.perf_counter()
-    metrics = fed.evaluator(strategy.global_adapter)
-    folder.record_round(
-        _row(0, metrics, fed, round_time_s=0.0, wall_time_s=time.perf_counter() - started)
-    )
-    console.print(f"round 0: accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}")
-    total_up = total_down = 0
+    if identify:
+        strategy.identify(identify_nodes(grid, cfg.federation.num_clients, strategy.wait_timeout))
+    if resumed is not None:
+        strategy.load_state_dict(resumed.tensors, resumed.strategy)
+        folder.restore(resumed.rows)
+        started = time.perf_counter() - resumed.totals["wall_time_s"]
+        total_up, total_down = int(resumed.totals["bytes_up"]), int(resumed.totals["bytes_down"])
+        console.print(f"resuming {run_dir} after round {resumed.server_round}")
+    else:
+        started = time.perf_counter()
+        metrics = fed.evaluator(strategy.global_adapter)
+        folder.record_round(
+            _row(0, metrics, fed, round_time_s=0.0, wall_time_s=time.perf_counter() - started)
+        )
+        console.print(f"round 0: accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}")
+        total_up = total_down = 0
+    first = resumed.server_round + 1 if resumed is not None else 1
     rounds = cfg.federation.rounds
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -72,8 +163,8 @@ def run_federation(
         console=console,
         transient=True,
     ) as progress:
-        bar = progress.add_task(f"{cfg.strategy.name}", total=rounds)
-        for server_round in range(1, rounds + 1):
+        bar = progress.add_task(f"{cfg.strategy.name}", total=rounds, completed=first - 1)
+        for server_round in range(first, rounds + 1):
             round_start = time.perf_counter()
             messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
             replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
@@ -92,13 +183,24 @@ def run_federation(
                 )
             )
             fed.save_adapter(folder.adapter_dir)
+            tensors, state = strategy.state_dict()
+            totals = {"bytes_up": total_up, "bytes_down": total_down, "wall_time_s": now - started}
+            checkpoint.save(
+                folder.path,
+                checkpoint.Checkpoint(
+                    server_round, tensors, state, folder.rows, totals, checkpoint.plain_config(cfg)
+                ),
+            )
             progress.update(bar, advance=1)
+            stats = strategy.stats
             console.print(
                 f"round {server_round}: accuracy {metrics['accuracy']:.4f}"
                 f"  loss {metrics['loss']:.4f}"
-                f"  replies {strategy.stats.replied}/{strategy.stats.sampled}"
-                f"  up {strategy.stats.bytes_up / 1e6:.2f} MB"
-                f"  down {strategy.stats.bytes_down / 1e6:.2f} MB"
+                f"  replies {stats.replied}/{stats.sampled}"
+                + (f" ({len(stats.failed)} failed)" if stats.failed else "")
+                + (f" ({len(stats.rejected)} rejected)" if stats.rejected else "")
+                + f"  up {stats.bytes_up / 1e6:.2f} MB"
+                f"  down {stats.bytes_down / 1e6:.2f} MB"
             )
     epsilons = [r["max_epsilon"] for r in folder.rows if r["max_epsilon"] is not None]
     summary = {
@@ -109,7 +211,8 @@ def run_federation(
         "rounds_completed": len(folder.rows) - 1,
         "final_accuracy": folder.rows[-1]["accuracy"],
         "final_loss": folder.rows[-1]["loss"],
-        "final_macro_f1": folder.rows[-1]["macro_f1"],
+        "final_macro_f1": folder.rows[-1].get("macro_f1"),
+        "final_perplexity": folder.rows[-1].get("perplexity"),
         "accuracy_by_round": [r["accuracy"] for r in folder.rows],
         "bytes_up": total_up,
         "bytes_down": total_down,
@@ -118,6 +221,9 @@ def run_federation(
         "adapter_dir": str(folder.adapter_dir.resolve()),
         "run_dir": str(folder.path.resolve()),
         "partition_sizes": fed.partition_sizes,
+        "resumed_from_round": resumed.server_round if resumed is not None else None,
+        "failed_replies": sum(r["failed"] for r in folder.rows),
+        "rejected_replies": sum(r["rejected"] for r in folder.rows),
     }
     folder.plot_accuracy(f"{cfg.strategy.name} on {cfg.dataset.name}")
     folder.write_summary(summary)
@@ -129,5 +235,7 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point for `flwr run`: the run-config key `overrides` carries Hydra overrides."""
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
     cfg = compose_config(overrides)
+    if cfg.faults.crash_prob or cfg.faults.slow_prob:
+        log(WARNING, "faults.* apply to simulations only; deployed clients ignore them")
     fed = prepare(cfg)
     run_federation(grid, fed, default_run_dir(cfg))

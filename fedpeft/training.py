@@ -1,4 +1,7 @@
-"""Local training and evaluation loops for sequence classification with a low-rank adapter."""
+"""Local training loops (both tasks) and classification evaluation with a low-rank adapter.
+
+Causal-LM evaluation (generation, exact match, perplexity) lives in fedpeft.causal.evaluation.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from fedpeft.data import collate
 from fedpeft.errors import ConfigError
+from fedpeft.tasks import collate
 
 OPTIMIZERS = ("adamw", "sgd")
 Example = dict[str, object]

@@ -1,4 +1,9 @@
+import re
+
+import pytest
+
 from fedpeft.config import compose_config, group_options
+from fedpeft.errors import ConfigError
 
 
 def test_defaults_are_the_quickstart_federation():
@@ -24,3 +29,28 @@ def test_overrides_apply():
     cfg = compose_config(["strategy=ffa_lora", "federation.rounds=7", "partition.alpha=0.1"])
     assert cfg.strategy.kind == "frozen_a" and cfg.federation.rounds == 7
     assert cfg.partition.alpha == 0.1
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("faults.crash_prob=1.5", "faults.crash_prob=1.5 must be a probability"),
+        ("faults.slow_prob=-0.1", "faults.slow_prob=-0.1 must be a probability"),
+        ("faults.slow_s=-1", "faults.slow_s=-1 must be >= 0"),
+        ("faults.seed=x", "faults.seed=x must be an integer"),
+        ("replies.norm_bound=0", "replies.norm_bound=0 must be positive"),
+        ("replies.max_num_examples=0", "replies.max_num_examples=0 must be an integer"),
+        ("federation.round_timeout=0", "federation.round_timeout=0 must be a positive number"),
+        ("resume=/no/such/run", "resume=/no/such/run is not a run folder"),
+    ],
+)
+def test_robustness_settings_are_validated(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose_config([override])
+
+
+def test_fault_probabilities_may_not_exceed_one_together():
+    with pytest.raises(ConfigError, match="exceeds 1"):
+        compose_config(["faults.crash_prob=0.6", "faults.slow_prob=0.5"])
+    cfg = compose_config(["faults.crash_prob=0.3", "replies.norm_bound=100"])
+    assert cfg.faults.crash_prob == 0.3 and cfg.replies.norm_bound == 100 and cfg.resume is None

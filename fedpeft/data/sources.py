@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import datasets
 
+from fedpeft.causal.sources import read_gsm8k, read_jsonl, split
 from fedpeft.data.corpora import read_banking77, read_sst2, read_trec
 from fedpeft.data.huggingface import read_hf
 from fedpeft.data.spamassassin import read_spamassassin
@@ -22,6 +23,8 @@ _READERS = {
     "trec": read_trec,
     "files": read_files,
     "hf": read_hf,
+    "gsm8k": read_gsm8k,
+    "jsonl": read_jsonl,
 }
 
 
@@ -42,7 +45,8 @@ def _load(spec: DatasetSpec) -> TextDataset:
                 f"dataset.test_fraction is null but dataset={spec.name} has no test split here: "
                 "set dataset.test_fraction=0.2 (or another fraction in (0, 1))"
             )
-        train, test = _split(train, spec.test_fraction, spec.seed)
+        splitter = _split if "label" in train.column_names else split
+        train, test = splitter(train, spec.test_fraction, spec.seed)
     train = _subsample(train, spec.max_train_examples, spec.seed)
     test = _subsample(test, spec.max_test_examples, spec.seed)
     return TextDataset(train=train, test=test, label_names=list(names))

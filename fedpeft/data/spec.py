@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedpeft.data.locations import cache_dir, data_root
 from fedpeft.errors import ConfigError
 
-SOURCES = ("spamassassin", "sst2", "banking77", "trec", "files", "hf")
+SOURCES = ("spamassassin", "sst2", "banking77", "trec", "files", "hf", "gsm8k", "jsonl")
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,13 @@ def parse_spec(cfg: Mapping, seed: int) -> DatasetSpec:
     path = _opt(c, "path")
     if name == "spamassassin":
         location = str(Path(path).expanduser().resolve()) if path else f"npm:{cache_dir()}"
-    elif name in ("files", "hf"):
+    elif name in ("files", "hf", "jsonl"):
         if not path:
             raise ConfigError(
                 f"dataset.path is required for dataset={name}: pass dataset.path="
-                + ("/path/to/file_or_dir" if name == "files" else "<hub id or local dataset dir>")
+                + ("<hub id or local dataset dir>" if name == "hf" else "/path/to/file_or_dir")
             )
-        location = str(Path(path).expanduser().resolve()) if name == "files" else str(path)
+        location = str(path) if name == "hf" else str(Path(path).expanduser().resolve())
     else:
         location = str(data_root(name, path).resolve())
     return DatasetSpec(

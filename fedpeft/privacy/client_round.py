@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 
 import torch
@@ -29,8 +30,12 @@ def private_round(
     """Train `steps` DP-SGD steps and return the result with the privacy metrics for the reply.
 
     Raises BudgetExhausted before touching the model if the round would exceed the target. The
-    steps taken are written to the node's ledger even if training fails part-way.
+    steps taken are written to the node's ledger even if training fails part-way. The Poisson
+    sampler and the noise draw from fresh OS entropy, never from `seed` (which the server knows:
+    it could regenerate and subtract the noise), unless `settings.reproducible` asks for it.
     """
+    if not settings.reproducible:
+        seed = secrets.randbits(62)
     ledger = PrivacyLedger.open(state, settings, len(examples), batch_size, steps)
     ledger.check_budget(steps)
     accountant = ledger.accountant()

@@ -22,8 +22,9 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
 
-from fedpeft.data import collate
+from fedpeft.causal.loss import private_loss
 from fedpeft.errors import FedPeftError
+from fedpeft.tasks import collate
 from fedpeft.training import Example, TrainResult
 
 # Opacus' hooks fire on module outputs because the frozen inputs need no gradient: expected.
@@ -139,7 +140,10 @@ def train_private(
                     _empty_step_grads(trainable, ghost)
                 else:
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    if ghost:
+                    if batch["labels"].dim() == 2:  # causal LM: one mean loss per sequence
+                        labels = batch.pop("labels")
+                        loss = private_loss(model(**batch).logits, labels, criterion)
+                    elif ghost:
                         labels = batch.pop("labels")
                         loss = criterion(model(**batch).logits, labels)
                     else:

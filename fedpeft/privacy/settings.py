@@ -22,7 +22,9 @@ class DPSettings:
 
     `noise_multiplier` None means: calibrate it per client so the planned run ends at
     `target_epsilon`; `delta` None means the per-client default (see `default_delta`);
-    `planned_rounds` is how many rounds each client is expected to train in.
+    `planned_rounds` is how many rounds each client is expected to train in; `reproducible`
+    seeds the Poisson sampler and the noise from the run's seed (research runs only: whoever
+    knows the seed can remove the noise).
     """
 
     enabled: bool = False
@@ -34,6 +36,7 @@ class DPSettings:
     grad_sample_mode: str = "hooks"
     max_physical_batch_size: int | None = None
     planned_rounds: int = 1
+    reproducible: bool = False
 
     @classmethod
     def from_task(cls, task: Mapping[str, Any]) -> DPSettings:
@@ -97,6 +100,10 @@ def validate_dp(cfg: DictConfig) -> None:
             or (isinstance(dp.planned_rounds, int) and dp.planned_rounds >= 1),
             f"dp.planned_rounds={dp.planned_rounds} must be an integer >= 1 "
             "(or null: rounds x expected participation)",
+        ),
+        (
+            isinstance(dp.get("reproducible", False), bool),
+            f"dp.reproducible={dp.get('reproducible')} must be true or false",
         ),
     ]
     for ok, message in checks:

@@ -6,16 +6,24 @@ become the new global adapter (`aggregate_updates`). Optional hooks: per-node ex
 config (`node_payload`), per-node reply shapes (`up_specs`), a calibration step before round 1
 (`calibration_examples`, `calibrate`), and a plain-LoRA export for saving (`export_lora`,
 `base_stacks`). A method that keeps per-node state on clients names the reply metric that reports
-it (`version_metric`); the base tracks node -> version and resets a node to 0 when it fails.
+it (`version_metric`); the base tracks node -> version and resets a node to 0 when it fails or
+does not reply in time.
+
+Nodes are known by their Flower node id, which a simulation draws at random in every process.
+When the server has learnt each node's stable identity (its data partition, `identify`), sampling,
+reply order and per-client records follow that identity instead, so that a run is reproducible
+and a resumed run picks up where it stopped. `state_dict` and `load_state_dict` carry everything
+a resumed server needs; methods extend them with their own state.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from abc import abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any, ClassVar
@@ -39,6 +47,25 @@ from fedpeft.records import (
     to_record,
     validate_update,
 )
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Crash|Mismatch|Interrupt|Exit)\b.*: .+")
+
+
+def short_reason(reason: str) -> str:
+    """The message of an error reply without its traceback (Flower sends a remote traceback).
+
+    The ClientApp's own message (after Flower's `Message:`), else the last exception line, else
+    the last line.
+    """
+    text = _ANSI.sub("", reason).strip().rstrip("'>").strip()
+    if "Message: " in text:
+        return text.rsplit("Message: ", 1)[1].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line):
+            return line
+    return lines[-1] if lines else "unknown error"
 
 
 @dataclass
@@ -114,6 +141,9 @@ class LowRankStrategy(Strategy):
         self.stats = RoundStats()
         self.server_round = 0
         self.known_versions: dict[int, int] = {}
+        self.identities: dict[int, int] = {}
+        self.pending: list[int] = []
+        self.node_ranks: dict[int, int] = {}
 
     # -- what each method defines -------------------------------------------------------------
     @abstractmethod
@@ -199,14 +229,57 @@ class LowRankStrategy(Strategy):
         """The whole global adapter as an ArrayRecord (what gets checkpointed)."""
         return to_record(self.global_adapter)
 
+    # -- identities and resumable state ----------------------------------------------------
+    def identify(self, identities: Mapping[int, int]) -> None:
+        """Learn node id -> stable identity (the node's data partition) for this process's nodes."""
+        self.identities = dict(identities)
+
+    def member(self, node_id: int) -> int:
+        """The node's stable identity when known, else its node id."""
+        return self.identities.get(node_id, node_id)
+
+    def assign_rank(self, node_id: int, ranks: Sequence[int]) -> int:
+        """ranks[i % n] for the i-th client first sampled, kept for the run and across resumes."""
+        member = self.member(node_id)
+        if member not in self.node_ranks:
+            self.node_ranks[member] = int(ranks[len(self.node_ranks) % len(ranks)])
+        return self.node_ranks[member]
+
+    def _order(self, node_id: int) -> tuple[int, int]:
+        return (0, self.identities[node_id]) if node_id in self.identities else (1, node_id)
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON-able state) a resumed server needs; methods extend both."""
+        version, internal, gauss = self.rng.getstate()
+        meta = {
+            "server_round": self.server_round,
+            "rng": [version, list(internal), gauss],
+            "node_ranks": [[m, r] for m, r in self.node_ranks.items()],
+        }
+        return {f"global.{k}": v for k, v in self.global_adapter.items()}, meta
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` gave. Client-held state is not assumed: nodes are resent it."""
+        saved = {
+            k.removeprefix("global."): v for k, v in tensors.items() if k.startswith("global.")
+        }
+        if set(saved) != set(self.global_adapter):
+            raise ValueError("the checkpoint's global adapter does not match this run's adapter")
+        self.global_adapter = {k: v.float().clone() for k, v in saved.items()}
+        self.server_round = int(meta["server_round"])
+        version, internal, gauss = meta["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.node_ranks = {int(m): int(r) for m, r in meta["node_ranks"]}
+        self.known_versions = {}
+
     def _sample(self, grid: Grid) -> list[int]:
         deadline = time.monotonic() + self.wait_timeout
-        while len(nodes := sorted(grid.get_node_ids())) < self.min_clients:
+        while len(nodes := sorted(grid.get_node_ids(), key=self._order)) < self.min_clients:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(nodes)} of {self.min_clients} nodes connected")
             time.sleep(1.0)
         size = min(len(nodes), max(self.min_clients, int(self.fraction * len(nodes))))
-        return sorted(self.rng.sample(nodes, size))
+        return sorted(self.rng.sample(nodes, size), key=self._order)
 
     # -- Flower's Strategy interface ----------------------------------------------------------
     def summary(self) -> None:
@@ -245,21 +318,35 @@ class LowRankStrategy(Strategy):
             )
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         self.stats.sampled = len(messages)
+        self.pending = [m.metadata.dst_node_id for m in messages]
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate every reply, drop bad ones with a logged reason, aggregate the rest."""
+        """Validate every reply, drop bad ones with a logged reason, aggregate the rest.
+
+        Replies are taken in the order of the nodes' identities, not of their arrival, so that the
+        floating-point sums are the same in every run. Per-client records are keyed by identity.
+        A sampled node that sent no reply (it timed out) counts as failed.
+        """
         self.server_round = server_round
         updates, weights, losses = [], [], []
+        by_node = {}
         for msg in replies:
             node = msg.metadata.src_node_id
+            if node in by_node:
+                log(WARNING, "round %d: ignoring a second reply from node %d", server_round, node)
+                continue
+            by_node[node] = msg
+        for node in self.pending:
+            if node not in by_node:
+                self._fail(node, "no reply before the round timeout")
+        self.pending = []
+        for node in sorted(by_node, key=self._order):
+            msg, member = by_node[node], self.member(node)
             if msg.has_error():
-                self.stats.failed[node] = msg.error.reason
-                if self.version_metric is not None:
-                    self.known_versions[node] = 0  # it may have lost its state: resend everything
-                log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                self._fail(node, short_reason(msg.error.reason))
                 continue
             self._track_version(node, msg)
             try:
@@ -267,17 +354,23 @@ class LowRankStrategy(Strategy):
                     msg.content, self.up_specs(node), self.max_num_examples, self.norm_bound
                 )
             except UpdateRejected as exc:
-                self.stats.rejected[node] = str(exc)
-                log(WARNING, "round %d: reply from node %d rejected: %s", server_round, node, exc)
+                self.stats.rejected[member] = str(exc)
+                log(
+                    WARNING,
+                    "round %d: reply from client %d rejected: %s",
+                    server_round,
+                    member,
+                    exc,
+                )
                 continue
             metrics = msg.content.metric_records[METRICS_KEY]
             self.stats.bytes_up += tensor_bytes(tensors)
-            self.stats.client_loss[node] = float(metrics.get("train-loss", float("nan")))
+            self.stats.client_loss[member] = float(metrics.get("train-loss", float("nan")))
             if "epsilon" in metrics:
-                self.stats.client_epsilon[node] = float(metrics["epsilon"])
+                self.stats.client_epsilon[member] = float(metrics["epsilon"])
             updates.append(tensors)
             weights.append(weight)
-            losses.append(self.stats.client_loss[node])
+            losses.append(self.stats.client_loss[member])
         self.stats.replied = len(updates)
         if len(updates) < self.min_clients:
             log(
@@ -297,6 +390,13 @@ class LowRankStrategy(Strategy):
         )
         metrics = MetricRecord({"train-loss": self.stats.train_loss, "num-replies": len(updates)})
         return self.global_record(), metrics
+
+    def _fail(self, node: int, reason: str) -> None:
+        """Record a node that failed or timed out; it may have lost its state, so resend it all."""
+        self.stats.failed[self.member(node)] = reason
+        if self.version_metric is not None:
+            self.known_versions[node] = 0
+        log(WARNING, "round %d: client %d failed: %s", self.server_round, self.member(node), reason)
 
     def _track_version(self, node: int, msg: Message) -> None:
         """Remember the state version a node reports (0 when it reports none or nonsense)."""

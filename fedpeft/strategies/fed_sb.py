@@ -50,7 +50,8 @@ class FedSB(LowRankStrategy):
 
     Down: R every round (and the head when trained), plus B and A the first time a node is seen or
     after it lost them (r (d_in + d_out) per layer, once). Up: R_k (r^2 per layer) and the head.
-    Server: R = sum p_k R_k.
+    Server: R = sum p_k R_k. B, R and A all live in the global adapter, so the base's
+    `state_dict` is the whole server state; on resume every node is sent B and A again.
     """
 
     kind = "sb"

@@ -11,6 +11,9 @@ costs no privacy budget.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from fedpeft import lowrank
@@ -41,6 +44,16 @@ class FedSVD(LowRankStrategy):
             raise ValueError(f"strategy.refactor_every={refactor_every} must be >= 1")
         self.refactor_every = refactor_every
         self.a_orthonormal = False
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The base's state and whether A already has orthonormal rows."""
+        tensors, meta = super().state_dict()
+        return tensors, {**meta, "a_orthonormal": self.a_orthonormal}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore the global B, A and the orthonormality flag."""
+        super().load_state_dict(tensors, meta)
+        self.a_orthonormal = bool(meta["a_orthonormal"])
 
     def down_keys(self, node_id: int) -> list[str]:
         """B and the server's current A (and the head when trained)."""

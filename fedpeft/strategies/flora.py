@@ -67,15 +67,12 @@ class FLoRA(LowRankStrategy):
             raise ValueError(f"strategy.params.ranks={list(ranks or [])} must be positive integers")
         self.alpha = float(adapter.get("alpha", 16))
         self.adapter_seed = int(self.task.get("adapter_seed", 0))
-        self.node_ranks: dict[int, int] = {}
         self.stacks: list[dict[str, torch.Tensor]] = []
         self.layers = [k.removesuffix(".lora_A") for k in self.factor_keys("lora_A")]
 
     def rank_of(self, node_id: int) -> int:
-        """This node's rank, assigned the first time the node is sampled."""
-        if node_id not in self.node_ranks:
-            self.node_ranks[node_id] = self.ranks[len(self.node_ranks) % len(self.ranks)]
-        return self.node_ranks[node_id]
+        """This node's rank, assigned to its identity the first time the node is sampled."""
+        return self.assign_rank(node_id, self.ranks)
 
     def down_keys(self, node_id: int) -> list[str]:
         """Only the head (when trained): the LoRA is fresh, the stacks come in `node_payload`."""
@@ -106,7 +103,8 @@ class FLoRA(LowRankStrategy):
             for version in range(known + 1, len(self.stacks) + 1)
             for key, value in self.stacks[version - 1].items()
         }
-        seed = (self.adapter_seed * 1_000_003 + self.server_round * 10_007 + node_id) % 2**31
+        member = self.member(node_id)
+        seed = (self.adapter_seed * 1_000_003 + self.server_round * 10_007 + member) % 2**31
         config = {
             "stack-from": known,
             "stack-to": len(self.stacks),
@@ -131,6 +129,25 @@ class FLoRA(LowRankStrategy):
         head = self.head_keys()
         if head:
             self.average_into_global([{k: u[k] for k in head} for u in updates], weights)
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The base's state (ranks handed out included) and every stacked module."""
+        tensors, meta = super().state_dict()
+        for version, stack in enumerate(self.stacks, start=1):
+            tensors.update({f"{STACK_PREFIX}{version}.{k}": v for k, v in stack.items()})
+        return tensors, {**meta, "stack_versions": len(self.stacks)}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore the stacks (the base version); every node catches up from version 0."""
+        super().load_state_dict(tensors, meta)
+        self.stacks = [
+            {
+                k.removeprefix(f"{STACK_PREFIX}{v}."): t
+                for k, t in tensors.items()
+                if k.startswith(f"{STACK_PREFIX}{v}.")
+            }
+            for v in range(1, int(meta["stack_versions"]) + 1)
+        ]
 
     def base_stacks(self) -> list[dict[str, torch.Tensor]]:
         """Every round's stacked module, in order."""

@@ -1,6 +1,7 @@
 """A client's private rounds: epsilon reported equals Opacus' accountant on the same history."""
 
 import pytest
+import torch
 from flwr.app import RecordDict
 from opacus.accountants import create_accountant
 
@@ -46,3 +47,22 @@ def test_steps_of_a_round_that_fails_part_way_are_still_counted(runtime, example
         )  # fmt: skip
     spent = PrivacyLedger.open(state, settings, len(bad), 16, 200).steps
     assert 0 < spent < 200
+
+
+@pytest.mark.parametrize("reproducible", [False, True])
+def test_noise_comes_from_fresh_entropy_unless_reproducible(runtime, examples, reproducible):
+    """The server knows the round's seed: by default it must not determine the noise."""
+    from tests.privacy.conftest import flat, trainable
+
+    settings = DPSettings(enabled=True, target_epsilon=8.0, planned_rounds=2,
+                          reproducible=reproducible)  # fmt: skip
+    updates = []
+    for _ in range(2):
+        runtime.reset({})
+        torch.manual_seed(0)  # dropout: the simulation seeds it per client round
+        privacy.private_round(
+            runtime.model, examples, adam(runtime.model), state=RecordDict(), settings=settings,
+            steps=1, batch_size=16, pad_token_id=0, device=CPU, seed=7,
+        )  # fmt: skip
+        updates.append(flat(trainable(runtime.model)).clone())
+    assert (updates[0] == updates[1]).all() == reproducible

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fedpeft.strategies import FedAvgLoRA
@@ -90,3 +91,64 @@ def test_sampling_is_reproducible_with_the_seed():
         for m in _strategy(fraction=0.1, seed=seed).configure_train(1, None, {}, grid)
     ]
     assert pick(1) == pick(1) and pick(1) != pick(2)
+
+
+RANKS = [1, 3, 4]
+
+
+def _hetero_updates(strategy, nodes, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {k: torch.randn(s.shape, generator=g) for k, s in strategy.up_specs(n).items()}
+        for n in nodes
+    ]
+
+
+def test_zero_padded_ranks_send_each_node_the_truncated_global():
+    strategy = _strategy(ranks=RANKS)
+    messages = list(strategy.configure_train(1, None, {}, FakeGrid([5, 6, 7])))
+    head = 2 * D_OUT + 2
+    assert strategy.stats.bytes_down == sum(LAYERS * r * (D_IN + D_OUT) + head for r in RANKS) * 4
+    g = strategy.global_adapter
+    for msg, r in zip(messages, RANKS):
+        assert msg.content["config"]["adapter-rank"] == r
+        arrays = {k: torch.from_numpy(v.numpy()) for k, v in msg.content["arrays"].items()}
+        for layer in range(LAYERS):
+            a, b = arrays[f"enc.{layer}.q.lora_A"], arrays[f"enc.{layer}.q.lora_B"]
+            assert a.shape == (r, D_IN) and b.shape == (D_OUT, r)
+            # the client's scaling alpha / r makes its model the rank-r truncation of the global
+            client = (b.double() / r) @ a.double()
+            truncated = (g[f"enc.{layer}.q.lora_B"][:, :r].double() / R) @ (
+                g[f"enc.{layer}.q.lora_A"][:r].double()
+            )
+            torch.testing.assert_close(client, truncated, atol=1e-6, rtol=1e-6)
+
+
+def test_zero_padded_average_against_float64_reference():
+    strategy = _strategy(ranks=RANKS)
+    nodes = [5, 6, 7]
+    list(strategy.configure_train(1, None, {}, FakeGrid(nodes)))
+    updates = _hetero_updates(strategy, nodes, seed=4)
+    weights = [10, 30, 60]
+    strategy.aggregate_train(1, [reply(n, u, w) for n, u, w in zip(nodes, updates, weights)])
+    assert strategy.stats.replied == 3
+    p = torch.tensor(weights, dtype=torch.float64) / 100
+    for layer in range(LAYERS):
+        name = f"enc.{layer}.q"
+        a_ref = torch.zeros(R, D_IN, dtype=torch.float64)
+        b_ref = torch.zeros(D_OUT, R, dtype=torch.float64)
+        for pk, u, r in zip(p, updates, RANKS):
+            a_ref[:r] += pk * u[f"{name}.lora_A"].double()
+            b_ref[:, :r] += pk * u[f"{name}.lora_B"].double() * (R / r)
+        torch.testing.assert_close(strategy.global_adapter[f"{name}.lora_A"].double(), a_ref)
+        torch.testing.assert_close(strategy.global_adapter[f"{name}.lora_B"].double(), b_ref)
+
+
+def test_zero_padded_ranks_reject_wrong_shapes_and_too_large_ranks():
+    strategy = _strategy(ranks=RANKS)
+    list(strategy.configure_train(1, None, {}, FakeGrid([5, 6, 7])))
+    full_rank = client_updates(strategy.up_keys(), 1)[0]
+    strategy.aggregate_train(1, [reply(5, full_rank, 10)])
+    assert 5 in strategy.stats.rejected and strategy.stats.replied == 0
+    with pytest.raises(ValueError, match=f"set adapter.rank={R + 1}"):
+        _strategy(ranks=[R + 1, 2])

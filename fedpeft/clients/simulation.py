@@ -1,0 +1,58 @@
+"""The ClientApp a simulation runs: the deployed train handler plus what only a simulation needs.
+
+- identity (a query message): the node replies with its partition id, so that the server samples,
+  orders and records clients by a name that is the same in every run; Flower draws simulated
+  node ids at random in every process.
+- seeded randomness: each local round runs under torch's global RNG seeded from (seed, round,
+  partition id) and restored afterwards, so dropout masks do not depend on which nodes the same
+  Ray actor served before. Deployed clients keep their own unseeded RNG: a seed the server knows
+  must not drive anything private there (DP noise draws from the same RNG).
+- fault injection (faults.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpeft.clients import faults
+from fedpeft.clients.client_app import train
+from fedpeft.records import CONFIG_KEY, IDENTITY_ACTION, METRICS_KEY, PARTITION_ID, TASK_KEY
+
+
+def member(context: Context) -> int:
+    """This node's partition id (its stable identity in a simulation)."""
+    return int(context.node_config.get(PARTITION_ID, context.node_id))
+
+
+def round_seed(seed: int, server_round: int, partition: int) -> int:
+    """The torch seed of one client's local round; distinct from the data sampler's seed."""
+    return (seed * 1_000_033 + server_round * 7_919 + partition * 104_729 + 17) % 2**31
+
+
+def seeded_rng(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
+    """Flower mod: run the train handler under a torch RNG seeded for this client and round."""
+    config = msg.content.config_records[CONFIG_KEY]
+    seed = int(json.loads(str(config[TASK_KEY]))["seed"])
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(round_seed(seed, int(config["server-round"]), member(context)))
+        return call_next(msg, context)
+
+
+def identity(msg: Message, context: Context) -> Message:
+    """Reply with this node's partition id."""
+    metrics = MetricRecord({PARTITION_ID: member(context)})
+    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+def simulation_app() -> ClientApp:
+    """A ClientApp with the deployed train handler, fault injection, seeding and identity."""
+    app = ClientApp()
+    app.train(mods=[faults.fault_mod, seeded_rng])(train)
+    app.query(IDENTITY_ACTION)(identity)
+    return app
