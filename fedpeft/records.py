@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
+#: How a client's error reply says it has spent its privacy budget (the server stops sampling it).
+BUDGET_EXHAUSTED = "budget exhausted"
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"

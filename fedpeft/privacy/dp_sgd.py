@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 from opacus.accountants import IAccountant
+from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer, get_optimizer_class
 from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -88,6 +89,7 @@ def train_private(
     """
     ghost = grad_sample_mode == "ghost"
     trainable = [p for p in model.parameters() if p.requires_grad]
+    _clear_opacus_attributes(model)  # a shared model must not carry a failed round's samples
     before = [p.detach().clone() for p in trainable]
     extra = {"max_grad_norm": max_grad_norm} if ghost else {}
     hooks = prepare_module(
@@ -165,6 +167,23 @@ def train_private(
         )
     finally:
         hooks.cleanup()
+        _clear_opacus_attributes(model)
+
+
+def _clear_opacus_attributes(model: torch.nn.Module) -> None:
+    """Drop the per-sample state Opacus keeps on parameters and modules.
+
+    A round that fails between forward and backward leaves captured activations behind; the next
+    round's hooks would pair them with the wrong batch.
+    """
+    for p in model.parameters():
+        for attr in (*OPACUS_PARAM_MONKEYPATCH_ATTRS, "summed_grad"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+    for module in model.modules():
+        for attr in ("activations", "max_batch_len"):
+            if attr in module.__dict__:
+                delattr(module, attr)
 
 
 def _check_moved(params: Sequence[torch.nn.Parameter], before: Sequence[torch.Tensor]) -> None:

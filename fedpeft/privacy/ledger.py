@@ -16,6 +16,7 @@ from opacus.accountants import IAccountant, create_accountant
 from fedpeft.errors import FedPeftError
 from fedpeft.privacy.calibration import calibrate_noise
 from fedpeft.privacy.settings import DPSettings, default_delta
+from fedpeft.records import BUDGET_EXHAUSTED
 
 STATE_KEY = "dp-ledger"
 
@@ -139,7 +140,7 @@ class PrivacyLedger:
         after = self.epsilon(steps)
         if after > self.target_epsilon * (1 + 1e-9):
             raise BudgetExhausted(
-                f"budget exhausted: ε would reach {after:.3f} > target {self.target_epsilon:g} "
+                f"{BUDGET_EXHAUSTED}: ε would reach {after:.3f} > target {self.target_epsilon:g} "
                 f"(δ={self.delta:g}) after {self.steps + steps} steps; this client stops training"
             )
 

@@ -62,6 +62,11 @@ def validate_dp(cfg: DictConfig) -> None:
     dp = cfg.dp
     if not dp.get("enabled", False):
         return
+    if cfg.get("resume"):
+        raise ConfigError(
+            f"resume={cfg.resume} cannot continue a DP run: each client's privacy ledger lives in "
+            "the run's node state and would restart at zero; start a new run instead"
+        )
     checks = [
         (
             _number(dp.target_epsilon) and dp.target_epsilon > 0,

@@ -37,6 +37,7 @@ from flwr.supercore import log
 from fedpeft import lowrank
 from fedpeft.records import (
     ARRAYS_KEY,
+    BUDGET_EXHAUSTED,
     CONFIG_KEY,
     METRICS_KEY,
     TASK_KEY,
@@ -143,7 +144,9 @@ class LowRankStrategy(Strategy):
         self.known_versions: dict[int, int] = {}
         self.identities: dict[int, int] = {}
         self.pending: list[int] = []
+        self.sent: list[Message] = []
         self.node_ranks: dict[int, int] = {}
+        self.exhausted: set[int] = set()
 
     # -- what each method defines -------------------------------------------------------------
     @abstractmethod
@@ -255,6 +258,7 @@ class LowRankStrategy(Strategy):
             "server_round": self.server_round,
             "rng": [version, list(internal), gauss],
             "node_ranks": [[m, r] for m, r in self.node_ranks.items()],
+            "exhausted": sorted(self.exhausted),
         }
         return {f"global.{k}": v for k, v in self.global_adapter.items()}, meta
 
@@ -270,6 +274,7 @@ class LowRankStrategy(Strategy):
         version, internal, gauss = meta["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.node_ranks = {int(m): int(r) for m, r in meta["node_ranks"]}
+        self.exhausted = {int(m) for m in meta.get("exhausted", [])}
         self.known_versions = {}
 
     def _sample(self, grid: Grid) -> list[int]:
@@ -279,7 +284,17 @@ class LowRankStrategy(Strategy):
                 raise TimeoutError(f"only {len(nodes)} of {self.min_clients} nodes connected")
             time.sleep(1.0)
         size = min(len(nodes), max(self.min_clients, int(self.fraction * len(nodes))))
-        return sorted(self.rng.sample(nodes, size), key=self._order)
+        eligible = [n for n in nodes if self.member(n) not in self.exhausted]
+        if len(eligible) < size:
+            log(
+                WARNING,
+                "round %d: %d of %d clients have spent their privacy budget; sampling %d",
+                self.server_round,
+                len(nodes) - len(eligible),
+                len(nodes),
+                len(eligible),
+            )
+        return sorted(self.rng.sample(eligible, min(size, len(eligible))), key=self._order)
 
     # -- Flower's Strategy interface ----------------------------------------------------------
     def summary(self) -> None:
@@ -319,6 +334,7 @@ class LowRankStrategy(Strategy):
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         self.stats.sampled = len(messages)
         self.pending = [m.metadata.dst_node_id for m in messages]
+        self.sent = messages
         return messages
 
     def aggregate_train(
@@ -334,7 +350,7 @@ class LowRankStrategy(Strategy):
         updates, weights, losses = [], [], []
         by_node = {}
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._sender(msg)
             if node in by_node:
                 log(WARNING, "round %d: ignoring a second reply from node %d", server_round, node)
                 continue
@@ -391,8 +407,25 @@ class LowRankStrategy(Strategy):
         metrics = MetricRecord({"train-loss": self.stats.train_loss, "num-replies": len(updates)})
         return self.global_record(), metrics
 
+    def _sender(self, msg: Message) -> int:
+        """The node a reply answers for, matching SuperLink-made errors to their train message.
+
+        The error the SuperLink sends for a node that became unavailable carries its own id.
+        """
+        node = msg.metadata.src_node_id
+        if node in self.pending or not msg.has_error():
+            return node
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
+        reply_to = msg.metadata.reply_to_message_id
+        return sent.get(reply_to, node) if reply_to else node
+
     def _fail(self, node: int, reason: str) -> None:
-        """Record a node that failed or timed out; it may have lost its state, so resend it all."""
+        """Record a node that failed or timed out; it may have lost its state, so resend it all.
+
+        A client that spent its privacy budget is not sampled again (it would only refuse).
+        """
+        if BUDGET_EXHAUSTED in reason:
+            self.exhausted.add(self.member(node))
         self.stats.failed[self.member(node)] = reason
         if self.version_metric is not None:
             self.known_versions[node] = 0

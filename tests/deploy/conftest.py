@@ -292,6 +292,8 @@ def deployment(tmp_path_factory, data_dir) -> Iterator[Deployment]:
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(SPY), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "FEDPEFT_TEST_WIRE_LOG": str(root / "wire.jsonl"),
+        # The SuperLink starts flower-superexec by name: find it beside this interpreter.
+        "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
     }
     processes = Processes(root)
     deploy = Deployment(root, certs, processes, env, free_port(), free_port())

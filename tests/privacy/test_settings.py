@@ -60,3 +60,8 @@ def test_lora_on_embeddings_is_refused_under_dp(data_dir):
     cfg = compose_config([*FAST_RUN, "dp=eps3", "adapter.target_modules=[word_embeddings,query]"])
     with pytest.raises(ConfigError, match="Embedding module .*word_embeddings.* not supported"):
         prepare(cfg)
+
+
+def test_a_private_run_cannot_be_resumed(tmp_path):
+    with pytest.raises(ConfigError, match="cannot continue a DP run"):
+        compose_config(["dp=eps3", f"resume={tmp_path}"])

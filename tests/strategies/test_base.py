@@ -1,0 +1,36 @@
+"""The shared strategy base: clients out of privacy budget leave the sampling pool for good."""
+
+from fedpeft.strategies import FedAvgLoRA
+from tests.strategies.conftest import FakeGrid, client_updates, error_reply, global_adapter, reply
+
+REFUSAL = (
+    "ClientApp raised an exception. Message: BudgetExhausted: budget exhausted: ε would reach "
+    "3.214 > target 3 (δ=1e-05) after 40 steps; this client stops training"
+)
+
+
+def test_a_client_out_of_budget_is_not_sampled_again_and_this_survives_a_checkpoint():
+    strategy = FedAvgLoRA(global_adapter(), {"kind": "lora"}, max_num_examples=1000, seed=0)
+    grid = FakeGrid([1, 2, 3, 4])
+    sampled = [m.metadata.dst_node_id for m in strategy.configure_train(1, None, {}, grid)]
+    assert sampled == [1, 2, 3, 4]
+    updates = client_updates(strategy.up_keys(), 3)
+    replies = [reply(n, u, 10) for n, u in zip([1, 2, 3], updates)]
+    strategy.aggregate_train(1, [*replies, error_reply(4, REFUSAL)])
+    assert "budget exhausted" in strategy.stats.failed[4] and strategy.stats.replied == 3
+    for server_round in (2, 3):
+        messages = strategy.configure_train(server_round, None, {}, grid)
+        assert [m.metadata.dst_node_id for m in messages] == [1, 2, 3]
+    _, meta = strategy.state_dict()
+    resumed = FedAvgLoRA(global_adapter(), {"kind": "lora"}, max_num_examples=1000, seed=0)
+    resumed.load_state_dict(*strategy.state_dict())
+    assert meta["exhausted"] == [4] and resumed.exhausted == {4}
+
+
+def test_an_ordinary_failure_does_not_exclude_the_client():
+    strategy = FedAvgLoRA(global_adapter(), {"kind": "lora"}, max_num_examples=1000, seed=0)
+    grid = FakeGrid([1, 2])
+    list(strategy.configure_train(1, None, {}, grid))
+    strategy.aggregate_train(1, [error_reply(2, "ValueError: out of memory")])
+    sampled = [m.metadata.dst_node_id for m in strategy.configure_train(2, None, {}, grid)]
+    assert sampled == [1, 2]
