@@ -71,14 +71,8 @@ def train_client(fed, global_adapter: dict, member: int, server_round: int) -> t
     examples = client_examples(task, node)
     runtime.reset({k: global_adapter[k] for k in strategy.down_keys(member)})
     hp = task["train"]
-    groups = training.param_groups(runtime.model, float(hp["lr"]), hp.get("head_lr"))
-    optimizer = training.make_optimizer(
-        groups, hp["optimizer"], float(hp["lr"]), hp["weight_decay"], hp["momentum"]
-    )
-    steps = training.planned_steps(
-        len(examples), hp["batch_size"], hp["local_steps"], hp["local_epochs"]
-    )
-    seed = (int(task["seed"]) * 1_000_003 + server_round * 10_007 + member) % (2**31)
+    optimizer, steps = training.local_round(runtime.model, hp, len(examples))
+    seed = training.sampler_seed(int(task["seed"]), server_round, member)
     result = training.train_steps(
         runtime.model, examples, optimizer, steps=steps, batch_size=int(hp["batch_size"]),
         pad_token_id=runtime.tokenizer.pad_token_id, device=runtime.device, seed=seed,

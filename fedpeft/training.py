@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler
@@ -74,6 +75,23 @@ def planned_steps(
     if not local_steps or local_steps <= 0:
         raise ConfigError("federation.local_steps must be a positive integer (or set local_epochs)")
     return int(local_steps)
+
+
+def local_round(
+    model: torch.nn.Module, hp: Mapping[str, Any], num_examples: int
+) -> tuple[torch.optim.Optimizer, int]:
+    """A client round's fresh optimiser and its planned steps, from the task's train settings."""
+    groups = param_groups(model, float(hp["lr"]), hp.get("head_lr"))
+    optimizer = make_optimizer(
+        groups, hp["optimizer"], float(hp["lr"]), hp["weight_decay"], hp["momentum"]
+    )
+    steps = planned_steps(num_examples, hp["batch_size"], hp["local_steps"], hp["local_epochs"])
+    return optimizer, steps
+
+
+def sampler_seed(seed: int, server_round: int, member: int) -> int:
+    """The mini-batch sampler's seed of one client's round (distinct per round and client)."""
+    return (seed * 1_000_003 + server_round * 10_007 + member) % (2**31)
 
 
 def _cycle(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:

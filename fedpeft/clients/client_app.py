@@ -54,15 +54,9 @@ def train(msg: Message, context: Context) -> Message:
         )
 
     hp = task["train"]
-    groups = training.param_groups(runtime.model, float(hp["lr"]), hp.get("head_lr"))
-    optimizer = training.make_optimizer(
-        groups, hp["optimizer"], float(hp["lr"]), hp["weight_decay"], hp["momentum"]
-    )
-    steps = training.planned_steps(
-        len(examples), hp["batch_size"], hp["local_steps"], hp["local_epochs"]
-    )
+    optimizer, steps = training.local_round(runtime.model, hp, len(examples))
     member = int(context.node_config.get("partition-id", context.node_id))
-    seed = (int(task["seed"]) * 1_000_003 + server_round * 10_007 + member) % (2**31)
+    seed = training.sampler_seed(int(task["seed"]), server_round, member)
     dp = privacy.DPSettings.from_task(task)
     dp_metrics: dict[str, float] = {}
     if dp.enabled:
