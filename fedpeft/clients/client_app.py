@@ -51,15 +51,18 @@ def identity(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Load the payload over the initial adapter, train the kind's factors, send them back.
 
-    The round's config may also say: train a LoRA of this node's own rank (`adapter-rank`), start
-    from a fresh LoRA drawn from a seed (`fresh-seed`), and take stacked modules or frozen factors
-    into this node's state (see client_state) before training.
+    The round's config may also say: train a LoRA of this node's own rank (`adapter-rank`) and
+    alpha (`adapter-alpha`, for per-rank scaling), start from a fresh LoRA drawn from a seed
+    (`fresh-seed`), and take stacked modules or frozen factors into this node's state (see
+    client_state) before training.
     """
     config = msg.content[CONFIG_KEY]
     task = node_task(json.loads(str(config[TASK_KEY])), context.node_config)
     server_round = int(config["server-round"])
     if "adapter-rank" in config:
         task["adapter"]["rank"] = int(config["adapter-rank"])
+    if "adapter-alpha" in config:
+        task["adapter"]["alpha"] = float(config["adapter-alpha"])
     spec = adapter_spec(task)
     runtime = model_runtime(task)
     examples = client_examples(task, context.node_config)
