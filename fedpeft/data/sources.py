@@ -7,9 +7,9 @@ from collections.abc import Mapping
 
 import datasets
 
-from fedpeft.causal.sources import read_gsm8k, read_jsonl, split
 from fedpeft.data.corpora import read_banking77, read_sst2, read_trec
 from fedpeft.data.huggingface import read_hf
+from fedpeft.data.prompt_pairs import read_gsm8k, read_jsonl, split
 from fedpeft.data.spamassassin import read_spamassassin
 from fedpeft.data.spec import DatasetSpec, parse_spec
 from fedpeft.data.table_files import read_files
