@@ -19,6 +19,7 @@ __all__ = [
     "flora_stack",
     "lora_fair_closed_form",
     "lora_fair_residual",
+    "lora_fair_residual_groups",
     "lora_sb_init",
     "merge_into_base_",
     "normalize_weights",
@@ -144,16 +145,41 @@ def _fair_stats(
     return a_bar, b_bar, m, g, x_norm
 
 
-def _fair_loss_grad(
-    db: Tensor, b_bar: Tensor, m: Tensor, g: Tensor, x_norm: Tensor, lam: float
-) -> tuple[Tensor, Tensor]:
-    """Return the summed LoRA-FAIR loss and its gradient in dB (L, d_out, r), by the §5 identities.
+def _fair_unit_stats(
+    a_stack: Tensor, b_stack: Tensor, weights: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The §5 statistics in units of ||B_bar_l|| and ||A_bar_l||, per layer l.
 
-    With B' = B_bar + dB: <dW*, B' A_bar> = <G, B'>, ||B' A_bar||^2 = <B' M, B'>, and
-    d(1 - cos)/dB' = -G / (|X||Y|) + cos * B' M / |Y|^2. A layer with |X| = 0 or |Y| = 0 has no
-    defined cosine: it counts as cos = 0 with zero gradient, so its dB only feels the lam term.
+    Returns A_bar (L, r, d_in), B_bar (L, d_out, r) in float64, the scale ||B_bar_l||_F (L,)
+    float64 (1 where B_bar_l = 0), and in
+    float64 the unit-scale B_bar / ||B_bar|| (L, d_out, r), M, G and ||dW*|| of the client factors
+    divided by their layer's ||B_bar|| and ||A_bar||. The cosine does not depend on either scale,
+    so these are the statistics of the same problem at unit scale, free of under- and overflow.
     """
-    bp = b_bar + db
+    a_bar, b_bar = weighted_average(a_stack, weights), weighted_average(b_stack, weights)
+    a_scale = a_bar.double().norm(dim=(-2, -1))
+    b_scale = b_bar.double().norm(dim=(-2, -1))
+    a_scale = torch.where(a_scale > 0, a_scale, 1.0)
+    b_scale = torch.where(b_scale > 0, b_scale, 1.0)
+    dt = _compute_dtype(a_stack.dtype)
+    a_unit = a_stack.to(dt) / a_scale.to(dt)[:, None, None]
+    b_unit = b_stack.to(dt) / b_scale.to(dt)[:, None, None]
+    _, b_bar_unit, m, g, x_norm = _fair_stats(a_unit, b_unit, weights, with_norm=True)
+    assert x_norm is not None
+    return a_bar, b_bar.double(), b_scale, b_bar_unit.double(), m, g, x_norm
+
+
+def _fair_layer_loss_grad(
+    u: Tensor, b_bar: Tensor, m: Tensor, g: Tensor, x_norm: Tensor, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Per-layer LoRA-FAIR loss (L,) and its gradient in u (L, d_out, r), at unit scale.
+
+    B' = B_bar + u, with B_bar, M, G and ||dW*|| from `_fair_unit_stats`. By the §5 identities:
+    <dW*, B' A_bar> = <G, B'>, ||B' A_bar||^2 = <B' M, B'>, and
+    d(1 - cos)/dB' = -G / (|X||Y|) + cos * B' M / |Y|^2. A layer with |X| = 0 or |Y| = 0 has no
+    defined cosine: it counts as cos = 0 with zero gradient, so its u only feels the lam term.
+    """
+    bp = b_bar + u
     bpm = bp @ m
     dot = (g * bp).sum((-2, -1))
     y_sq = (bpm * bp).sum((-2, -1)).clamp_min(0)
@@ -162,8 +188,99 @@ def _fair_loss_grad(
     cos = torch.where(valid, dot / denom, 0.0)
     coef_g = torch.where(valid, -1.0 / denom, 0.0)[:, None, None]
     coef_m = torch.where(valid, cos / torch.where(valid, y_sq, 1.0), 0.0)[:, None, None]
-    loss = (1.0 - cos).sum() + lam * db.square().sum()
-    return loss, coef_g * g + coef_m * bpm + (2.0 * lam) * db
+    loss = (1.0 - cos) + lam * u.square().sum((-2, -1))
+    return loss, coef_g * g + coef_m * bpm + (2.0 * lam) * u
+
+
+def lora_fair_residual_groups(
+    groups: Sequence[tuple[Tensor, Tensor]],
+    weights: Tensor,
+    lam: float = 0.01,
+    lr: float = 0.01,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    patience: int = 5,
+) -> tuple[list[tuple[Tensor, Tensor]], dict[str, Any]]:
+    """LoRA-FAIR over every layer group at once: [(A_bar, B')] per group, and the solver's info.
+
+    groups: per layer shape, (a_stack (K, L, r, d_in), b_stack (K, L, d_out, r)). Each layer's
+    objective is [1 - cos(dW*, B' A_bar)] + lam ||dB||_F^2 / ||B_bar||_F^2 (whole-matrix cosine,
+    B' = B_bar + dB, dB = 0 at start): the paper's objective measured in units of ||B_bar||, so
+    that the problem, every SGD iterate and the result scale with B (B_k -> s B_k gives s B') and
+    ignore the scale of A. Without it the cosine's gradient grows like 1 / ||B'|| and its
+    curvature like 1 / ||B'||^2, so a fixed lr diverges for small B (early rounds) and stalls for
+    large B. Plain SGD with step lr (the paper's) runs on dB / ||B_bar|| for all layers together,
+    and one stopping rule watches the loss summed over all layers of all groups (ALGORITHMS.md
+    §5): stop after max_iter steps or once it has changed by less than tol for `patience` steps in
+    a row. Each layer returns its best iterate, so no layer's loss ends above its start; a layer
+    that no step improved keeps B_bar. Layers where dW* or B_bar A_bar is zero (round 0, all
+    B = 0) keep B_bar. The iteration runs in float64 on the
+    d_out x r factors (never a d_out x d_in matrix); B' is returned in each b_stack's dtype.
+    info: iterations, initial_loss, final_loss (summed, at the returned B'), last_loss (at the
+    last iterate), converged (the stopping rule fired and the last iterate is within tol of the
+    returned loss), layers, fallback_layers (kept at B_bar: no step improved them),
+    degenerate_layers (kept at B_bar: no cosine defined), and `groups`: the same per group.
+    """
+    if lr * lam >= 1:
+        raise ValueError(f"plain SGD diverges with lr * lam >= 1 (lr={lr}, lam={lam}); lower lr")
+    stats = [_fair_unit_stats(a, b, weights) for a, b in groups]
+    state = [torch.zeros_like(b_bar) for _, _, _, b_bar, *_ in stats]
+
+    def evaluate() -> tuple[list[Tensor], list[Tensor]]:
+        pairs = [
+            _fair_layer_loss_grad(u, b_bar, m, g, x_norm, lam)
+            for u, (_, _, _, b_bar, m, g, x_norm) in zip(state, stats, strict=True)
+        ]
+        return [loss for loss, _ in pairs], [grad for _, grad in pairs]
+
+    losses, grads = evaluate()
+    initial = [loss.clone() for loss in losses]
+    best_loss = [loss.clone() for loss in losses]
+    best_u = [u.clone() for u in state]
+    prev = last = sum(loss.sum().item() for loss in losses)
+    iterations = streak = 0
+    while iterations < max_iter and streak < patience:
+        for u, grad in zip(state, grads, strict=True):
+            u.sub_(grad, alpha=lr)
+        iterations += 1
+        losses, grads = evaluate()
+        for i, loss in enumerate(losses):
+            better = loss < best_loss[i]
+            best_loss[i] = torch.where(better, loss, best_loss[i])
+            best_u[i] = torch.where(better[:, None, None], state[i], best_u[i])
+        last = sum(loss.sum().item() for loss in losses)
+        streak = streak + 1 if abs(last - prev) < tol else 0
+        prev = last
+    results, per_group = [], []
+    for (_, b_stack), (a_bar, b_orig, b_scale, b_bar, m, _, x_norm), u, start, best in zip(
+        groups, stats, best_u, initial, best_loss, strict=True
+    ):
+        b_prime = b_orig + u * b_scale[:, None, None]
+        results.append((a_bar, b_prime.to(b_stack.dtype)))
+        valid = (x_norm > 0) & (((b_bar @ m) * b_bar).sum((-2, -1)) > 0)
+        kept = u.abs().amax((-2, -1)) == 0
+        per_group.append(
+            {
+                "layers": int(u.shape[0]),
+                "initial_loss": start.sum().item(),
+                "final_loss": best.sum().item(),
+                "fallback_layers": int((valid & kept).sum()),
+                "degenerate_layers": int((~valid).sum()),
+            }
+        )
+    final = sum(group["final_loss"] for group in per_group)
+    info = {
+        "iterations": iterations,
+        "initial_loss": sum(group["initial_loss"] for group in per_group),
+        "final_loss": final,
+        "last_loss": last,
+        "converged": streak >= patience and last - final <= tol,
+        "layers": sum(group["layers"] for group in per_group),
+        "fallback_layers": sum(group["fallback_layers"] for group in per_group),
+        "degenerate_layers": sum(group["degenerate_layers"] for group in per_group),
+        "groups": per_group,
+    }
+    return results, info
 
 
 def lora_fair_residual(
@@ -176,41 +293,15 @@ def lora_fair_residual(
     tol: float = 1e-6,
     patience: int = 5,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """LoRA-FAIR: A_bar and B' = B_bar + dB, dB minimising the paper's objective by plain SGD.
+    """LoRA-FAIR on one group of same-shaped layers: A_bar (L, r, d_in), B' (L, d_out, r), info.
 
-    a_stack (K, L, r, d_in), b_stack (K, L, d_out, r) -> A_bar (L, r, d_in), B' (L, d_out, r), info.
-    Objective: sum over layers of [1 - cos(dW*, B' A_bar)] + lam ||dB||_F^2 (whole-matrix cosine),
-    dB = 0 at start, lr-steps on all layers at once until max_iter or until the loss has changed by
-    less than tol for `patience` consecutive steps. Only the factored identities of ALGORITHMS.md §5
-    are used: O(d_out r^2) per step, never a d_out x d_in matrix. The iteration runs in float64 (its
-    state is d_out x r per layer) so that tol is meaningful; B' is returned in b_stack's dtype.
-    Layers where dW* or B_bar A_bar is zero (round 0, all B = 0) keep B_bar unchanged.
-    info: iterations (steps taken), initial_loss, final_loss (at the returned B'), converged.
-    Plain SGD on lam ||dB||^2 diverges when lr * lam >= 1, so that raises ValueError.
+    a_stack (K, L, r, d_in), b_stack (K, L, d_out, r). The solver of `lora_fair_residual_groups`
+    (see there for the objective, the stopping rule and info) with a single group.
     """
-    if lr * lam >= 1:
-        raise ValueError(f"plain SGD diverges with lr * lam >= 1 (lr={lr}, lam={lam}); lower lr")
-    a_bar, b_bar, m, g, x_norm = _fair_stats(a_stack, b_stack, weights, with_norm=True)
-    assert x_norm is not None
-    b64 = b_bar.double()
-    db = torch.zeros_like(b64)
-    loss, grad = _fair_loss_grad(db, b64, m, g, x_norm, lam)
-    initial = prev = loss.item()
-    iterations = streak = 0
-    while iterations < max_iter and streak < patience:
-        db.sub_(grad, alpha=lr)
-        iterations += 1
-        loss, grad = _fair_loss_grad(db, b64, m, g, x_norm, lam)
-        cur = loss.item()
-        streak = streak + 1 if abs(cur - prev) < tol else 0
-        prev = cur
-    info = {
-        "iterations": iterations,
-        "initial_loss": initial,
-        "final_loss": prev,
-        "converged": streak >= patience,
-    }
-    return a_bar, (b64 + db).to(b_stack.dtype), info
+    [(a_bar, b_prime)], info = lora_fair_residual_groups(
+        [(a_stack, b_stack)], weights, lam, lr, max_iter, tol, patience
+    )
+    return a_bar, b_prime, info
 
 
 def lora_fair_closed_form(

@@ -69,20 +69,63 @@ def dense_cos(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x * y).sum((-2, -1)) / (x.norm(dim=(-2, -1)) * y.norm(dim=(-2, -1)))
 
 
+def fair_unit(b_bar: torch.Tensor) -> torch.Tensor:
+    """||B_bar_l||_F per layer (1 where B_bar_l = 0), broadcastable to (L, d_out, r)."""
+    c = b_bar.norm(dim=(-2, -1))
+    return torch.where(c > 0, c, 1.0)[:, None, None]
+
+
+def dense_fair_layer_loss(x, b_prime, a_bar, b_bar, lam):
+    """Dense per-layer LoRA-FAIR loss: 1 - cos(dW*, B' A_bar) + lam ||dB||^2 / ||B_bar||^2."""
+    reg = ((b_prime - b_bar) / fair_unit(b_bar)).square().sum((-2, -1))
+    return (1 - dense_cos(x, b_prime @ a_bar)) + lam * reg
+
+
 def dense_fair_loss(x, b_prime, a_bar, b_bar, lam):
-    """Dense LoRA-FAIR objective: sum_l [1 - cos(dW*, B' A_bar)] + lam ||B' - B_bar||^2."""
-    return (1 - dense_cos(x, b_prime @ a_bar)).sum() + lam * (b_prime - b_bar).square().sum()
+    """The dense objective summed over layers."""
+    return dense_fair_layer_loss(x, b_prime, a_bar, b_bar, lam).sum()
 
 
-def dense_fair_sgd(a, b, w, lam, lr, iters):
-    """The same SGD as lora_fair_residual, by autograd on dense float64 matrices."""
-    x, a_bar, b_bar = dense_ideal(a, b, w), weighted_average(a, w), weighted_average(b, w)
-    db = torch.zeros_like(b_bar, requires_grad=True)
-    for _ in range(iters):
-        (grad,) = torch.autograd.grad(dense_fair_loss(x, b_bar + db, a_bar, b_bar, lam), db)
+def dense_fair_solve(dense_groups, lam=0.01, lr=0.01, max_iter=1000, tol=1e-6, patience=5):
+    """The specified solver, densely, by autograd: [(x, a_bar, b_bar)] -> ([B'], iterations).
+
+    SGD with step lr on dB / ||B_bar|| (so dB moves by lr ||B_bar||^2 times its gradient), all
+    groups at once, one stopping rule on the summed loss, and each layer's best iterate returned.
+    """
+    dbs = [torch.zeros_like(b_bar, requires_grad=True) for _, _, b_bar in dense_groups]
+
+    def losses():
+        return [
+            dense_fair_layer_loss(x, b_bar + db, a_bar, b_bar, lam)
+            for db, (x, a_bar, b_bar) in zip(dbs, dense_groups)
+        ]
+
+    current = losses()
+    best = [(loss.detach().clone(), db.detach().clone()) for loss, db in zip(current, dbs)]
+    prev = sum(loss.sum().item() for loss in current)
+    iterations = streak = 0
+    while iterations < max_iter and streak < patience:
+        grads = torch.autograd.grad(sum(loss.sum() for loss in current), dbs)
         with torch.no_grad():
-            db -= lr * grad
-    return b_bar + db.detach()
+            for db, grad, (_, _, b_bar) in zip(dbs, grads, dense_groups):
+                db -= lr * fair_unit(b_bar).square() * grad
+        iterations += 1
+        current = losses()
+        for i, (loss, db) in enumerate(zip(current, dbs)):
+            better = loss.detach() < best[i][0]
+            best[i] = (
+                torch.where(better, loss.detach(), best[i][0]),
+                torch.where(better[:, None, None], db.detach(), best[i][1]),
+            )
+        cur = sum(loss.sum().item() for loss in current)
+        streak = streak + 1 if abs(cur - prev) < tol else 0
+        prev = cur
+    return [b_bar + db for (_, db), (_, _, b_bar) in zip(best, dense_groups)], iterations
+
+
+def dense_fair_problem(a, b, w):
+    """(dW*, A_bar, B_bar) in float64 for the dense solver."""
+    return dense_ideal(a, b, w), weighted_average(a.to(F64), w), weighted_average(b.to(F64), w)
 
 
 def orthonormality_error(rows: torch.Tensor) -> float:
@@ -239,6 +282,9 @@ def test_fedsvd_rank_deficient_b(dtype: torch.dtype, a_orthonormal: bool) -> Non
 # ---------------------------------------------------------------- LoRA-FAIR
 
 
+log_scales = st.floats(-6.0, 3.0).map(lambda e: 10.0**e)
+
+
 @PROPS
 @given(problems())
 def test_lora_fair_factored_loss_matches_dense(p: dict) -> None:
@@ -246,33 +292,100 @@ def test_lora_fair_factored_loss_matches_dense(p: dict) -> None:
     w = normalize_weights(p["counts"])
     lam = 0.01
     a_bar, b_prime, info = lora_fair_residual(a, b, w, lam=lam, max_iter=30, tol=0.0)
-    x, b_bar = dense_ideal(a, b, w), weighted_average(b, w)
+    x, _, b_bar = dense_fair_problem(a, b, w)
     assert info["iterations"] == 30 and not info["converged"]
     assert torch.allclose(a_bar, weighted_average(a, w), rtol=1e-12, atol=1e-14)
     initial = dense_fair_loss(x, b_bar, a_bar, b_bar, lam).item()
     final = dense_fair_loss(x, b_prime, a_bar, b_bar, lam).item()
     assert math.isclose(info["initial_loss"], initial, rel_tol=1e-9, abs_tol=1e-11)
     assert math.isclose(info["final_loss"], final, rel_tol=1e-9, abs_tol=1e-11)
-    assert info["final_loss"] <= info["initial_loss"] + 1e-12
-    before, after = dense_cos(x, b_bar @ a_bar), dense_cos(x, b_prime @ a_bar)
-    assert (after >= before - 1e-12).all()
+    start = dense_fair_layer_loss(x, b_bar, a_bar, b_bar, lam)
+    end = dense_fair_layer_loss(x, b_prime, a_bar, b_bar, lam)
+    assert (end <= start + 1e-12).all()  # no layer ends above its start
+    assert info["groups"] == [
+        {
+            "layers": p["layers"],
+            "initial_loss": info["initial_loss"],
+            "final_loss": info["final_loss"],
+            "fallback_layers": info["fallback_layers"],
+            "degenerate_layers": 0,
+        }
+    ]
 
 
 @PROPS
 @given(problems(), st.integers(1, 15))
-def test_lora_fair_gradient_matches_autograd(p: dict, iters: int) -> None:
+def test_lora_fair_matches_the_dense_solver(p: dict, iters: int) -> None:
     a, b = client_factors(p)
     w = normalize_weights(p["counts"])
     lr = 0.05
     _, one_step, _ = lora_fair_residual(a, b, w, lr=lr, max_iter=1, tol=0.0)
-    b_bar = weighted_average(b, w)
-    x, a_bar = dense_ideal(a, b, w), weighted_average(a, w)
+    x, a_bar, b_bar = dense_fair_problem(a, b, w)
     db = torch.zeros_like(b_bar, requires_grad=True)
     (grad,) = torch.autograd.grad(dense_fair_loss(x, b_bar + db, a_bar, b_bar, 0.01), db)
-    assert torch.allclose((b_bar - one_step) / lr, grad, rtol=1e-7, atol=1e-9)
-    _, b_prime, _ = lora_fair_residual(a, b, w, lr=lr, max_iter=iters, tol=0.0)
-    ref = dense_fair_sgd(a, b, w, 0.01, lr, iters)
-    assert torch.allclose(b_prime, ref, rtol=1e-8, atol=1e-10)
+    step = lr * fair_unit(b_bar).square() * grad
+    # the first step is taken unless it makes a layer worse (then that layer keeps B_bar)
+    moved = (one_step - b_bar).abs().amax((-2, -1)) > 0
+    assert torch.allclose((b_bar - one_step)[moved], step[moved], rtol=1e-7, atol=1e-9)
+    _, b_prime, info = lora_fair_residual(a, b, w, lr=lr, max_iter=iters, tol=0.0)
+    [ref], ref_iters = dense_fair_solve([(x, a_bar, b_bar)], lr=lr, max_iter=iters, tol=0.0)
+    assert info["iterations"] == ref_iters == iters
+    assert torch.allclose(b_prime, ref, rtol=1e-8, atol=1e-10 * b_bar.norm().item())
+
+
+@PROPS
+@given(problems(), log_scales, log_scales)
+def test_lora_fair_is_scale_equivariant(p: dict, s: float, t: float) -> None:
+    """B_k -> s B_k gives s B'; A_k -> t A_k changes nothing (s, t in [1e-6, 1e3])."""
+    a, b = client_factors(p)
+    w = normalize_weights(p["counts"])
+    a_bar, b_prime, info = lora_fair_residual(a, b, w, max_iter=200)
+    a_s, b_s, info_s = lora_fair_residual(t * a, s * b, w, max_iter=200)
+    assert rel_err(a_s, t * a_bar) < 1e-12
+    assert rel_err(b_s, s * b_prime) < 1e-6
+    assert info_s["iterations"] == info["iterations"]
+    assert math.isclose(info_s["final_loss"], info["final_loss"], rel_tol=1e-6, abs_tol=1e-12)
+
+
+@PROPS
+@given(problems(), log_scales)
+def test_lora_fair_shared_a_gives_the_ideal_update(p: dict, s: float) -> None:
+    """With one A for every client FedAvg is exact, and LoRA-FAIR must return dW* itself."""
+    a, b = client_factors(p)
+    a = a[:1].expand_as(a).clone()
+    b = s * b
+    w = normalize_weights(p["counts"])
+    a_bar, b_prime, info = lora_fair_residual(a, b, w)
+    assert rel_err(b_prime @ a_bar, dense_ideal(a, b, w)) < 1e-6
+    assert info["final_loss"] <= info["initial_loss"]
+
+
+@PROPS
+@given(problems(), problems(), log_scales, st.sampled_from([0.0, 1e-6, 1e-4]))
+def test_lora_fair_groups_share_one_stopping_rule(p: dict, q: dict, s: float, tol: float) -> None:
+    """Two layer shapes solved together: one stopping rule on the summed loss, best iterates."""
+    q = {**q, "counts": p["counts"]}
+    (a1, b1), (a2, b2) = client_factors(p), client_factors(q)
+    b2 = s * b2  # the groups need not share a scale
+    w = normalize_weights(p["counts"])
+    results, info = lowrank.lora_fair_residual_groups(
+        [(a1, b1), (a2, b2)], w, max_iter=300, tol=tol
+    )
+    dense = [dense_fair_problem(a1, b1, w), dense_fair_problem(a2, b2, w)]
+    refs, ref_iters = dense_fair_solve(dense, max_iter=300, tol=tol)
+    assert info["iterations"] == ref_iters
+    for (a_bar, b_prime), ref, (x, _, b_bar) in zip(results, refs, dense):
+        assert torch.allclose(b_prime, ref, rtol=1e-7, atol=1e-9 * b_bar.norm().item())
+        start = dense_fair_layer_loss(x, b_bar, a_bar, b_bar, 0.01)
+        end = dense_fair_layer_loss(x, b_prime, a_bar, b_bar, 0.01)
+        assert (end <= start + 1e-12).all()
+    assert [g["layers"] for g in info["groups"]] == [p["layers"], q["layers"]]
+    assert math.isclose(
+        info["final_loss"], sum(g["final_loss"] for g in info["groups"]), rel_tol=1e-12
+    )
+    assert info["converged"] == (
+        info["iterations"] < 300 and info["last_loss"] - info["final_loss"] <= tol
+    )
 
 
 def test_lora_fair_early_stop() -> None:
@@ -283,6 +396,39 @@ def test_lora_fair_early_stop() -> None:
     assert info["converged"] and 5 <= info["iterations"] < 1000
     _, _, info = lora_fair_residual(a, b, w, max_iter=7, tol=0.0)
     assert info["iterations"] == 7 and not info["converged"]
+
+
+def test_lora_fair_small_norms_no_longer_diverge() -> None:
+    """The issue-16 case: d = 384, r = 8, K = 3, Kaiming A, B entries 1e-4 to 1e-3.
+
+    The old solver (plain SGD on dB) gave ||B' A_bar|| / ||dW*|| of 3.5 to 320 here, its loss
+    rose, and it still said converged. Now the ratio and the cosine are those at unit scale.
+    """
+    g = torch.Generator().manual_seed(1)
+    d, r, k = 384, 8, 3
+    w = normalize_weights([100, 250, 400])
+    a0 = (torch.rand(1, r, d, generator=g, dtype=F64) * 2 - 1) / math.sqrt(d)
+    a = a0 + 0.05 * (torch.rand(k, 1, r, d, generator=g, dtype=F64) * 2 - 1) / math.sqrt(d)
+    b = torch.randn(k, 1, d, r, generator=g, dtype=F64)
+    x = dense_ideal(a, b, w)
+    a_bar, unit, info = lora_fair_residual(a, b, w)
+    for scale in (1e-4, 1e-3, 1e-2):
+        a_bar, b_prime, small = lora_fair_residual(a, scale * b, w)
+        ratio = (b_prime @ a_bar).norm() / (scale * x).norm()
+        assert 0.99 < ratio.item() < 1.01
+        assert rel_err(b_prime, scale * unit) < 1e-9
+        assert small["final_loss"] <= small["initial_loss"] and small["converged"]
+
+
+def test_lora_fair_keeps_b_bar_when_no_step_helps() -> None:
+    """A step too large for every layer: each layer keeps B_bar, said in fallback_layers."""
+    p = {"layers": 3, "d_out": 10, "d_in": 8, "rank": 3, "counts": [5, 9, 2], "seed": 3}
+    a, b = client_factors(p)
+    w = normalize_weights(p["counts"])
+    b_bar = weighted_average(b, w)
+    _, b_prime, info = lora_fair_residual(a, b, w, lam=0.0, lr=1e4, max_iter=20, tol=0.0)
+    assert info["fallback_layers"] == 3 and info["final_loss"] == info["initial_loss"]
+    assert torch.equal(b_prime, b_bar) and not info["converged"]
 
 
 @settings(PROPS, max_examples=10)
@@ -309,11 +455,13 @@ def test_lora_fair_zero_b_round_zero() -> None:
     a_bar, b_prime, info = lora_fair_residual(a, torch.zeros_like(b), w)
     assert b_prime.abs().max() == 0 and torch.isfinite(a_bar).all()
     assert math.isfinite(info["initial_loss"]) and math.isfinite(info["final_loss"])
+    assert info["degenerate_layers"] == 3 and info["fallback_layers"] == 0
     b = b.clone()
     b[:, 1] = 0  # only layer 1 is degenerate: it stays at B_bar, the others still move
-    _, b_prime, _ = lora_fair_residual(a, b, w, max_iter=20, tol=0.0)
+    _, b_prime, info = lora_fair_residual(a, b, w, max_iter=20, tol=0.0)
     assert torch.isfinite(b_prime).all() and b_prime[1].abs().max() == 0
     assert not torch.equal(b_prime[0], weighted_average(b, w)[0])
+    assert info["degenerate_layers"] == 1
     _, b_cf = lora_fair_closed_form(a, torch.zeros_like(b), w)
     assert b_cf.abs().max() == 0
 
