@@ -131,6 +131,13 @@ def validate(cfg: DictConfig) -> None:
         _require(
             _is_number(alpha) and alpha > 0, f"partition.alpha={alpha} must be positive, e.g. 0.5"
         )
+        floor = cfg.partition.get("min_partition_size", "auto")
+        _require(
+            floor == "auto"
+            or (isinstance(floor, int) and not isinstance(floor, bool) and floor >= 0),
+            f"partition.min_partition_size={floor} must be an integer >= 0 or auto "
+            "(the examples every client gets before the Dirichlet draw)",
+        )
     _require(isinstance(cfg.seed, int), f"seed={cfg.seed} must be an integer")
     _validate_task(cfg)
     _validate_robustness(cfg)

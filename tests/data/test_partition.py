@@ -5,11 +5,19 @@ from __future__ import annotations
 import datasets
 import numpy as np
 import pytest
+from flwr_datasets.partitioner import DirichletPartitioner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedpeft import data
 from fedpeft.data import partition
 from fedpeft.errors import ConfigError
-from tests.data.conftest import PARTITIONS, partition_cfg
+from tests.data.conftest import PARTITIONS, dataset_cfg, partition_cfg
+
+
+@pytest.fixture(scope="module")
+def sst2_train() -> datasets.Dataset:
+    return data.load_text_dataset(dataset_cfg("sst2")).train
 
 
 @pytest.mark.parametrize("name", list(PARTITIONS))
@@ -25,7 +33,7 @@ def test_partitions_are_disjoint_and_cover(trec_train: datasets.Dataset, name: s
 @pytest.mark.parametrize("name", list(PARTITIONS))
 def test_partitions_are_deterministic(trec_train: datasets.Dataset, name: str) -> None:
     first = data.partition_dataset(trec_train, 6, 4, PARTITIONS[name], seed=5)["idx"]
-    partition._PARTITIONERS.clear()
+    partition._PARTITIONINGS.clear()
     assert data.partition_dataset(trec_train, 6, 4, PARTITIONS[name], seed=5)["idx"] == first
     other = data.partition_dataset(trec_train, 6, 4, PARTITIONS[name], seed=6)["idx"]
     assert other != first
@@ -66,8 +74,11 @@ def test_partition_errors(trec_train: datasets.Dataset) -> None:
         data.partition_dataset(trec_train, 4, 0, {"name": "shards"}, seed=0)
     with pytest.raises(ConfigError, match="partition.alpha"):
         data.partition_dataset(trec_train, 4, 0, partition_cfg("dirichlet", alpha=0), seed=0)
-    with pytest.raises(ConfigError, match="partition.min_partition_size"):
+    with pytest.raises(ConfigError, match="partition.min_partition_size=2000 x federation"):
         cfg = partition_cfg("dirichlet", min_partition_size=2000)
+        data.partition_dataset(trec_train, 4, 0, cfg, seed=0)
+    with pytest.raises(ConfigError, match="partition.min_partition_size must be an integer"):
+        cfg = partition_cfg("dirichlet", min_partition_size="some")
         data.partition_dataset(trec_train, 4, 0, cfg, seed=0)
     with pytest.raises(ConfigError, match="partition.num_classes_per_partition=7 exceeds the 6"):
         cfg = partition_cfg("pathological", num_classes_per_partition=7)
@@ -76,3 +87,75 @@ def test_partition_errors(trec_train: datasets.Dataset) -> None:
         data.partition_dataset(trec_train, 4, 4, PARTITIONS["iid"], seed=0)
     with pytest.raises(ConfigError, match="federation.num_clients must be a positive integer"):
         data.partition_sizes(trec_train, 0, PARTITIONS["iid"], seed=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    clients=st.integers(1, 60),
+    alpha=st.sampled_from([0.05, 0.3, 1.0, 10.0]),
+    labels=st.integers(1, 6),
+    rows=st.integers(60, 400),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_dirichlet_split_is_flwr_datasets_draw(
+    clients: int, alpha: float, labels: int, rows: int, seed: int
+) -> None:
+    """The vectorised draw gives exactly DirichletPartitioner's partitions (same seed)."""
+    y = np.random.default_rng(seed).integers(0, labels, rows)
+    reference = DirichletPartitioner(
+        clients, "label", alpha, min_partition_size=0, self_balancing=True, seed=seed
+    )
+    reference.dataset = datasets.Dataset.from_dict({"label": y.tolist()})
+    reference.load_partition(0)
+    drawn = partition.dirichlet_split(y, clients, alpha, seed)
+    assert [d.tolist() for d in drawn] == [
+        reference._partition_id_to_indices[i] for i in range(clients)
+    ]
+
+
+def test_dirichlet_floor_rule() -> None:
+    assert partition.dirichlet_floor("auto", 67_349, 10) == 10
+    assert partition.dirichlet_floor("auto", 67_349, 1_000) == 10
+    assert partition.dirichlet_floor("auto", 67_349, 10_000) == 1
+    assert partition.dirichlet_floor("auto", 67_349, 50_000) == 1
+    assert partition.dirichlet_floor("auto", 5_452, 100) == 10
+    assert partition.dirichlet_floor("auto", 5_452, 500) == 2
+    assert partition.dirichlet_floor(3, 100, 50) == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "clients"),
+    [("dirichlet", 1_000), ("dirichlet", 10_000), ("dirichlet", 50_000), ("pathological", 50_000)],
+)
+def test_label_skew_works_at_cross_device_scale(
+    sst2_train: datasets.Dataset, clients: int, name: str
+) -> None:
+    """At the defaults, every SST-2 client gets examples, disjointly, all examples used."""
+    cfg = partition_cfg(name)
+    sizes = data.partition_sizes(sst2_train, clients, cfg, seed=0)
+    assert len(sizes) == clients and min(sizes) >= 1 and sum(sizes) == len(sst2_train)
+    part = partition._PARTITIONINGS[next(reversed(partition._PARTITIONINGS))]
+    if name == "dirichlet":
+        everyone = np.concatenate(part.indices)
+        assert len(np.unique(everyone)) == len(sst2_train)
+        floor = partition.dirichlet_floor("auto", len(sst2_train), clients)
+        assert min(sizes) >= floor
+    for i in (0, clients // 2, clients - 1):
+        assert len(data.partition_dataset(sst2_train, clients, i, cfg, seed=0)) == sizes[i]
+    partition._PARTITIONINGS.clear()
+    assert data.partition_sizes(sst2_train, clients, cfg, seed=0) == sizes
+
+
+def test_dirichlet_keeps_label_skew_at_1000_clients(sst2_train: datasets.Dataset) -> None:
+    """The even floor dilutes the skew only a little: far from IID at 1,000 clients."""
+    labels = np.asarray(sst2_train["label"][:])
+    overall = np.bincount(labels, minlength=2) / len(labels)
+
+    def skew(cfg: dict) -> float:
+        data.partition_sizes(sst2_train, 1_000, cfg, seed=0)
+        parts = partition._PARTITIONINGS[next(reversed(partition._PARTITIONINGS))]
+        mixes = [np.bincount(labels[ix], minlength=2) / len(ix) for ix in parts.indices]
+        return float(np.mean([0.5 * np.abs(m - overall).sum() for m in mixes]))
+
+    assert skew(partition_cfg("dirichlet", alpha=0.5)) > 0.25
+    assert skew(partition_cfg("dirichlet", alpha=100.0)) < 0.1
