@@ -42,6 +42,7 @@ def simulate(overrides: Sequence[str]) -> dict:
     from fedpeft.clients.simulation import simulation_app
     from fedpeft.config import compose_config
     from fedpeft.federation import prepare
+    from fedpeft.privacy.policy import NodePolicy
     from fedpeft.server_app import default_run_dir, resume_point, run_federation
 
     cfg = compose_config(list(overrides))
@@ -76,7 +77,7 @@ def simulate(overrides: Sequence[str]) -> dict:
     }
     run_simulation(
         server_app=server_app,
-        client_app=simulation_app(),
+        client_app=simulation_app(NodePolicy.for_simulation(cfg.dp, run_dir / "node_state")),
         num_supernodes=fed_cfg.num_clients,
         backend_config=backend,
         verbose_logging=bool(cfg.verbose),

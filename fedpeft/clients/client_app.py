@@ -49,16 +49,25 @@ def identity(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """A deployed node's local round, held to the privacy policy in its own node config."""
+    return train_round(msg, context, privacy.NodePolicy.from_node_config(context.node_config))
+
+
+def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> Message:
     """Load the payload over the initial adapter, train the kind's factors, send them back.
 
     The round's config may also say: train a LoRA of this node's own rank (`adapter-rank`) and
     alpha (`adapter-alpha`, for per-rank scaling), start from a fresh LoRA drawn from a seed
     (`fresh-seed`), and take stacked modules or frozen factors into this node's state (see
-    client_state) before training.
+    client_state) before training. The task's DP settings are checked against `policy` before
+    anything is trained; a private reply carries only data-independent metrics (release.py).
     """
     config = msg.content[CONFIG_KEY]
     task = node_task(json.loads(str(config[TASK_KEY])), context.node_config)
     server_round = int(config["server-round"])
+    dp = privacy.DPSettings.from_task(task)
+    store = privacy.LedgerFile(policy.state_dir, context.run_id, member(context))
+    policy.check(dp, has_ledger=store.exists())
     if "adapter-rank" in config:
         task["adapter"]["rank"] = int(config["adapter-rank"])
     if "adapter-alpha" in config:
@@ -79,14 +88,13 @@ def train(msg: Message, context: Context) -> Message:
     hp = task["train"]
     optimizer, steps = training.local_round(runtime.model, hp, len(examples))
     seed = training.sampler_seed(int(task["seed"]), server_round, member(context))
-    dp = privacy.DPSettings.from_task(task)
-    dp_metrics: dict[str, float] = {}
     if dp.enabled:
         result, dp_metrics = privacy.private_round(
             runtime.model,
             examples,
             optimizer,
-            state=context.state,
+            store=store,
+            policy=policy,
             settings=dp,
             steps=steps,
             batch_size=int(hp["batch_size"]),
@@ -112,13 +120,15 @@ def train(msg: Message, context: Context) -> Message:
     reply = to_record(adapters.read_adapter(runtime.model, keys))
     metrics = {
         NUM_EXAMPLES: result.num_examples,
-        "train-loss": result.loss,
         "steps": result.steps,
         "bytes-down": record_bytes(payload),
         "bytes-up": record_bytes(reply),
         **client_state.version_metrics(context.state, config),
-        **dp_metrics,
     }
+    if dp.enabled:
+        metrics = privacy.private_reply_metrics({**metrics, **dp_metrics})
+    else:
+        metrics["train-loss"] = result.loss
     return Message(
         RecordDict({ARRAYS_KEY: reply, METRICS_KEY: metrics_record(metrics)}), reply_to=msg
     )

@@ -20,8 +20,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedpeft.clients import faults
-from fedpeft.clients.client_app import identity, train
+from fedpeft.clients.client_app import identity, train_round
 from fedpeft.identity import member
+from fedpeft.privacy.policy import NodePolicy
 from fedpeft.records import CONFIG_KEY, IDENTITY_ACTION, TASK_KEY
 
 
@@ -40,8 +41,16 @@ def seeded_rng(msg: Message, context: Context, call_next: Callable[..., Message]
         return call_next(msg, context)
 
 
-def simulation_app() -> ClientApp:
-    """A ClientApp with the deployed train handler, fault injection, seeding and identity."""
+def simulation_app(policy: NodePolicy) -> ClientApp:
+    """A ClientApp with the deployed train handler, fault injection, seeding and identity.
+
+    Every simulated node holds `policy` (the run's own `dp` group, NodePolicy.for_simulation):
+    the same check a deployed node makes against the policy in its node config.
+    """
+
+    def train(msg: Message, context: Context) -> Message:
+        return train_round(msg, context, policy)
+
     app = ClientApp()
     app.train(mods=[faults.fault_mod, seeded_rng])(train)
     app.query(IDENTITY_ACTION)(identity)

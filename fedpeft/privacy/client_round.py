@@ -1,17 +1,26 @@
-"""One client's private round: open its ledger, check the budget, train under DP-SGD, record."""
+"""One client's private round: open its ledger, hold it to the node's policy, train, record."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Sequence
 
 import torch
-from flwr.app import RecordDict
 
+from fedpeft.errors import FedPeftError
 from fedpeft.privacy.dp_sgd import train_private
 from fedpeft.privacy.ledger import PrivacyLedger
+from fedpeft.privacy.ledger_file import LedgerFile
+from fedpeft.privacy.policy import NodePolicy
 from fedpeft.privacy.settings import DPSettings
 from fedpeft.training import Example, TrainResult
+
+logger = logging.getLogger(__name__)
+
+
+class PrivateRoundFailed(FedPeftError):
+    """Private training failed; the cause stays in the node's log (it may describe the data)."""
 
 
 def private_round(
@@ -19,7 +28,8 @@ def private_round(
     examples: Sequence[Example],
     optimizer: torch.optim.Optimizer,
     *,
-    state: RecordDict,
+    store: LedgerFile,
+    policy: NodePolicy,
     settings: DPSettings,
     steps: int,
     batch_size: int,
@@ -29,16 +39,30 @@ def private_round(
 ) -> tuple[TrainResult, dict[str, float]]:
     """Train `steps` DP-SGD steps and return the result with the privacy metrics for the reply.
 
-    Raises BudgetExhausted before touching the model if the round would exceed the target. The
-    steps taken are written to the node's ledger even if training fails part-way. The Poisson
-    sampler and the noise draw from fresh OS entropy, never from `seed` (which the server knows:
-    it could regenerate and subtract the noise), unless `settings.reproducible` asks for it.
+    Raises PolicyViolation or BudgetExhausted before touching the model if the calibrated delta or
+    noise is weaker than the node's policy or the round would exceed the budget (the smaller of
+    the ledger's target and the policy's epsilon). The ledger file is written before the first
+    step and after every step, so a crash part-way loses no spending. The Poisson sampler and the
+    noise draw from fresh OS entropy, never from `seed` (which the server knows: it could
+    regenerate and subtract the noise), unless `settings.reproducible` asks for it and the
+    policy allows it (simulations only). An unexpected error is reported without its message,
+    which could quote the private data; the node's log keeps it whole.
     """
     if not settings.reproducible:
         seed = secrets.randbits(62)
-    ledger = PrivacyLedger.open(state, settings, len(examples), batch_size, steps)
+    ledger = PrivacyLedger.open(store, settings, len(examples), batch_size, steps)
+    policy.check_delta(ledger.delta)
+    policy.check_noise(ledger.noise_multiplier)
+    if policy.epsilon is not None:
+        ledger.target_epsilon = min(ledger.target_epsilon, policy.epsilon)
     ledger.check_budget(steps)
+    ledger.save(store)
     accountant = ledger.accountant()
+
+    def persist() -> None:
+        ledger.record(accountant)
+        ledger.save(store)
+
     try:
         result = train_private(
             model,
@@ -54,10 +78,18 @@ def private_round(
             accountant=accountant,
             grad_sample_mode=settings.grad_sample_mode,
             max_physical_batch_size=settings.max_physical_batch_size,
+            on_step=persist,
         )
+    except FedPeftError:
+        raise
+    except Exception as exc:
+        logger.exception("private training failed after %d steps", ledger.steps)
+        raise PrivateRoundFailed(
+            f"private training failed ({type(exc).__name__}) after {ledger.steps} DP-SGD steps in "
+            "all; the message stays in this node's log, since it could describe private data"
+        ) from exc
     finally:
-        ledger.record(accountant)
-        ledger.save(state)
+        persist()
     return result, {
         "epsilon": ledger.epsilon(),
         "delta": ledger.delta,

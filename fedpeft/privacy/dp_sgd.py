@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from opacus.accountants import IAccountant
@@ -80,12 +80,15 @@ def train_private(
     accountant: IAccountant | None = None,
     grad_sample_mode: str = "hooks",
     max_physical_batch_size: int | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Take `steps` DP-SGD steps on Poisson batches (rate `sample_rate`) of `examples`.
 
     Each example's gradient over the trainable parameters is clipped to `max_grad_norm`; Gaussian
     noise of std noise_multiplier x max_grad_norm is added to the sum, which is divided by the
-    expected batch size q n. `accountant` is stepped once per optimiser step that happened.
+    expected batch size q n. `accountant` is stepped once per optimiser step that happened, after
+    the noise is drawn and before the parameters change; `on_step` runs right after it (the
+    client writes its ledger there, so a crash mid-round loses no spending).
     """
     ghost = grad_sample_mode == "ghost"
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -109,8 +112,8 @@ def train_private(
             grad_sample_mode=grad_sample_mode,
             generator=torch.Generator(device=device).manual_seed(seed + 1),
         )
-        if accountant is not None:
-            dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate))
+        if accountant is not None or on_step is not None:
+            dp_optimizer.attach_step_hook(_step_hook(accountant, sample_rate, on_step))
         criterion = (
             DPLossFastGradientClipping(
                 hooks, dp_optimizer, torch.nn.CrossEntropyLoss(reduction="mean"), "mean"
@@ -168,6 +171,21 @@ def train_private(
     finally:
         hooks.cleanup()
         _clear_opacus_attributes(model)
+
+
+def _step_hook(
+    accountant: IAccountant | None, sample_rate: float, on_step: Callable[[], None] | None
+) -> Callable[[DPOptimizer], None]:
+    """One Opacus step hook (it takes only one): step the accountant, then `on_step`."""
+    account = accountant.get_optimizer_hook_fn(sample_rate) if accountant is not None else None
+
+    def hook(optimizer: DPOptimizer) -> None:
+        if account is not None:
+            account(optimizer)
+        if on_step is not None:
+            on_step()
+
+    return hook
 
 
 def _clear_opacus_attributes(model: torch.nn.Module) -> None:

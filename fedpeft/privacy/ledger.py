@@ -1,8 +1,9 @@
 """A client's privacy ledger: its calibration and its accountant's history, kept across rounds.
 
-The ledger lives in the node's Flower Context state, so a client's spending accumulates over every
-round it trains in (a fresh accountant per round would forget earlier rounds). It is calibrated
-once, at the client's first private round, and refuses a round that would exceed the budget.
+The ledger lives in a file the node owns (ledger_file.py), so a client's spending accumulates
+over every round it trains in, across restarts of its process (a fresh accountant per round, or
+per process, would forget earlier rounds). It is calibrated once, at the client's first private
+round, and refuses a round that would exceed the budget.
 """
 
 from __future__ import annotations
@@ -10,16 +11,15 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
-from flwr.app import ConfigRecord, RecordDict
 from opacus.accountants import IAccountant, create_accountant
 
-from fedpeft.errors import FedPeftError
+from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.privacy.calibration import calibrate_noise
+from fedpeft.privacy.ledger_file import LedgerFile
 from fedpeft.privacy.settings import DPSettings, default_delta
 from fedpeft.records import BUDGET_EXHAUSTED
-
-STATE_KEY = "dp-ledger"
 
 
 class BudgetExhausted(FedPeftError):
@@ -41,15 +41,19 @@ class PrivacyLedger:
     @classmethod
     def open(
         cls,
-        state: RecordDict,
+        store: LedgerFile,
         settings: DPSettings,
         num_examples: int,
         batch_size: int,
         steps_per_round: int,
     ) -> PrivacyLedger:
-        """This node's ledger from its state, or a newly calibrated one at its first round."""
-        if STATE_KEY in state.config_records:
-            ledger = cls._load(state.config_records[STATE_KEY])
+        """This node's ledger from its file, or a newly calibrated one at its first round.
+
+        A new ledger is not written until `save`: a round refused before training spends nothing.
+        """
+        saved = store.load()
+        if saved is not None:
+            ledger = cls._load(saved)
             if ledger.num_examples != num_examples:
                 raise FedPeftError(
                     f"this client's data changed from {ledger.num_examples} to {num_examples} "
@@ -58,6 +62,13 @@ class PrivacyLedger:
                 )
             return ledger
         sample_rate = min(1.0, batch_size / num_examples)
+        if settings.delta is not None and settings.delta >= 1 / num_examples:
+            raise ConfigError(
+                f"dp.delta={settings.delta:g} is not below 1/n_k = 1/{num_examples} for this "
+                f"client's n_k={num_examples} examples (a delta that large allows publishing an "
+                "example outright): set dp.delta below 1/n_k, e.g. dp.delta=null for "
+                f"{default_delta(num_examples):g}"
+            )
         delta = settings.delta or default_delta(num_examples)
         sigma = settings.noise_multiplier
         if sigma is None:
@@ -78,33 +89,28 @@ class PrivacyLedger:
         )
 
     @classmethod
-    def _load(cls, record: ConfigRecord) -> PrivacyLedger:
-        history = zip(
-            record["history-noise"], record["history-rate"], record["history-steps"], strict=True
-        )
+    def _load(cls, record: dict[str, Any]) -> PrivacyLedger:
         return cls(
-            noise_multiplier=float(record["noise-multiplier"]),
-            sample_rate=float(record["sample-rate"]),
+            noise_multiplier=float(record["noise_multiplier"]),
+            sample_rate=float(record["sample_rate"]),
             delta=float(record["delta"]),
-            target_epsilon=float(record["target-epsilon"]),
+            target_epsilon=float(record["target_epsilon"]),
             accountant_name=str(record["accountant"]),
-            num_examples=int(record["num-examples"]),
-            history=[(float(s), float(q), int(n)) for s, q, n in history],
+            num_examples=int(record["num_examples"]),
+            history=[(float(s), float(q), int(n)) for s, q, n in record["history"]],
         )
 
-    def save(self, state: RecordDict) -> None:
-        """Write the ledger into the node's state (replacing the previous round's)."""
-        state.config_records[STATE_KEY] = ConfigRecord(
+    def save(self, store: LedgerFile) -> None:
+        """Write the ledger to the node's file, atomically (replacing the previous version)."""
+        store.save(
             {
-                "noise-multiplier": self.noise_multiplier,
-                "sample-rate": self.sample_rate,
+                "noise_multiplier": self.noise_multiplier,
+                "sample_rate": self.sample_rate,
                 "delta": self.delta,
-                "target-epsilon": self.target_epsilon,
+                "target_epsilon": self.target_epsilon,
                 "accountant": self.accountant_name,
-                "num-examples": self.num_examples,
-                "history-noise": [float(h[0]) for h in self.history],
-                "history-rate": [float(h[1]) for h in self.history],
-                "history-steps": [int(h[2]) for h in self.history],
+                "num_examples": self.num_examples,
+                "history": [[float(s), float(q), int(n)] for s, q, n in self.history],
             }
         )
 

@@ -52,6 +52,7 @@ from fedpeft.records import (
     validate_update,
 )
 from fedpeft.strategies.declared import claim_refusal
+from fedpeft.strategies.privacy_watch import PrivacyWatch
 
 #: num-examples bound passed to reply validation when the server sets no cap.
 NO_CAP = 2**63 - 1
@@ -159,6 +160,7 @@ class LowRankStrategy(Strategy):
         self.sent: list[Message] = []
         self.node_ranks: dict[int, int] = {}
         self.exhausted: set[int] = set()
+        self.privacy = PrivacyWatch()
 
     # -- what each method defines -------------------------------------------------------------
     @abstractmethod
@@ -281,6 +283,7 @@ class LowRankStrategy(Strategy):
             "rng": [version, list(internal), gauss],
             "node_ranks": [[m, r] for m, r in self.node_ranks.items()],
             "exhausted": sorted(self.exhausted),
+            "privacy": self.privacy.state(),
         }
         return {f"global.{k}": v for k, v in self.global_adapter.items()}, meta
 
@@ -297,6 +300,7 @@ class LowRankStrategy(Strategy):
         self.rng.setstate((version, tuple(internal), gauss))
         self.node_ranks = {int(m): int(r) for m, r in meta["node_ranks"]}
         self.exhausted = {int(m) for m in meta.get("exhausted", [])}
+        self.privacy = PrivacyWatch.from_state(meta.get("privacy"))
         self.known_versions = {}
 
     def _sample(self, grid: Grid) -> list[int]:
@@ -388,6 +392,7 @@ class LowRankStrategy(Strategy):
                 continue
             self._track_version(node, msg)
             try:
+                self._watch_ledger(member, msg)
                 cap = self.max_num_examples or NO_CAP
                 tensors, weight = validate_update(
                     msg.content, self.up_specs(node), cap, self.norm_bound
@@ -409,12 +414,11 @@ class LowRankStrategy(Strategy):
                 continue
             metrics = msg.content.metric_records[METRICS_KEY]
             self.stats.bytes_up += tensor_bytes(tensors)
-            self.stats.client_loss[member] = float(metrics.get("train-loss", float("nan")))
-            if "epsilon" in metrics:
-                self.stats.client_epsilon[member] = float(metrics["epsilon"])
+            if "train-loss" in metrics:  # private replies carry none (privacy/release.py)
+                self.stats.client_loss[member] = float(metrics["train-loss"])
             updates.append(tensors)
             weights.append(weight)
-            losses.append(self.stats.client_loss[member])
+            losses.append(self.stats.client_loss.get(member))
         self.stats.replied = len(updates)
         if len(updates) < self.min_clients:
             log(
@@ -429,11 +433,31 @@ class LowRankStrategy(Strategy):
         p = lowrank.normalize_weights(weights)
         self.aggregate_updates(updates, p)
         self.stats.aggregate_s = time.perf_counter() - started
-        self.stats.train_loss = float(
-            sum(pk * lk for pk, lk in zip(p.tolist(), losses, strict=True))
+        if None not in losses:
+            self.stats.train_loss = float(
+                sum(pk * lk for pk, lk in zip(p.tolist(), losses, strict=True))
+            )
+        metrics = MetricRecord(
+            {"num-replies": len(updates)}
+            if self.stats.train_loss is None
+            else {"train-loss": self.stats.train_loss, "num-replies": len(updates)}
         )
-        metrics = MetricRecord({"train-loss": self.stats.train_loss, "num-replies": len(updates)})
         return self.global_record(), metrics
+
+    def _watch_ledger(self, member: int, msg: Message) -> None:
+        """Record the reply's reported epsilon (rejected or not) and reject a ledger that reset.
+
+        A client whose ledger went backwards is not sampled again: its true spending is unknown.
+        """
+        metrics = msg.content.metric_records.get(METRICS_KEY) or {}
+        private_run = bool((self.task.get("dp") or {}).get("enabled"))
+        reason = self.privacy.observe(member, metrics, private_run)
+        if member in self.privacy.epsilon and "epsilon" in metrics:
+            self.stats.client_epsilon[member] = float(metrics["epsilon"])
+        if reason is not None:
+            if "was reset" in reason:
+                self.exhausted.add(member)
+            raise UpdateRejected(reason)
 
     def _sender(self, msg: Message) -> int:
         """The node a reply answers for, matching SuperLink-made errors to their train message.

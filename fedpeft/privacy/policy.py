@@ -1,0 +1,166 @@
+"""A node's own privacy policy: the floor every round's task must meet, whatever the server says.
+
+The node is the privacy boundary. A deployed SuperNode states its policy in its node config; a
+simulated node gets the same policy from the run's `dp` group (`for_simulation`), so one check
+serves both. A task may be stricter than the policy, never weaker: a weaker one is refused with
+an error naming the policy field and the task's value, before anything is trained.
+
+| node config key | meaning |
+|---|---|
+| `dp-required` | true: this node trains only under DP-SGD |
+| `dp-epsilon` | the largest total epsilon this node spends in a run (implies dp-required) |
+| `dp-delta` | the largest delta it accepts |
+| `dp-max-grad-norm` | the largest clipping bound C it accepts |
+| `dp-noise-multiplier` | the smallest noise multiplier sigma it accepts |
+| `state-dir` | where its privacy ledgers live (default: `default_state_dir()`) |
+
+Whatever the policy says, a node that has a ledger for the run trains only under DP from then on,
+and a deployed node always refuses reproducible noise (its seed is known to the server).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpeft.errors import ConfigError, FedPeftError
+from fedpeft.privacy.settings import DPSettings
+
+REQUIRED, EPSILON, DELTA = "dp-required", "dp-epsilon", "dp-delta"
+MAX_GRAD_NORM, NOISE_MULTIPLIER, STATE_DIR = "dp-max-grad-norm", "dp-noise-multiplier", "state-dir"
+POLICY_KEYS = (REQUIRED, EPSILON, DELTA, MAX_GRAD_NORM, NOISE_MULTIPLIER, STATE_DIR)
+#: Relative slack when comparing the task's numbers with the policy's (JSON round trips).
+_SLACK = 1e-9
+
+
+class PolicyViolation(FedPeftError):
+    """The round's task is weaker than this node's privacy policy allows."""
+
+
+def default_state_dir() -> Path:
+    """$FEDPEFT_STATE_DIR, else $XDG_STATE_HOME/fedpeft, else ~/.local/state/fedpeft."""
+    if os.environ.get("FEDPEFT_STATE_DIR"):
+        return Path(os.environ["FEDPEFT_STATE_DIR"])
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "fedpeft"
+
+
+def _positive(key: str, value: object, upper: float | None = None) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value <= 0 or (upper is not None and value >= upper):
+        bound = f" and below {upper:g}" if upper is not None else ""
+        raise ConfigError(
+            f"node config {key}={value!r} must be a number above 0{bound}, e.g. {key}=3.0"
+        )
+    return float(value)
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """The floor a node holds every task to (None: no limit on that field)."""
+
+    required: bool = False
+    epsilon: float | None = None
+    delta: float | None = None
+    max_grad_norm: float | None = None
+    noise_multiplier: float | None = None
+    state_dir: Path = Path()
+    allow_reproducible: bool = False
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodePolicy:
+        """A deployed node's policy from its node config; reproducible noise is never allowed."""
+        required = node_config.get(REQUIRED, False)
+        if not isinstance(required, bool):
+            raise ConfigError(f"node config {REQUIRED}={required!r} must be true or false")
+        numbers = {
+            key: _positive(key, node_config[key], 1.0 if key == DELTA else None)
+            for key in (EPSILON, DELTA, MAX_GRAD_NORM, NOISE_MULTIPLIER)
+            if key in node_config
+        }
+        state_dir = node_config.get(STATE_DIR)
+        if state_dir is not None and (not isinstance(state_dir, str) or not state_dir.strip()):
+            raise ConfigError(
+                f"node config {STATE_DIR}={state_dir!r} must be a directory path, e.g. "
+                f'{STATE_DIR}="/var/lib/fedpeft"'
+            )
+        return cls(
+            required=required or EPSILON in numbers,
+            epsilon=numbers.get(EPSILON),
+            delta=numbers.get(DELTA),
+            max_grad_norm=numbers.get(MAX_GRAD_NORM),
+            noise_multiplier=numbers.get(NOISE_MULTIPLIER),
+            state_dir=Path(state_dir).expanduser() if state_dir else default_state_dir(),
+        )
+
+    @classmethod
+    def for_simulation(cls, dp: Mapping[str, Any], state_dir: Path) -> NodePolicy:
+        """The policy every simulated node holds: the run's own `dp` group, ledgers in state_dir."""
+        if not dp.get("enabled", False):
+            return cls(state_dir=state_dir)
+        return cls(
+            required=True,
+            epsilon=float(dp["target_epsilon"]),
+            delta=None if dp.get("delta") is None else float(dp["delta"]),
+            max_grad_norm=float(dp["max_grad_norm"]),
+            noise_multiplier=(
+                None if dp.get("noise_multiplier") is None else float(dp["noise_multiplier"])
+            ),
+            state_dir=state_dir,
+            allow_reproducible=bool(dp.get("reproducible", False)),
+        )
+
+    def check(self, settings: DPSettings, has_ledger: bool) -> None:
+        """Raise PolicyViolation naming the field if `settings` (the task's) are weaker."""
+        if not settings.enabled:
+            if self.required:
+                field = (
+                    f"{REQUIRED}=true" if self.epsilon is None else f"{EPSILON}={self.epsilon:g}"
+                )
+                raise PolicyViolation(
+                    f"node policy {field} refuses a task with dp.enabled=false: this node trains "
+                    "only under DP-SGD; start the run with dp=eps1|eps3|eps6|custom"
+                )
+            if has_ledger:
+                raise PolicyViolation(
+                    "this node already spent privacy budget in this run, so it refuses a task "
+                    "with dp.enabled=false: a private run stays private"
+                )
+            return
+        if settings.reproducible and not self.allow_reproducible:
+            raise PolicyViolation(
+                "this node refuses dp.reproducible=true: reproducible noise is seeded from the "
+                "run's seed, which the server knows (it could regenerate and subtract the noise); "
+                "it exists for simulations only"
+            )
+        self._at_most(EPSILON, "dp.target_epsilon", settings.target_epsilon, self.epsilon)
+        if settings.delta is not None:
+            self._at_most(DELTA, "dp.delta", settings.delta, self.delta)
+        self._at_most(MAX_GRAD_NORM, "dp.max_grad_norm", settings.max_grad_norm, self.max_grad_norm)
+        if settings.noise_multiplier is not None:
+            self.check_noise(settings.noise_multiplier, "dp.noise_multiplier")
+
+    def check_delta(self, delta: float) -> None:
+        """Refuse a delta (the task's, or the per-client default) above the policy's."""
+        self._at_most(DELTA, "dp.delta", delta, self.delta)
+
+    def check_noise(self, sigma: float, what: str = "the calibrated noise multiplier") -> None:
+        """Refuse a noise multiplier below the policy's minimum."""
+        if self.noise_multiplier is not None and sigma < self.noise_multiplier * (1 - _SLACK):
+            raise PolicyViolation(
+                f"node policy {NOISE_MULTIPLIER}={self.noise_multiplier:g} refuses {what}="
+                f"{sigma:.4g}: this node needs at least that much noise; lower the target "
+                "epsilon or plan more steps"
+            )
+
+    @staticmethod
+    def _at_most(key: str, task_field: str, value: float, limit: float | None) -> None:
+        if limit is not None and value > limit * (1 + _SLACK):
+            raise PolicyViolation(
+                f"node policy {key}={limit:g} refuses the task's {task_field}={value:g}: this "
+                f"node accepts at most {limit:g}; start the run with {task_field}<={limit:g}"
+            )
