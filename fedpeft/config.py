@@ -11,8 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedpeft.errors import ConfigError
-from fedpeft.models import ModelSpec
+from fedpeft.models import ModelSpec, check_compute_dtype, resolve_device
 from fedpeft.privacy.settings import validate_dp
+from fedpeft.training import PRECISIONS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 GROUPS = ("strategy", "model", "dataset", "dp", "partition", "federation")
@@ -140,6 +141,7 @@ def validate(cfg: DictConfig) -> None:
         )
     _require(isinstance(cfg.seed, int), f"seed={cfg.seed} must be an integer")
     _validate_task(cfg)
+    _validate_scale(cfg)
     _validate_robustness(cfg)
 
 
@@ -176,6 +178,55 @@ def _validate_task(cfg: DictConfig) -> None:
         _require(
             isinstance(tokens, int) and tokens >= 1,
             f"eval.max_new_tokens={tokens} must be an integer >= 1, e.g. 256",
+        )
+
+
+def _validate_scale(cfg: DictConfig) -> None:
+    """Quantised bases, mixed precision and checkpointing: each with the methods and DP it suits."""
+    train, model = cfg.train, cfg.model
+    precision = train.get("precision") or "fp32"
+    _require(
+        precision in PRECISIONS,
+        f"train.precision={precision} is unknown: choose one of {', '.join(PRECISIONS)}",
+    )
+    checkpointing = train.get("gradient_checkpointing") or False
+    _require(
+        isinstance(checkpointing, bool),
+        f"train.gradient_checkpointing={checkpointing} must be true or false",
+    )
+    device = resolve_device(cfg.device)
+    names = {"bf16": "bfloat16", "fp16": "float16"}
+    if precision in names:
+        check_compute_dtype(names[precision], device, "train.precision")
+    quantization = model.get("quantization") or "none"
+    if quantization != "none":
+        check_compute_dtype(model.get("compute_dtype") or "float32", device, "model.compute_dtype")
+        _require(
+            cfg.strategy.name != "flora",
+            f"strategy=flora merges each round's stacked modules into the base weights, which a "
+            f"{quantization} base cannot take exactly: use model.quantization=none with flora, "
+            "or another strategy (fedavg, ffa_lora, fedsvd, lora_fair, fed_sb) on this base",
+        )
+        init = (cfg.strategy.get("params") or {}).get("init", "lora_sb")
+        _require(
+            cfg.strategy.name != "fed_sb" or init != "lora_sb",
+            f"strategy=fed_sb's LoRA-SB start needs gradients of the base weights, which a "
+            f"{quantization} base does not have: set strategy.params.init=orthonormal "
+            "or model.quantization=none",
+        )
+    if cfg.dp.get("enabled"):
+        _require(
+            not checkpointing,
+            "dp with train.gradient_checkpointing=true: Opacus' per-sample hooks see each layer "
+            "twice when its activations are recomputed (hooks mode fails, ghost clipping takes it "
+            "for parameter tying), so set train.gradient_checkpointing=false (or dp=off)",
+        )
+        _require(
+            precision == "fp32",
+            f"dp with train.precision={precision}: under autocast Opacus computes per-sample "
+            f"gradients and their norms in {names.get(precision)}, so clipping to "
+            "dp.max_grad_norm holds only up to rounding: use train.precision=fp32 with dp "
+            "(a 4bit base is fine)",
         )
 
 

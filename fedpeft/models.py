@@ -1,11 +1,14 @@
 """Load a base model and its tokenizer: a local directory, a hub id, or the packaged defaults.
 
 Two tasks: sequence classification (minilm, tiny_bert, hf) and causal language modelling
-(tiny_llama, smollm2, hf); `ModelSpec.task` says which head the model is loaded with.
+(tiny_llama, smollm2, hf); `ModelSpec.task` says which head the model is loaded with. A causal base
+may be loaded quantised by bitsandbytes (`model.quantization`: 4bit NF4 with double quantisation,
+or 8bit LLM.int8) and placed over several devices by accelerate (`model.device_map`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import shutil
@@ -37,6 +40,8 @@ TINY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}[CLS] assistant :{% endif %}"
 )
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QUANTIZATIONS = ("none", "4bit", "8bit")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass(frozen=True)
@@ -51,11 +56,24 @@ class ModelSpec:
     tiny: tuple[tuple[str, int], ...] = ()
     task: str = "classification"
     chat_template: str | None = None
+    quantization: str = "none"
+    compute_dtype: str = "float32"
+    device_map: str | tuple[tuple[str, str], ...] | None = None
 
     @property
     def causal(self) -> bool:
         """Whether this is a causal language model (generation) rather than a classifier."""
         return self.task == "causal_lm"
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base weights are 4-bit or 8-bit (bitsandbytes layers, not float tensors)."""
+        return self.quantization != "none"
+
+    @property
+    def placed(self) -> bool:
+        """Whether loading places the model itself (quantised or device-mapped): no `.to()`."""
+        return self.quantized or self.device_map is not None
 
     @classmethod
     def from_config(
@@ -93,6 +111,9 @@ class ModelSpec:
         template = cfg.get("chat_template") or (
             TINY_CHAT_TEMPLATE if name == "tiny_llama" else None
         )
+        quantization = str(cfg.get("quantization") or "none")
+        compute_dtype = cfg.get("compute_dtype") or "float32"
+        _check_quantization(quantization, compute_dtype, task)
         return cls(
             name,
             cfg.get("name_or_path"),
@@ -102,6 +123,69 @@ class ModelSpec:
             tiny,
             task,
             template,
+            quantization,
+            compute_dtype,
+            _device_map(cfg.get("device_map"), task),
+        )
+
+
+def _check_quantization(quantization: str, compute_dtype: str, task: str) -> None:
+    """4bit/8bit needs a causal LM and bitsandbytes; the compute dtype must be a known one."""
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(
+            f"model.quantization={quantization!r} is unknown: choose one of "
+            + ", ".join(QUANTIZATIONS)
+        )
+    if compute_dtype not in DTYPES:
+        raise ConfigError(
+            f"model.compute_dtype={compute_dtype!r} is unknown: choose one of {', '.join(DTYPES)}"
+        )
+    if quantization == "none":
+        return
+    if task != "causal_lm":
+        raise ConfigError(
+            f"model.quantization={quantization} quantises causal-LM bases only: use "
+            "model.quantization=none for a classifier, or a causal LM and dataset"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"model.quantization={quantization} needs bitsandbytes, which is not installed: "
+            "pip install 'fedpeft[quant]' (or bitsandbytes), or set model.quantization=none"
+        )
+
+
+def _device_map(value: Any, task: str) -> str | tuple[tuple[str, str], ...] | None:
+    """`model.device_map`: null, one of accelerate's strategies, or module -> device (hashable)."""
+    if value in (None, "", "none"):
+        return None
+    if task != "causal_lm":
+        raise ConfigError(
+            "model.device_map shards causal-LM bases only: drop model.device_map for a classifier"
+        )
+    if isinstance(value, Mapping):
+        return tuple((str(k), str(v)) for k, v in value.items())
+    if value not in DEVICE_MAPS:
+        raise ConfigError(
+            f"model.device_map={value!r} is unknown: use auto (accelerate spreads the layers "
+            "over the visible GPUs), balanced, sequential, or {module: device}"
+        )
+    return str(value)
+
+
+def check_compute_dtype(dtype: str, device: torch.device, field: str) -> None:
+    """Fail when `device` cannot compute in `dtype` (bfloat16 on a GPU without it, fp16 on CPU).
+
+    `field` names the setting in the error (model.compute_dtype, train.precision).
+    """
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"{field} asks for bfloat16 but {torch.cuda.get_device_name(device)} has none: "
+            "use float16 (train.precision=fp16) or float32"
+        )
+    if dtype == "float16" and device.type == "cpu":
+        raise ConfigError(
+            f"{field} asks for float16, a GPU precision (slow on a CPU, and its loss scaler is "
+            "CUDA's): use bfloat16 (train.precision=bf16) or float32 on device=cpu"
         )
 
 
@@ -166,17 +250,23 @@ def _prepare_causal_tokenizer(tokenizer: PreTrainedTokenizerBase, spec: ModelSpe
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def load_model(spec: ModelSpec, seed: int = 0) -> PreTrainedModel:
+def load_model(
+    spec: ModelSpec, seed: int = 0, device: torch.device | None = None
+) -> PreTrainedModel:
     """A fresh base model for the spec's task; a classification head is initialised from `seed`.
 
     Every party that builds the same spec with the same seed gets bit-identical weights, so the
-    head (and tiny_bert's random body) never has to cross the network to be shared.
+    head (and tiny_bert's random body) never has to cross the network to be shared. A quantised or
+    device-mapped spec is loaded onto `device` (or its device map) here, since bitsandbytes
+    quantises as the weights move to the device; any other model stays on the CPU.
     """
     transformers.logging.set_verbosity_error()
     dtype = DTYPES[spec.dtype]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if spec.causal:
+        if spec.causal and spec.placed:
+            model = _load_placed(spec, dtype, device or resolve_device(None))
+        elif spec.causal:
             model = _load_causal(spec, dtype)
         elif spec.name == "tiny_bert":
             sizes = dict(spec.tiny)
@@ -229,6 +319,77 @@ def _load_causal(spec: ModelSpec, dtype: torch.dtype) -> PreTrainedModel:
         raise ModelError(_not_found(spec, source, exc)) from exc
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def quantization_config(spec: ModelSpec) -> transformers.BitsAndBytesConfig | None:
+    """The BitsAndBytesConfig: 4bit = NF4 with double quantisation, 8bit = LLM.int8."""
+    if spec.quantization == "4bit":
+        return transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=DTYPES[spec.compute_dtype],
+        )
+    if spec.quantization == "8bit":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def _load_placed(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    """A causal LM loaded by from_pretrained with bitsandbytes quantisation and/or a device map.
+
+    tiny_llama's random body is built first and saved to a temporary directory, so it goes
+    through the same loader as a pretrained model. A quantised base is prepared for training
+    with peft's `prepare_model_for_kbit_training` (norms and embeddings in float32, inputs that
+    carry gradients); gradient checkpointing is switched per round (training.prepare_round).
+    """
+    import peft
+
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    check_compute_dtype(spec.compute_dtype, device, "model.compute_dtype")
+    device_map: Any = spec.device_map
+    if isinstance(device_map, tuple):
+        device_map = dict(device_map)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "device_map": device_map if device_map is not None else {"": device},
+        "quantization_config": quantization_config(spec),
+    }
+    with tempfile.TemporaryDirectory(prefix="fedpeft-base-") as tmp:
+        if spec.name == "tiny_llama":  # random weights from the caller's seed, then quantised
+            plain = dataclasses.replace(spec, quantization="none", device_map=None)
+            _load_causal(plain, dtype).save_pretrained(tmp)
+            source = tmp
+        else:
+            source = _source(spec)
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                source, revision=None if source == tmp else spec.revision, **kwargs
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelError(_not_found(spec, source, exc)) from exc
+    if spec.quantized:
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _keep_4bit_trainable(model)
+    model.generation_config.pad_token_id = load_tokenizer(spec).pad_token_id
+    return model
+
+
+def _keep_4bit_trainable(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On an AVX512-BF16 CPU, bitsandbytes 0.50 repacks a Linear4bit's weight the first time it runs
+    outside training on an input without gradient (as evaluation does), and the repacked layer's
+    kernel has no backward: every later training step of that process then gets no gradients,
+    silently. Clients and the server's evaluator share a model per process, so it stays packed the
+    trainable way.
+    """
+    import bitsandbytes
+
+    for module in model.modules():
+        if isinstance(module, bitsandbytes.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

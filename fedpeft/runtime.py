@@ -110,7 +110,9 @@ def _runtime(task_key: str) -> ModelRuntime:
     # keeps the caller's stream where it was, so a cache miss (the first client a process serves)
     # and a hit draw the same dropout masks afterwards; the factors are overwritten anyway.
     with torch.random.fork_rng(devices=[]):
-        base = models.load_model(spec, seed=int(task["adapter_seed"])).to(device)
+        base = models.load_model(spec, seed=int(task["adapter_seed"]), device=device)
+        if not spec.placed:  # a quantised or device-mapped base was placed while loading
+            base = base.to(device)
         model = adapters.inject(base, adapter_spec(task))
     initial = adapters.initial_adapter(model, int(task["adapter_seed"]))
     return ModelRuntime(model, models.load_tokenizer(spec), initial, device)

@@ -1,10 +1,14 @@
 """Local training loops (both tasks) and classification evaluation with a low-rank adapter.
 
+A round may train under mixed precision (`train.precision`: bf16 or fp16 autocast, the adapter
+factors and optimiser state staying float32) and with gradient checkpointing
+(`train.gradient_checkpointing`: activations recomputed in the backward pass instead of kept).
 Causal-LM evaluation (generation, exact match, perplexity) lives in fedpeft.causal.evaluation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,6 +22,14 @@ from fedpeft.errors import ConfigError
 from fedpeft.tasks import collate
 
 OPTIMIZERS = ("adamw", "sgd")
+#: train.precision -> the autocast dtype (None: plain float32)
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+#: the attribute prepare_round leaves on the model for the round's loops (train_steps, DP-SGD)
+PRECISION_ATTR = "fedpeft_precision"
 Example = dict[str, object]
 
 
@@ -80,13 +92,52 @@ def planned_steps(
 def local_round(
     model: torch.nn.Module, hp: Mapping[str, Any], num_examples: int
 ) -> tuple[torch.optim.Optimizer, int]:
-    """A client round's fresh optimiser and its planned steps, from the task's train settings."""
+    """A client round's fresh optimiser and its planned steps, from the task's train settings.
+
+    It also sets the round's precision and gradient checkpointing on the model (prepare_round).
+    """
+    prepare_round(model, hp)
     groups = param_groups(model, float(hp["lr"]), hp.get("head_lr"))
     optimizer = make_optimizer(
         groups, hp["optimizer"], float(hp["lr"]), hp["weight_decay"], hp["momentum"]
     )
     steps = planned_steps(num_examples, hp["batch_size"], hp["local_steps"], hp["local_epochs"])
     return optimizer, steps
+
+
+def prepare_round(model: torch.nn.Module, hp: Mapping[str, Any]) -> None:
+    """Switch gradient checkpointing and the autocast precision to what `hp` asks for.
+
+    Both are per round, since one model serves every client (and task) of a process. Checkpointing
+    is transformers' activation checkpointing of every layer, non-reentrant (no input has to
+    require grad).
+    """
+    precision = str(hp.get("precision") or "fp32")
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"train.precision={precision!r} is unknown: choose one of {', '.join(PRECISIONS)}"
+        )
+    setattr(model, PRECISION_ATTR, precision)
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(causal, "supports_gradient_checkpointing", False):
+        if hp.get("gradient_checkpointing"):
+            raise ConfigError(
+                f"train.gradient_checkpointing=true but {type(causal).__name__} does not support "
+                "it: set train.gradient_checkpointing=false"
+            )
+        return
+    if hp.get("gradient_checkpointing"):
+        causal.activation_checkpointing_enable({"use_reentrant": False})
+    elif causal.is_activation_checkpointing:
+        causal.activation_checkpointing_disable()
+
+
+def autocast(model: torch.nn.Module, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward pass's autocast for the round's precision (a no-op context for fp32)."""
+    dtype = PRECISIONS[getattr(model, PRECISION_ATTR, "fp32")]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def sampler_seed(seed: int, server_round: int, member: int) -> int:
@@ -120,18 +171,25 @@ def train_steps(
         collate_fn=functools.partial(collate, pad_token_id=pad_token_id),
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # fp16 needs loss scaling (its range is small); a disabled scaler is a pass-through
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=getattr(model, PRECISION_ATTR, "fp32") == "fp16"
+    )
     model.train()
     total, taken, seen = 0.0, 0, 0
     for batch in _cycle(loader):
         if taken == steps:
             break
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch).loss
+        with autocast(model, device):
+            loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if max_grad_norm:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         total += float(loss.detach())
         taken += 1
         seen += len(batch["labels"])
