@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import time
 from collections.abc import Mapping, Sequence
@@ -11,21 +10,19 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedpeft import checkpoint
+from fedpeft import checkpoint, identity
 from fedpeft.config import compose_config
 from fedpeft.errors import ConfigError
 from fedpeft.federation import Federation, prepare
-from fedpeft.identity import read_answer, resolve
-from fedpeft.records import CONFIG_KEY, IDENTITY_ACTION, TASK_KEY, addressees, answered_node
 from fedpeft.run_folder import RunFolder
-from fedpeft.strategies.base import LowRankStrategy, short_reason
+from fedpeft.strategies.base import LowRankStrategy
 
 #: Longest failure reason kept in history.csv (the log has it whole).
 REASON_CHARS = 300
@@ -89,40 +86,14 @@ def identify_nodes(
     timeout: float,
     held: Mapping[int, int] | None = None,
 ) -> tuple[dict[int, int], dict[int, int]]:
-    """Ask `nodes` for their stable names and example counts (fedpeft/identity.py).
+    """Ask `nodes` for their stable names and example counts (fedpeft/identity.py `ask`).
 
     Returns node id -> name for the nodes whose name no other node claims (`held`: the names of
     connected nodes identified before), and node id -> declared count for every node that gave
     one. A node that does not answer within `timeout`, or claims a taken name, keeps its node id
     as its name; the run goes on.
     """
-    query = f"{MessageType.QUERY}.{IDENTITY_ACTION}"
-    messages = [
-        Message(
-            RecordDict({CONFIG_KEY: ConfigRecord({TASK_KEY: json.dumps(dict(task))})}),
-            dst_node_id=node,
-            message_type=query,
-        )
-        for node in nodes
-    ]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    asked = addressees(messages)
-    answers = {}
-    for msg in replies:
-        node = answered_node(msg, asked)
-        if msg.has_error():
-            log(WARNING, "node %d gave no identity: %s", node, short_reason(msg.error.reason))
-        answers[node] = read_answer(msg)
-    claims = {n: a.client_id for n, a in answers.items() if a.client_id is not None}
-    names = resolve(claims, held or {})
-    declared = {n: a.declared for n, a in answers.items() if a.declared is not None}
-    for found, what in (
-        (names, "gave no unique name and are known by their node ids"),
-        (declared, "declared no example count"),
-    ):
-        if len(found) < len(nodes):
-            log(WARNING, "%d of %d nodes %s", len(nodes) - len(found), len(nodes), what)
-    return names, declared
+    return identity.ask(grid, nodes, task, timeout, held)
 
 
 def identify_new_nodes(
@@ -160,9 +131,10 @@ def run_federation(
     """Run every round on `grid`, evaluating and checkpointing the server's state after each.
 
     `identify` waits up to the strategy's wait_timeout for `expected_nodes` (default
-    federation.num_clients) to connect, then asks every node, before its first round, for its
+    federation.num_clients) to connect, then asks each node, before its first round, for its
     stable name and example count (fedpeft/identity.py), so that sampling and records do not
-    depend on Flower's node ids and replies cannot claim more than their node declared.
+    depend on Flower's node ids and replies cannot claim more than their node declared: in a
+    simulation when the node is first sampled, in a deployment when it joins.
     With `resume=<run_dir>` in the config the run continues from that folder's checkpoint
     (`resumed`, when the caller has loaded it already).
     """
@@ -174,6 +146,11 @@ def run_federation(
     asked: set[int] = set()
     if identify:
         wait_for_nodes(grid, expected_nodes or cfg.federation.num_clients, strategy.wait_timeout)
+    # A simulation identifies a node when it is first sampled (its cost follows the sampled
+    # clients, not all of them); a deployment identifies every node when it joins.
+    simulated = identify and bool(identity.registration_names(grid))
+    if simulated:
+        strategy.identify_sampled_timeout = strategy.wait_timeout
     if resumed is not None:
         strategy.load_state_dict(resumed.tensors, resumed.strategy)
         folder.restore(resumed.rows)
@@ -201,7 +178,7 @@ def run_federation(
         bar = progress.add_task(f"{cfg.strategy.name}", total=rounds, completed=first - 1)
         for server_round in range(first, rounds + 1):
             round_start = time.perf_counter()
-            if identify:
+            if identify and not simulated:
                 identify_new_nodes(grid, strategy, asked, strategy.wait_timeout)
             messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
             replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)

@@ -4,7 +4,7 @@ import pytest
 from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedpeft.identity import Answer, read_answer, resolve
+from fedpeft.identity import Answer, read_answer, registration_names, resolve
 
 
 @pytest.fixture(autouse=True)
@@ -35,3 +35,20 @@ def test_a_name_goes_only_to_the_one_node_that_claims_it():
     assert resolve(claims, {99: 7}) == {101: 0}
     # a node asked again keeps its own name
     assert resolve({99: 7}, {99: 7}) == {99: 7}
+
+
+def test_registration_order_gives_each_simulated_node_its_partition_id():
+    """Flower's simulation registers node i with partition id i; the order says which is which."""
+    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    factory = LinkStateFactory(
+        FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
+    )
+    mapping = _register_nodes(300, factory)  # as run_simulation does: node id -> partition id
+    assert registration_names(InMemoryGrid(state_factory=factory)) == mapping
+    assert registration_names(object()) == {}  # a deployment's grid: no such order

@@ -27,6 +27,7 @@ from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -35,7 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedpeft import lowrank
+from fedpeft import identity, lowrank
 from fedpeft.records import (
     ARRAYS_KEY,
     BUDGET_EXHAUSTED,
@@ -247,6 +248,14 @@ class LowRankStrategy(Strategy):
         return to_record(self.global_adapter)
 
     # -- identities and resumable state ----------------------------------------------------
+    #: Seconds to wait for the identity of a sampled node not identified yet, asked before its
+    #: first train message (None: never ask here; the server sets it in simulations, see
+    #: fedpeft/identity.py). Until then it is sampled under `expected_names`.
+    identify_sampled_timeout: float | None = None
+    #: Node id -> the name a not yet identified simulated node will answer with (its position in
+    #: Flower's registration order, identity.registration_names).
+    expected_names: Mapping[int, int] = MappingProxyType({})
+
     def identify(
         self, identities: Mapping[int, int], declared: Mapping[int, int] | None = None
     ) -> None:
@@ -272,8 +281,13 @@ class LowRankStrategy(Strategy):
             self.node_ranks[member] = int(ranks[len(self.node_ranks) % len(ranks)])
         return self.node_ranks[member]
 
-    def _order(self, node_id: int) -> tuple[int, int]:
-        return (0, self.identities[node_id]) if node_id in self.identities else (1, node_id)
+    def _order(self, node_id: int) -> tuple[int, int, int]:
+        """Sort key: a node's identity, else the name it is expected to answer, else its node id."""
+        if node_id in self.identities:
+            return (0, self.identities[node_id], node_id)
+        if node_id in self.expected_names:
+            return (0, self.expected_names[node_id], node_id)
+        return (1, node_id, node_id)
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, JSON-able state) a resumed server needs; methods extend both."""
@@ -304,11 +318,19 @@ class LowRankStrategy(Strategy):
         self.known_versions = {}
 
     def _sample(self, grid: Grid) -> list[int]:
+        """Sample this round's nodes by identity; with `identify_sampled_timeout`, ask the new ones.
+
+        Costs O(connected nodes) in sorting and O(sampled nodes) in messages.
+        """
         deadline = time.monotonic() + self.wait_timeout
-        while len(nodes := sorted(grid.get_node_ids(), key=self._order)) < self.min_clients:
+        while len(nodes := list(grid.get_node_ids())) < self.min_clients:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(nodes)} of {self.min_clients} nodes connected")
             time.sleep(1.0)
+        lazy = self.identify_sampled_timeout is not None
+        if lazy and any(n not in self.identities and n not in self.expected_names for n in nodes):
+            self.expected_names = identity.registration_names(grid)
+        nodes.sort(key=self._order)
         size = min(len(nodes), max(self.min_clients, int(self.fraction * len(nodes))))
         eligible = [n for n in nodes if self.member(n) not in self.exhausted]
         if len(eligible) < size:
@@ -320,7 +342,25 @@ class LowRankStrategy(Strategy):
                 len(nodes),
                 len(eligible),
             )
-        return sorted(self.rng.sample(eligible, min(size, len(eligible))), key=self._order)
+        sampled = self.rng.sample(eligible, min(size, len(eligible)))
+        new = sorted((n for n in sampled if n not in self.identities), key=self._order)
+        if lazy and new:
+            connected = set(nodes)
+            held = {n: m for n, m in self.identities.items() if n in connected}
+            names, declared = identity.ask(
+                grid, new, self.task, float(self.identify_sampled_timeout), held
+            )
+            for node, name in names.items():
+                if self.expected_names.get(node, name) != name:
+                    log(
+                        WARNING,
+                        "node %d answered name %d where Flower's registration order gave %d",
+                        node,
+                        name,
+                        self.expected_names[node],
+                    )
+            self.identify(names, declared)
+        return sorted(sampled, key=self._order)
 
     # -- Flower's Strategy interface ----------------------------------------------------------
     def summary(self) -> None:

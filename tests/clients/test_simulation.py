@@ -92,3 +92,30 @@ def test_resumed_simulation_resends_lost_client_state(flora_run, tmp_path):
     assert int(resumed[3].pop("bytes_down")) > int(whole[3].pop("bytes_down"))
     assert resumed == whole
     assert (flora_run / ADAPTER).read_bytes() == (tmp_path / ADAPTER).read_bytes()
+
+
+def test_nodes_are_identified_when_first_sampled_and_sampled_as_if_all_were(tmp_path, data_dir):
+    """20 clients, 2 sampled a round: only the sampled ones are asked who they are, and the
+    sample is the one a server that had asked all 20 first would draw (by partition id)."""
+    import random
+
+    rounds, clients, per_round = 2, 20, 2
+    summary = simulate(
+        [
+            *FAST_RUN,
+            f"federation.num_clients={clients}",
+            f"federation.fraction={per_round / clients}",
+            f"federation.min_clients={per_round}",
+            f"federation.rounds={rounds}",
+            "federation.local_steps=1",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    rows = _history(tmp_path)[1:]
+    sampled = [sorted(int(c) for c in json.loads(r["client_train_loss"])) for r in rows]
+    rng = random.Random(0)  # the strategy's sampler (seed=0) over clients sorted by identity
+    assert sampled == [sorted(rng.sample(range(clients), per_round)) for _ in range(rounds)]
+    asked = {int(c) for c in summary["declared_examples"]}
+    assert asked == {c for s in sampled for c in s} and len(asked) < clients
+    sizes = summary["partition_sizes"]
+    assert all(summary["declared_examples"][str(c)] == sizes[c] for c in asked)
