@@ -1,24 +1,36 @@
-"""Peak memory of a simulated federation with 10, 100 and 1000 clients, 10 sampled per round.
+"""Cross-device scale: 10 to 50,000 simulated clients, 10 sampled per round, in one invocation.
 
-    python benchmarks/scale.py                              # tiny_bert on SST-2, 2 rounds
-    python benchmarks/scale.py --model minilm --clients 10 100 1000 --rounds 3
+    python benchmarks/scale.py --clients 10,1000,10000,50000      # tiny_bert on SST-2 IID
+    python benchmarks/scale.py --model minilm --clients 10,100,1000 --rounds 3
 
-Each client count runs `python -m fedpeft.cli simulate` in a fresh subprocess (IID SST-2,
-federation.fraction = sampled / clients, min_clients = sampled, a few local steps), while this
-script samples the process tree every --interval seconds with psutil: the driver's resident memory
-(server, strategy, evaluator and the in-process SuperLink state of every simulated node), each Ray
-worker's (the actors that run the ClientApp), and Ray's own services (GCS, raylet, ...). It prints
-the peaks and the wall time per count, with ratios against the smallest count measured in the same
-run: memory that does not grow with the number of clients means no per-client model copies.
+Each client count runs `python -m fedpeft.cli simulate` in a fresh subprocess (SST-2, IID by
+default, federation.fraction = sampled / clients, min_clients = sampled, a few local steps;
+SST-2's 67,349 training sentences give about one per client at 50,000, as on phones), while this
+script samples the process tree every --interval seconds with psutil. Per count it prints:
+- driver: the peak resident memory of the driver process (server, strategy, evaluator, and
+  Flower's in-process SuperLink with its per-node records);
+- tree: the peak of the summed resident memory of the whole process tree (driver, Ray's services,
+  the actors that run the ClientApp);
+- to round 1: seconds from launch to the end of round 1, split into prepare (imports, data,
+  partitions, model: launch to fedpeft's banner), start (Ray, Flower registering every simulated
+  node, the round-0 evaluation: banner to round 0), round 1 (its round_time_s, which includes
+  asking the 10 sampled nodes who they are) and the rest;
+- median round: the median round_time_s of the rounds after the first (history.csv);
+- driver CPU s: the driver's CPU seconds (user + system) over the whole run: Flower's simulation
+  engine polls every registered node every 0.1 s from the driver;
+and each as a ratio to the first (smallest) count of the same invocation.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,25 +41,34 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 2**20
+#: (phase name, the line fedpeft prints on stderr when it ends)
+MARKS = (("prepared", "fedpeft "), ("round 0", "round 0:"), ("round 1", "round 1:"))
 
 
 @dataclass
-class Peaks:
-    """Peak resident memory (MiB) seen in one run's process tree."""
+class Measure:
+    """What one run's process tree used, and when fedpeft's progress lines came."""
 
     driver: float = 0.0
-    worker_max: float = 0.0
-    worker_sum: float = 0.0
-    services: float = 0.0
-    workers_seen: set[int] = field(default_factory=set)
+    tree: float = 0.0
+    driver_cpu: float = 0.0
+    marks: dict[str, float] = field(default_factory=dict)
+    wall: float = 0.0
+    code: int = 0
+    round_times: list[float] = field(default_factory=list)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument(
+        "--clients",
+        default="10,1000,10000,50000",
+        help="comma-separated client counts; ratios are against the first",
+    )
     parser.add_argument("--sampled", type=int, default=10, help="clients sampled per round")
     parser.add_argument("--model", default="tiny_bert", help="model group, e.g. tiny_bert, minilm")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--partition", default="iid", help="partition group (iid, dirichlet, ...)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds (the median is over 2..)")
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between samples")
     parser.add_argument("overrides", nargs="*", help="further Hydra overrides for every run")
@@ -62,35 +83,34 @@ def rss(proc: psutil.Process) -> float:
         return 0.0
 
 
-def is_worker(proc: psutil.Process) -> bool:
-    """A Ray worker process (its title starts `ray::`, e.g. ray::ClientAppActor)."""
+def sample(driver: psutil.Process, measure: Measure) -> None:
+    """Fold one snapshot of the driver's process tree into `measure`."""
+    own = rss(driver)
+    measure.driver = max(measure.driver, own)
     try:
-        return proc.name().startswith("ray::") or " ray::" in " ".join(proc.cmdline()[:1])
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
-def sample(driver: psutil.Process, peaks: Peaks) -> None:
-    """Fold one snapshot of the driver's process tree into `peaks`."""
-    peaks.driver = max(peaks.driver, rss(driver))
-    try:
+        times = driver.cpu_times()
+        measure.driver_cpu = max(measure.driver_cpu, times.user + times.system)
         children = driver.children(recursive=True)
     except psutil.NoSuchProcess:
         return
-    workers = [c for c in children if is_worker(c)]
-    sizes = [rss(w) for w in workers]
-    peaks.workers_seen.update(w.pid for w in workers)
-    peaks.worker_max = max([peaks.worker_max, *sizes])
-    peaks.worker_sum = max(peaks.worker_sum, sum(sizes))
-    peaks.services = max(peaks.services, sum(rss(c) for c in children if c not in workers))
+    measure.tree = max(measure.tree, own + sum(rss(c) for c in children))
 
 
-def run(clients: int, args: argparse.Namespace, run_dir: Path) -> tuple[Peaks, float, int]:
-    """One simulation in a fresh subprocess: its peaks, wall seconds and exit status."""
+def watch(stream, log, started: float, measure: Measure) -> None:  # noqa: ANN001
+    """Copy the run's output to its log, noting when each progress line first appears."""
+    for line in stream:
+        log.write(line)
+        for name, prefix in MARKS:
+            if name not in measure.marks and line.lstrip().startswith(prefix):
+                measure.marks[name] = time.perf_counter() - started
+
+
+def run(clients: int, args: argparse.Namespace, run_dir: Path) -> Measure:
+    """One simulation in a fresh subprocess, measured."""
     overrides = [
         f"model={args.model}",
         "dataset=sst2",
-        "partition=iid",
+        f"partition={args.partition}",
         "train.max_length=32",
         "dataset.max_test_examples=200",
         f"federation.num_clients={clients}",
@@ -104,53 +124,80 @@ def run(clients: int, args: argparse.Namespace, run_dir: Path) -> tuple[Peaks, f
     env = {
         "FEDPEFT_DATA_DIR": str(REPO.parent / "shared" / "data"),
         "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
         **os.environ,
     }
     command = [sys.executable, "-m", "fedpeft.cli", "simulate", *overrides]
-    peaks = Peaks()
+    measure = Measure()
     started = time.perf_counter()
     with open(run_dir.with_suffix(".log"), "w") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        reader = threading.Thread(target=watch, args=(proc.stdout, log, started, measure))
+        reader.start()
         driver = psutil.Process(proc.pid)
         while proc.poll() is None:
-            sample(driver, peaks)
+            sample(driver, measure)
             time.sleep(args.interval)
-    return peaks, time.perf_counter() - started, proc.returncode
+        reader.join()
+    measure.wall = time.perf_counter() - started
+    measure.code = proc.returncode
+    history = run_dir / "history.csv"
+    if history.exists():
+        rows = list(csv.DictReader(history.open()))
+        measure.round_times = [float(r["round_time_s"]) for r in rows[1:]]
+    return measure
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    return "-" if value is None or not base else f"{value / base:.2f}"
 
 
 def main() -> int:
     args = parse_args()
-    console = Console(width=120)
+    counts = [int(c) for c in args.clients.split(",")]
+    console = Console(width=160)
     tmp = Path(tempfile.mkdtemp(prefix="fedpeft-scale-"))
     console.print(
-        f"{args.model} on SST-2 (IID), {args.sampled} clients sampled per round, {args.rounds} "
-        f"rounds of {args.local_steps} local steps; {psutil.cpu_count()} CPUs, "
+        f"{args.model} on SST-2 ({args.partition}), {args.sampled} clients sampled per round, "
+        f"{args.rounds} rounds of {args.local_steps} local steps; {psutil.cpu_count()} CPUs, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB; logs in {tmp}"
     )
     results = []
-    for clients in args.clients:
-        peaks, wall, code = run(clients, args, tmp / f"clients-{clients}")
-        status = "ok" if code == 0 else f"exit {code} (see {tmp}/clients-{clients}.log)"
-        console.print(f"  {clients} clients: {wall:.1f} s, {status}")
-        results.append((clients, peaks, wall, status))
-    base_peaks, base_wall = results[0][1], results[0][2]
-    table = Table(title=f"Peak resident memory (MiB) against clients ({args.model})")
+    for clients in counts:
+        m = run(clients, args, tmp / f"clients-{clients}")
+        status = "ok" if m.code == 0 else f"exit {m.code} (see {tmp}/clients-{clients}.log)"
+        console.print(f"  {clients} clients: {m.wall:.1f} s, {status}")
+        results.append((clients, m, status))
+    table = Table(title=f"{args.model}, {args.sampled} sampled per round: memory (MiB), time (s)")
     for column in (
-        "clients", "driver", "worker max", "workers sum", "ray services", "workers",
-        "wall (s)", "driver x", "worker max x", "wall x", "status",
+        "clients", "driver", "tree", "to round 1", "prepare", "start", "round 1", "median round",
+        "driver CPU s", "driver x", "tree x", "to round 1 x", "median round x", "status",
     ):  # fmt: skip
         table.add_column(column, justify="right")
-    for clients, peaks, wall, status in results:
+    base = None
+    for clients, m, status in results:
+        marks = m.marks
+        end = marks.get("round 1")
+        median = statistics.median(m.round_times[1:]) if len(m.round_times) > 1 else None
+        row = {"driver": m.driver, "tree": m.tree, "end": end, "median": median}
+        base = base or row
+        prepared, started = marks.get("prepared"), marks.get("round 0")
         table.add_row(
-            str(clients), f"{peaks.driver:.0f}", f"{peaks.worker_max:.0f}",
-            f"{peaks.worker_sum:.0f}", f"{peaks.services:.0f}", str(len(peaks.workers_seen)),
-            f"{wall:.1f}", f"{peaks.driver / base_peaks.driver:.2f}",
-            f"{peaks.worker_max / max(base_peaks.worker_max, 1e-9):.2f}",
-            f"{wall / base_wall:.2f}", status,
+            str(clients), f"{m.driver:.0f}", f"{m.tree:.0f}", seconds(end), seconds(prepared),
+            seconds(started - prepared if started and prepared else None),
+            seconds(m.round_times[0] if m.round_times else None), seconds(median),
+            f"{m.driver_cpu:.0f}", ratio(m.driver, base["driver"]), ratio(m.tree, base["tree"]),
+            ratio(end, base["end"]), ratio(median, base["median"]), status,
         )  # fmt: skip
     console.print(table)
-    console.print(f"ratios (x) are against the {results[0][0]}-client run of this invocation")
-    return 0 if all(r[3] == "ok" for r in results) else 1
+    console.print(f"ratios (x) are against the {counts[0]}-client run of this invocation")
+    return 0 if all(r[2] == "ok" for r in results) else 1
 
 
 if __name__ == "__main__":

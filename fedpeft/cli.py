@@ -38,7 +38,11 @@ def simulate(overrides: Sequence[str]) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from fedpeft.client_resources import attaches_to_cluster, check_client_resources
+    from fedpeft.client_resources import (
+        attaches_to_cluster,
+        check_client_resources,
+        check_ray_address,
+    )
     from fedpeft.clients.simulation import simulation_app
     from fedpeft.config import compose_config
     from fedpeft.federation import prepare
@@ -47,6 +51,7 @@ def simulate(overrides: Sequence[str]) -> dict:
 
     cfg = compose_config(list(overrides))
     _quiet(cfg.verbose)
+    check_ray_address()
     if not attaches_to_cluster():
         check_client_resources(cfg.federation.client_cpus, cfg.federation.client_gpus)
     console = Console(stderr=True)
