@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -39,11 +40,88 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
             cfg = compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
         first = str(exc).strip().splitlines()[0]
+        param = re.search(r"override 'strategy\.params\.(\w+)'", first)
+        if param:
+            chosen = [o.split("=", 1)[1] for o in overrides if re.match(r"\+?strategy=", o)]
+            name = chosen[-1].strip("'\"") if chosen else _default_strategy()
+            raise ConfigError(unknown_param_message(name, param.group(1))) from exc
         raise ConfigError(
             f"bad override ({first}): use key=value, e.g. federation.rounds=5"
         ) from exc
     validate(cfg)
     return cfg
+
+
+def _default_strategy() -> str:
+    """The strategy the root config picks when no `strategy=` override is given."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return str(compose(config_name="config").strategy.name)
+
+
+def strategy_options(name: str) -> set[str]:
+    """What strategy.params may set for a method: its own constructor keywords, up its classes.
+
+    Keywords of the shared base (fraction, seed, ...) come from other config groups, not params.
+    """
+    from fedpeft.strategies import STRATEGIES, LowRankStrategy
+
+    options: set[str] = set()
+    for klass in STRATEGIES[name].__mro__:
+        if klass is LowRankStrategy or not issubclass(klass, LowRankStrategy):
+            break
+        params = inspect.signature(klass.__init__).parameters.values()
+        named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        options |= {p.name for p in params if p.kind in named} - {"self", "global_adapter", "task"}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            break
+    return options
+
+
+def unknown_param_message(name: str, key: str) -> str:
+    """The error for a strategy.params key the method has no option for."""
+    from fedpeft.strategies import STRATEGIES
+
+    if key == "ranks":
+        takers = sorted(n for n in STRATEGIES if "ranks" in strategy_options(n))
+        return (
+            f"strategy.params.ranks: {name} cannot train clients at different ranks (its clients "
+            f"share factors of adapter.rank): use strategy={', '.join(takers[:-1])} or "
+            f"{takers[-1]}, or drop strategy.params.ranks"
+        )
+    known = ", ".join(sorted(strategy_options(name))) or "none"
+    return f"strategy.params.{key} is not an option of {name} (its options: {known})"
+
+
+def _validate_strategy_params(cfg: DictConfig) -> None:
+    """The method's own options: known keys, client ranks, rank scaling, Fed-SB's step."""
+    from fedpeft.strategies.ranks import check_ranks, check_scaling
+
+    name, raw = cfg.strategy.name, cfg.strategy.get("params")
+    params = {} if raw is None else OmegaConf.to_container(raw, resolve=True)
+    assert isinstance(params, dict)
+    unknown = sorted(set(params) - strategy_options(name))
+    if unknown:
+        raise ConfigError(unknown_param_message(name, unknown[0]))
+    try:
+        if params.get("ranks") is not None:
+            ranks = params["ranks"]
+            check_ranks(ranks if isinstance(ranks, list) else [ranks])
+        if "scaling" in params:
+            check_scaling(params["scaling"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    eta = params.get("calibration_lr")
+    _require(
+        eta is None or (_is_number(eta) and eta > 0),
+        f"strategy.params.calibration_lr={eta} must be positive, or null to derive it from "
+        "the run's lr, warm-up ratio and steps",
+    )
+    if "warmup_ratio" in params:
+        ratio = params["warmup_ratio"]
+        _require(
+            _is_number(ratio) and 0 < ratio <= 1,
+            f"strategy.params.warmup_ratio={ratio} must be in (0, 1], e.g. 0.02",
+        )
 
 
 def _require(ok: bool, message: str) -> None:
@@ -143,6 +221,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_task(cfg)
     _validate_scale(cfg)
     _validate_robustness(cfg)
+    _validate_strategy_params(cfg)
 
 
 def _validate_task(cfg: DictConfig) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-import inspect
-from collections.abc import Callable, Iterator, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedpeft import adapters, data, models, privacy, tasks, training
 from fedpeft.causal import evaluation as causal_evaluation
+from fedpeft.config import strategy_options, unknown_param_message
 from fedpeft.errors import ConfigError
 from fedpeft.runtime import ModelRuntime, adapter_spec, model_runtime, model_spec
 from fedpeft.strategies import STRATEGIES, LowRankStrategy
@@ -74,15 +75,34 @@ def dp_task(cfg: DictConfig) -> dict[str, Any]:
     return {**plain, "planned_rounds": int(planned)}
 
 
-def strategy_params(cfg: DictConfig) -> dict[str, Any]:
-    """The method's own options (strategy.params), checked against its constructor."""
+def strategy_params(cfg: DictConfig, sizes: Sequence[int] = ()) -> dict[str, Any]:
+    """The method's own options (strategy.params), checked, plus what the run derives for them.
+
+    A method that takes `total_steps` (Fed-SB's calibration step) gets the optimizer steps the
+    federation is planned to take, all clients together: rounds x clients per round x local
+    steps (with local_epochs: each client's batches per epoch, from the partition `sizes`).
+    """
     raw = cfg.strategy.get("params")
     params = {} if raw is None else dict(OmegaConf.to_container(raw, resolve=True))
-    allowed = set(inspect.signature(STRATEGIES[cfg.strategy.name].__init__).parameters)
+    allowed = strategy_options(cfg.strategy.name)
     unknown = sorted(set(params) - allowed)
     if unknown:
-        raise ConfigError(f"strategy.params.{unknown[0]} is not an option of {cfg.strategy.name}")
+        raise ConfigError(unknown_param_message(cfg.strategy.name, unknown[0]))
+    if "total_steps" in allowed and params.get("total_steps") is None:
+        params["total_steps"] = planned_steps(cfg, sizes)
     return params
+
+
+def planned_steps(cfg: DictConfig, sizes: Sequence[int] = ()) -> int:
+    """Optimizer steps of the whole run over all clients: rounds x sampled x steps per client."""
+    fed = cfg.federation
+    sampled = min(fed.num_clients, max(fed.min_clients, int(fed.fraction * fed.num_clients)))
+    if fed.local_epochs is None or not sizes:
+        per_client = fed.local_steps or 1
+    else:
+        batches = [math.ceil(n / cfg.train.batch_size) for n in sizes]
+        per_client = max(1, round(fed.local_epochs * sum(batches) / len(batches)))
+    return int(fed.rounds * sampled * per_client)
 
 
 class ServerEvaluator:
@@ -267,7 +287,7 @@ def prepare(cfg: DictConfig, deployed: bool = False) -> Federation:
             seed=cfg.seed,
             **example_bounds(cfg, sizes, deployed),
             norm_bound=cfg.replies.norm_bound,
-            **strategy_params(cfg),
+            **strategy_params(cfg, sizes),
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc

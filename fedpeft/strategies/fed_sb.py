@@ -9,10 +9,14 @@ frozen and identical everywhere, so averaging R is exact: B (sum p_k R_k) A = su
 Initialisation, once before round 1 (the base weights are not compensated):
 - `lora_sb`: from the full-weight gradient G of each adapted layer on a calibration set, one layer
   at a time, dW1 = -eta sign(G) ~ U S V^T (rank r, randomised SVD), B = U_r, R = diag(S_r),
-  A = V_r^T (lowrank.lora_sb_init). The calibration examples are server-held data, never client
-  data: fedpeft takes the first `calibration_examples` examples of the server's shuffled held-out
-  split and removes them from the server's evaluation set (federation.prepare), so the reported
-  accuracy is measured on examples the initialisation never saw.
+  A = V_r^T (lowrank.lora_sb_init). eta is the first warm-up step of the run's schedule, as the
+  Fed-SB code derives it (fed_sb/fed/CR/train_cr_fed.py: eff_lr = lr / (warmup_ratio *
+  total_training_steps)): `calibration_step`, with the clients' lr and the optimizer steps the
+  whole federation is planned to take; R starts at eta times the singular values. The
+  calibration examples are server-held data, never client data: fedpeft takes the first
+  `calibration_examples` examples of the server's shuffled held-out split and removes them from
+  the server's evaluation set (federation.prepare), so the reported accuracy is measured on
+  examples the initialisation never saw.
 - `orthonormal`: the data-free variant, random orthonormal B and A from the adapter seed, R = 0
   (lowrank.orthonormal_init), one draw per layer.
 """
@@ -31,6 +35,20 @@ from fedpeft.strategies.base import LowRankStrategy
 INITS = ("lora_sb", "orthonormal")
 
 
+def calibration_step(lr: float, warmup_ratio: float, total_steps: int) -> float:
+    """The step eta = lr / (warmup_ratio * total_steps): the first of a linear warm-up to lr.
+
+    The Fed-SB code's eff_lr (train_cr_fed.py, train_it_fed.py); with its commonsense settings
+    (lr 1e-4, warm-up 0.02, 170k examples at batch 10 for 2 epochs) about 1.5e-7.
+    """
+    if lr <= 0 or not 0 < warmup_ratio <= 1 or total_steps < 1:
+        raise ValueError(
+            f"need lr > 0, warmup_ratio in (0, 1] and total_steps >= 1, got {lr}, "
+            f"{warmup_ratio}, {total_steps}"
+        )
+    return lr / (warmup_ratio * total_steps)
+
+
 class FedSB(LowRankStrategy):
     """Fed-SB on LoRA-SB adapters (adapter kind `sb`).
 
@@ -42,9 +60,17 @@ class FedSB(LowRankStrategy):
         Server-held examples for the `lora_sb` gradient (the official runs use 50 to 550); taken
         from the server's held-out split and excluded from server evaluation. Ignored (0) for
         `orthonormal`.
-    calibration_lr : float (default: 1e-3)
+    calibration_lr : float or None (default: None)
         eta of the simulated first Adam-like step dW1 = -eta sign(G); R starts at its singular
-        values, so eta sets the initial update's size.
+        values, so eta sets the initial update's size (the base is not compensated). None derives
+        it as the Fed-SB code does: eta = lr / (warmup_ratio * total_steps), lr the clients'
+        learning rate (task train.lr).
+    warmup_ratio : float (default: 0.02)
+        The warm-up fraction in that derivation (the Fed-SB scripts' --warmup_ratio 0.02).
+    total_steps : int or None (default: None)
+        Optimizer steps the federation is planned to take, all clients together (the code's
+        len(train_loader) * epochs over the whole training set); the run fills it in
+        (federation.strategy_params: rounds x clients per round x local steps).
     **kwargs
         See `LowRankStrategy`. The rank is the run's adapter rank (adapter.rank); the scaling is 1.
 
@@ -64,7 +90,9 @@ class FedSB(LowRankStrategy):
         *,
         init: str = "lora_sb",
         calibration_examples: int = 64,
-        calibration_lr: float = 1e-3,
+        calibration_lr: float | None = None,
+        warmup_ratio: float = 0.02,
+        total_steps: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(global_adapter, task, **kwargs)
@@ -75,11 +103,21 @@ class FedSB(LowRankStrategy):
                 f"strategy.params.calibration_examples={calibration_examples} must be >= 1 for "
                 "init=lora_sb (or use init=orthonormal, which needs no data)"
             )
-        if calibration_lr <= 0:
+        if calibration_lr is not None and calibration_lr <= 0:
             raise ValueError(f"strategy.params.calibration_lr={calibration_lr} must be > 0")
+        if not 0 < warmup_ratio <= 1:
+            raise ValueError(f"strategy.params.warmup_ratio={warmup_ratio} must be in (0, 1]")
         self.init = init
         self.calibration_examples = calibration_examples if init == "lora_sb" else 0
         self.calibration_lr = calibration_lr
+        if init == "lora_sb" and calibration_lr is None:
+            lr = self.task.get("train", {}).get("lr")
+            if lr is None or total_steps is None:
+                raise ValueError(
+                    "strategy.params.calibration_lr=null derives eta from the run's train.lr and "
+                    "planned steps, which this strategy was not given: set calibration_lr"
+                )
+            self.calibration_lr = calibration_step(float(lr), warmup_ratio, int(total_steps))
         self.adapter_seed = int(self.task.get("adapter_seed", 0))
         self.layers = [k.removesuffix(".lora_R") for k in self.factor_keys("lora_R")]
         if not self.layers:

@@ -2,8 +2,9 @@
 
 Implements ALGORITHMS.md §3, after Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models
 with Heterogeneous Low-Rank Adaptations" (NeurIPS 2024). Client k trains a fresh LoRA of its own
-rank r_k. The server stacks the replies into one module of scaling 1,
-B_stack = [B_1 ... B_K], A_stack = [s_1 p_1 A_1; ...; s_K p_K A_K] (s_k = alpha / r_k folded into
+rank r_k at its own alpha_k (strategies/ranks.py: by default alpha_k = 2 r_k as in the FLoRA code,
+generally alpha / adapter.rank * r_k). The server stacks the replies into one module of scaling 1,
+B_stack = [B_1 ... B_K], A_stack = [s_1 p_1 A_1; ...; s_K p_K A_K] (s_k = alpha_k / r_k folded into
 A, lowrank.flora_stack), so that B_stack A_stack = sum_k p_k s_k B_k A_k exactly. Every party merges
 it into its base weights, W0 <- W0 + B_stack A_stack (float32, in place), and starts a fresh LoRA.
 
@@ -27,6 +28,7 @@ from fedpeft import lowrank
 from fedpeft.adapters import STACK_PREFIX
 from fedpeft.records import TensorSpec
 from fedpeft.strategies.base import LowRankStrategy
+from fedpeft.strategies.ranks import RankPlan
 
 
 class FLoRA(LowRankStrategy):
@@ -38,6 +40,12 @@ class FLoRA(LowRankStrategy):
         LoRA ranks handed to clients in the order the server first samples them: the i-th node
         seen gets ranks[i % len(ranks)], and keeps it for the whole run. None gives every client
         the task's adapter rank. Any ranks and any sampling fraction work.
+    scaling : str (default: "per_rank")
+        The clients' alphas (ranks.RankPlan). "per_rank": alpha_k = alpha / R * r_k (R =
+        adapter.rank), every client at the scaling alpha / R; with fedpeft's defaults (alpha 16,
+        rank 8) that is the FLoRA code's alpha_k = 2 r_k, its published setting. "shared":
+        alpha_k = alpha for every client, s_k = alpha / r_k. Each node is sent its rank and
+        alpha in the round config, and its s_k is folded into its block of A_stack.
     **kwargs
         See `LowRankStrategy`. The head (when trained) is averaged as usual.
 
@@ -58,21 +66,23 @@ class FLoRA(LowRankStrategy):
         task: Mapping[str, Any],
         *,
         ranks: Sequence[int] | None = None,
+        scaling: str = "per_rank",
         **kwargs,
     ) -> None:
         super().__init__(global_adapter, task, **kwargs)
         adapter = self.task.get("adapter", {})
-        self.ranks = [int(r) for r in (ranks or [adapter.get("rank", 8)])]
-        if not self.ranks or any(r < 1 for r in self.ranks):
-            raise ValueError(f"strategy.params.ranks={list(ranks or [])} must be positive integers")
+        rank = int(adapter.get("rank", 8))
         self.alpha = float(adapter.get("alpha", 16))
+        chosen = [rank] if ranks is None else ranks
+        self.plan = RankPlan.build(chosen, rank, self.alpha, scaling, padded=False)
+        self.ranks = list(self.plan.ranks)
         self.adapter_seed = int(self.task.get("adapter_seed", 0))
         self.stacks: list[dict[str, torch.Tensor]] = []
         self.layers = [k.removesuffix(".lora_A") for k in self.factor_keys("lora_A")]
 
     def rank_of(self, node_id: int) -> int:
         """This node's rank, assigned to its identity the first time the node is sampled."""
-        return self.assign_rank(node_id, self.ranks)
+        return self.assign_rank(node_id, self.plan.ranks)
 
     def down_keys(self, node_id: int) -> list[str]:
         """Only the head (when trained): the LoRA is fresh, the stacks come in `node_payload`."""
@@ -96,7 +106,7 @@ class FLoRA(LowRankStrategy):
         return specs
 
     def node_payload(self, node_id: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The stacked modules this node lacks, its rank, and the seed of its fresh LoRA."""
+        """The stacked modules this node lacks, its rank and alpha, and its fresh LoRA's seed."""
         known = min(self.known_versions.get(node_id, 0), len(self.stacks))
         tensors = {
             f"{STACK_PREFIX}{version}.{key}": value
@@ -108,7 +118,7 @@ class FLoRA(LowRankStrategy):
         config = {
             "stack-from": known,
             "stack-to": len(self.stacks),
-            "adapter-rank": self.rank_of(node_id),
+            **self.plan.node_config(self.rank_of(node_id)),
             "fresh-seed": seed,
         }
         return tensors, config
@@ -121,7 +131,7 @@ class FLoRA(LowRankStrategy):
         for name in self.layers:
             a_list = [u[f"{name}.lora_A"] for u in updates]
             b_list = [u[f"{name}.lora_B"] for u in updates]
-            scalings = [self.alpha / a.shape[0] for a in a_list]
+            scalings = [self.plan.scaling_of(a.shape[0]) for a in a_list]
             a_stack, b_stack = lowrank.flora_stack(a_list, b_list, weights, scalings)
             stack[f"{name}.lora_A"] = a_stack.contiguous()
             stack[f"{name}.lora_B"] = b_stack.contiguous()

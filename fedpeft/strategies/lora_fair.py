@@ -3,15 +3,19 @@
 Implements ALGORITHMS.md §5, after Bian et al., "LoRA-FAIR: Federated LoRA Fine-Tuning with
 Aggregation and Initialization Refinement" (ICCV 2025). Averaging A and B separately gives
 B_bar A_bar, not the ideal dW* = sum p_k B_k A_k. The server finds dB minimising
-1 - cos(dW*, (B_bar + dB) A_bar) + lambda ||dB||_F^2 (whole-matrix cosine, summed over layers, dB
-starting at 0, plain SGD with early stopping) and sends B' = B_bar + dB with A_bar. Correcting B
-only is the paper's choice and its best ablation. Everything runs on the factors (r x r Grams),
-never on a d_out x d_in matrix.
+1 - cos(dW*, (B_bar + dB) A_bar) + lambda ||dB||_F^2 / ||B_bar||_F^2 (whole-matrix cosine, dB
+starting at 0, plain SGD, one early-stopping rule on the loss summed over every layer) and sends
+B' = B_bar + dB with A_bar. The regulariser is the paper's measured in units of ||B_bar||, which
+makes the solver scale-free (lowrank.lora_fair_residual_groups says why). Correcting B only is the
+paper's choice and its best ablation. Everything runs on the factors (r x r Grams), never on a
+d_out x d_in matrix. Heterogeneous ranks (`ranks`) take FedAvg's zero-padding path
+(strategies/ranks.py): the replies are padded to the global rank first, and dW* is then the
+clients' own sum p_k s_k B_k A_k expressed at the global scaling.
 """
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import INFO, WARNING
 
 import torch
 from flwr.supercore import log
@@ -28,23 +32,28 @@ class LoRAFAIR(FedAvgLoRA):
     Parameters
     ----------
     lam : float (default: 0.01)
-        Weight of the ||dB||_F^2 regulariser.
+        Weight of the ||dB||_F^2 / ||B_bar||_F^2 regulariser (the paper's lambda at unit scale).
     lr : float (default: 0.01)
-        Step size of the server's SGD on dB (the paper's setting).
+        Step size of the server's SGD on dB / ||B_bar|| (the paper's setting).
     max_iter : int (default: 1000)
         Most SGD iterations per round.
     tol : float (default: 1e-6)
-        Stop when the loss changes by less than this for `patience` iterations in a row.
+        Stop when the loss summed over all layers changes by less than this for `patience`
+        iterations in a row.
     patience : int (default: 5)
         See `tol`.
     variant : str (default: "cosine")
         "cosine" is the paper's objective; "closed_form" solves the squared-error surrogate
         dB = (G - B_bar M)(M + lambda I)^-1 instead. The surrogate is not the paper's method.
+    ranks, scaling
+        Heterogeneous client ranks and their alphas, as in `FedAvgLoRA` (zero-padded).
     **kwargs
         See `LowRankStrategy`.
 
     Down: A_bar and B' (and the head when trained). Up: A_k and B_k (and the head), as in FedAvg,
-    whose exchange this class inherits.
+    whose exchange this class inherits. Each round the solver's info (summed and per layer group)
+    is logged and kept in `last_info`; every layer keeps its best iterate, and a layer no step
+    improved keeps B_bar (logged as a fallback).
     """
 
     def __init__(
@@ -72,24 +81,32 @@ class LoRAFAIR(FedAvgLoRA):
     def aggregate_updates(
         self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor
     ) -> None:
-        """Average everything, then replace B_bar by B_bar + dB for each group of layers."""
-        super().aggregate_updates(updates, weights)
-        for names in self.layer_groups():
-            a_stack = torch.stack([self.stack_factor(names, "lora_A", u) for u in updates])
-            b_stack = torch.stack([self.stack_factor(names, "lora_B", u) for u in updates])
-            if self.variant == "closed_form":
-                a_bar, b_new = lowrank.lora_fair_closed_form(a_stack, b_stack, weights, self.lam)
-            else:
-                a_bar, b_new, self.last_info = lowrank.lora_fair_residual(
-                    a_stack,
-                    b_stack,
-                    weights,
-                    self.lam,
-                    self.lr,
-                    self.max_iter,
-                    self.tol,
-                    self.patience,
+        """Average everything (zero-padded to the global rank), then B_bar -> B_bar + dB."""
+        updates = self.padded(updates)
+        self.average_into_global(updates, weights)
+        groups = self.layer_groups()
+        stacks = [
+            (
+                torch.stack([self.stack_factor(names, "lora_A", u) for u in updates]),
+                torch.stack([self.stack_factor(names, "lora_B", u) for u in updates]),
+            )
+            for names in groups
+        ]
+        if self.variant == "closed_form":
+            results = [lowrank.lora_fair_closed_form(a, b, weights, self.lam) for a, b in stacks]
+        else:
+            results, self.last_info = lowrank.lora_fair_residual_groups(
+                stacks, weights, self.lam, self.lr, self.max_iter, self.tol, self.patience
+            )
+            log(INFO, "LoRA-FAIR round %d: %s", self.server_round, self.last_info)
+            if self.last_info["fallback_layers"]:
+                log(
+                    WARNING,
+                    "LoRA-FAIR round %d: no SGD step improved %d of %d layers; they keep B_bar",
+                    self.server_round,
+                    self.last_info["fallback_layers"],
+                    self.last_info["layers"],
                 )
-                log(INFO, "LoRA-FAIR round %d: %s", self.server_round, self.last_info)
+        for names, (a_bar, b_new) in zip(groups, results, strict=True):
             self.unstack_factor(names, "lora_A", a_bar)
             self.unstack_factor(names, "lora_B", b_new)

@@ -7,6 +7,7 @@ from fedpeft.clients.client_app import train
 from fedpeft.config import compose_config
 from fedpeft.federation import prepare
 from fedpeft.strategies import FedSB
+from fedpeft.strategies.fed_sb import calibration_step
 from tests.conftest import FAST_RUN, plain_peft_metrics
 from tests.strategies.conftest import (
     D_IN,
@@ -94,6 +95,35 @@ def test_lora_sb_calibration_is_the_truncated_svd_of_the_sign_step():
         _strategy(init="lora_sb", calibration_examples=0)
     with pytest.raises(ValueError, match="init"):
         _strategy(init="nope")
+
+
+def test_calibration_step_is_the_fed_sb_codes_first_warm_up_step():
+    # Fed-SB's commonsense script: lr 1e-4, warm-up 0.02, 170k examples at batch 10, 2 epochs
+    assert calibration_step(1e-4, 0.02, 17_000 * 2) == pytest.approx(1.4706e-7, rel=1e-4)
+    assert calibration_step(3e-3, 0.5, 12) == pytest.approx(5e-4, rel=1e-12)
+    for bad in ((0.0, 0.02, 10), (1e-3, 0.0, 10), (1e-3, 1.5, 10), (1e-3, 0.02, 0)):
+        with pytest.raises(ValueError):
+            calibration_step(*bad)
+    with pytest.raises(ValueError, match="calibration_lr=null"):
+        _strategy(init="lora_sb")  # no run lr or planned steps to derive it from
+    task = {"adapter_seed": 3, "train": {"lr": 2e-3}}
+    derived = FedSB(_adapter(), task, init="lora_sb", total_steps=40, warmup_ratio=0.1)
+    assert derived.calibration_lr == pytest.approx(2e-3 / (0.1 * 40), rel=1e-12)
+
+
+def test_run_derives_the_calibration_step_and_r_scales_with_it(data_dir):
+    """eta = train.lr / (warmup_ratio x rounds x clients x local steps); R_init is eta S."""
+    run = [*FAST_RUN, "strategy=fed_sb", "strategy.params.calibration_examples=16"]
+    first = prepare(compose_config(run)).strategy
+    assert first.calibration_lr == pytest.approx(3e-3 / (0.02 * 2 * 2 * 3), rel=1e-12)
+    second = prepare(compose_config([*run, "strategy.params.warmup_ratio=0.08"])).strategy
+    assert second.calibration_lr == pytest.approx(first.calibration_lr / 4, rel=1e-12)
+    for key in first.factor_keys("lora_R"):
+        r1, r2 = first.global_adapter[key].double(), second.global_adapter[key].double()
+        assert r1.norm() > 0
+        torch.testing.assert_close(r2, r1 / 4, rtol=1e-5, atol=1e-6 * r1.norm().item())
+    explicit = prepare(compose_config([*run, "strategy.params.calibration_lr=1e-3"])).strategy
+    assert explicit.calibration_lr == 1e-3
 
 
 def test_client_that_lost_its_frozen_factors_fails_and_gets_them_again(data_dir):

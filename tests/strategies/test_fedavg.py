@@ -94,6 +94,12 @@ def test_sampling_is_reproducible_with_the_seed():
 
 
 RANKS = [1, 3, 4]
+ALPHA = 16.0
+
+
+def _hetero(scaling: str):
+    task = {"kind": "lora", "adapter": {"rank": R, "alpha": ALPHA}}
+    return FedAvgLoRA(global_adapter(), task, max_num_examples=1000, ranks=RANKS, scaling=scaling)
 
 
 def _hetero_updates(strategy, nodes, seed):
@@ -104,28 +110,35 @@ def _hetero_updates(strategy, nodes, seed):
     ]
 
 
-def test_zero_padded_ranks_send_each_node_the_truncated_global():
-    strategy = _strategy(ranks=RANKS)
+@pytest.mark.parametrize("scaling", ["per_rank", "shared"])
+def test_zero_padded_ranks_send_each_node_the_truncated_global(scaling):
+    strategy = _hetero(scaling)
     messages = list(strategy.configure_train(1, None, {}, FakeGrid([5, 6, 7])))
     head = 2 * D_OUT + 2
     assert strategy.stats.bytes_down == sum(LAYERS * r * (D_IN + D_OUT) + head for r in RANKS) * 4
     g = strategy.global_adapter
     for msg, r in zip(messages, RANKS):
-        assert msg.content["config"]["adapter-rank"] == r
+        config = msg.content["config"]
+        assert config["adapter-rank"] == r
+        alpha_k = ALPHA * r / R if scaling == "per_rank" else ALPHA
+        assert config["adapter-alpha"] == pytest.approx(alpha_k, rel=1e-12)
         arrays = {k: torch.from_numpy(v.numpy()) for k, v in msg.content["arrays"].items()}
         for layer in range(LAYERS):
             a, b = arrays[f"enc.{layer}.q.lora_A"], arrays[f"enc.{layer}.q.lora_B"]
             assert a.shape == (r, D_IN) and b.shape == (D_OUT, r)
-            # the client's scaling alpha / r makes its model the rank-r truncation of the global
-            client = (b.double() / r) @ a.double()
-            truncated = (g[f"enc.{layer}.q.lora_B"][:, :r].double() / R) @ (
-                g[f"enc.{layer}.q.lora_A"][:r].double()
+            # the client's scaling alpha_k / r makes its model the rank-r truncation of the global
+            client = (alpha_k / r) * b.double() @ a.double()
+            truncated = (
+                (ALPHA / R)
+                * g[f"enc.{layer}.q.lora_B"][:, :r].double()
+                @ (g[f"enc.{layer}.q.lora_A"][:r].double())
             )
             torch.testing.assert_close(client, truncated, atol=1e-6, rtol=1e-6)
 
 
-def test_zero_padded_average_against_float64_reference():
-    strategy = _strategy(ranks=RANKS)
+@pytest.mark.parametrize("scaling", ["per_rank", "shared"])
+def test_zero_padded_average_against_float64_reference(scaling):
+    strategy = _hetero(scaling)
     nodes = [5, 6, 7]
     list(strategy.configure_train(1, None, {}, FakeGrid(nodes)))
     updates = _hetero_updates(strategy, nodes, seed=4)
@@ -138,14 +151,17 @@ def test_zero_padded_average_against_float64_reference():
         a_ref = torch.zeros(R, D_IN, dtype=torch.float64)
         b_ref = torch.zeros(D_OUT, R, dtype=torch.float64)
         for pk, u, r in zip(p, updates, RANKS):
+            frame = R / r if scaling == "shared" else 1.0  # s_k / s
             a_ref[:r] += pk * u[f"{name}.lora_A"].double()
-            b_ref[:, :r] += pk * u[f"{name}.lora_B"].double() * (R / r)
+            b_ref[:, :r] += pk * u[f"{name}.lora_B"].double() * frame
         torch.testing.assert_close(strategy.global_adapter[f"{name}.lora_A"].double(), a_ref)
-        torch.testing.assert_close(strategy.global_adapter[f"{name}.lora_B"].double(), b_ref)
+        torch.testing.assert_close(
+            strategy.global_adapter[f"{name}.lora_B"].double(), b_ref, rtol=1e-6, atol=1e-6
+        )
 
 
 def test_zero_padded_ranks_reject_wrong_shapes_and_too_large_ranks():
-    strategy = _strategy(ranks=RANKS)
+    strategy = _hetero("per_rank")
     list(strategy.configure_train(1, None, {}, FakeGrid([5, 6, 7])))
     full_rank = client_updates(strategy.up_keys(), 1)[0]
     strategy.aggregate_train(1, [reply(5, full_rank, 10)])

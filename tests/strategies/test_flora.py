@@ -32,10 +32,14 @@ def _updates(strategy, nodes, seed):
     ]
 
 
-def test_stack_is_exact_with_heterogeneous_ranks():
-    strategy = _strategy()
+@pytest.mark.parametrize("scaling", ["per_rank", "shared"])
+def test_stack_is_exact_with_heterogeneous_ranks(scaling):
+    strategy = _strategy(scaling=scaling)
     nodes = [7, 3, 9]
-    list(strategy.configure_train(1, None, {}, FakeGrid(nodes)))
+    messages = list(strategy.configure_train(1, None, {}, FakeGrid(nodes)))
+    for msg, r in zip(messages, RANKS):
+        alpha_k = ALPHA * r / 4 if scaling == "per_rank" else ALPHA  # adapter.rank = 4
+        assert msg.content["config"]["adapter-alpha"] == pytest.approx(alpha_k, rel=1e-12)
     updates = _updates(strategy, nodes, seed=2)
     weights = [10, 20, 70]
     strategy.aggregate_train(1, [reply(n, u, w) for n, u, w in zip(nodes, updates, weights)])
@@ -45,7 +49,7 @@ def test_stack_is_exact_with_heterogeneous_ranks():
         name = f"enc.{layer}.q"
         ideal = sum(
             pk
-            * (ALPHA / u[f"{name}.lora_A"].shape[0])
+            * ((ALPHA / 4) if scaling == "per_rank" else (ALPHA / u[f"{name}.lora_A"].shape[0]))
             * u[f"{name}.lora_B"].double()
             @ u[f"{name}.lora_A"].double()
             for pk, u in zip(p, updates)
@@ -125,6 +129,7 @@ def test_catch_up_and_restart_end_with_the_same_base(data_dir):
             if server_round == 5:
                 task = json.loads(str(msg.content["config"]["task"]))
                 task["adapter"]["rank"] = int(msg.content["config"]["adapter-rank"])
+                task["adapter"]["alpha"] = float(msg.content["config"]["adapter-alpha"])
                 bases[node] = _bases(model_runtime(task))
         strategy.aggregate_train(server_round, replies)
         assert strategy.stats.replied == len(sampled) - (server_round == 4)

@@ -1,0 +1,150 @@
+"""Heterogeneous client ranks: the one path every method with per-client LoRA ranks goes through.
+
+A method that lets client k train a LoRA of its own rank r_k needs four things, all here:
+- which rank a node gets: `LowRankStrategy.assign_rank(node, plan.ranks)`, ranks[i % n] for the
+  i-th node first sampled, kept for the run and across resumes;
+- which alpha it trains at (`alpha_of`), from `scaling`:
+  * "per_rank": alpha_k = c r_k with c = alpha / R (R = adapter.rank, alpha = the method's
+    alpha), so every client trains at the same scaling s_k = c. With fedpeft's defaults
+    (alpha 16, rank 8) c = 2: the FLoRA code's alpha_k = 2 r_k (ATP-1010/FederatedLLM main.py,
+    both for stacking and for its zero-padding baseline) and HetLoRA's fixed s (ALGORITHMS.md
+    §10).
+  * "shared": alpha_k = alpha for every client, so s_k = alpha / r_k (FlexLoRA's alpha = 16,
+    §9). Low-rank clients then train at a larger scaling.
+- for zero padding, how a node's rank-r_k factors map to and from the global rank-R adapter, whose
+  scaling is s = alpha / R (`truncate`, `pad`): the node gets A[:r_k] and B[:, :r_k] s / s_k, so its
+  model s_k B_k A_k is exactly the rank-r_k truncation of the global s B A, and its reply comes back
+  as [A_k; 0] and [B_k s_k / s, 0], whose product times s is exactly s_k B_k A_k. Every method that
+  stacks or averages rank-R tensors pads first (`pad`), so mixed ranks never reach `torch.stack`;
+- the reply shapes to validate (`up_specs`).
+A method that cannot take per-client ranks has no `ranks` option; `fedpeft.config` refuses it
+with a clear error (exit 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedpeft.records import TensorSpec
+
+SCALINGS = ("per_rank", "shared")
+
+
+def check_scaling(scaling: str) -> str:
+    """`scaling` if it is one of SCALINGS, else ValueError naming the option and the choices."""
+    if scaling not in SCALINGS:
+        raise ValueError(
+            f"strategy.params.scaling={scaling} is unknown: choose per_rank (alpha_k = "
+            "alpha / adapter.rank * r_k, every client at one scaling) or shared (alpha_k = alpha)"
+        )
+    return scaling
+
+
+def check_ranks(ranks: Sequence[int], most: int | None = None) -> list[int]:
+    """`ranks` as a list of positive ints, each at most `most` when given; else ValueError."""
+    values = list(ranks)
+    if not values or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in values):
+        raise ValueError(
+            f"strategy.params.ranks={values} must be a non-empty list of positive integers, "
+            "e.g. [4,8,16]"
+        )
+    if most is not None and max(values) > most:
+        raise ValueError(
+            f"strategy.params.ranks={values} has ranks above adapter.rank={most}, the global "
+            f"adapter they are zero-padded into: set adapter.rank={max(values)}"
+        )
+    return values
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Per-client ranks and alphas of one run, and the zero-padding maps to the global adapter.
+
+    Parameters
+    ----------
+    ranks : tuple[int, ...]
+        Ranks handed out in the order nodes are first sampled (i-th node: ranks[i % n]).
+    global_rank : int
+        R, the global adapter's rank (adapter.rank).
+    alpha : float
+        The method's alpha (strategy.alpha or adapter.alpha); the global scaling is alpha / R.
+    scaling : str
+        "per_rank" (alpha_k = alpha / R * r_k) or "shared" (alpha_k = alpha); see the module.
+    """
+
+    ranks: tuple[int, ...]
+    global_rank: int
+    alpha: float
+    scaling: str
+
+    @classmethod
+    def build(
+        cls,
+        ranks: Sequence[int],
+        global_rank: int,
+        alpha: float,
+        scaling: str,
+        *,
+        padded: bool,
+    ) -> RankPlan:
+        """A checked plan; `padded`: ranks are zero-padded into the global adapter (r_k <= R)."""
+        values = check_ranks(ranks, global_rank if padded else None)
+        if global_rank < 1 or alpha <= 0:
+            raise ValueError(f"need adapter.rank >= 1 and alpha > 0, got {global_rank}, {alpha}")
+        return cls(tuple(values), int(global_rank), float(alpha), check_scaling(scaling))
+
+    def alpha_of(self, rank: int) -> float:
+        """alpha_k for a client of rank r_k."""
+        if self.scaling == "shared":
+            return self.alpha
+        return self.alpha * rank / self.global_rank
+
+    def scaling_of(self, rank: int) -> float:
+        """s_k = alpha_k / r_k."""
+        return self.alpha_of(rank) / rank
+
+    def frame(self, rank: int) -> float:
+        """s_k / s: a rank-r_k client's scaling over the global adapter's (1 under per_rank)."""
+        return self.scaling_of(rank) * self.global_rank / self.alpha
+
+    def node_config(self, rank: int) -> dict[str, int | float]:
+        """The round-config entries that make a client train at rank r_k and alpha_k."""
+        return {"adapter-rank": int(rank), "adapter-alpha": float(self.alpha_of(rank))}
+
+    def truncate(self, tensors: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+        """Global rank-R factors -> the node's: A[:r_k], B[:, :r_k] s / s_k; others unchanged."""
+        out = {}
+        for key, value in tensors.items():
+            if key.endswith(".lora_A"):
+                value = value[:rank]
+            elif key.endswith(".lora_B"):
+                value = value[:, :rank] / self.frame(rank)
+            out[key] = value.contiguous()
+        return out
+
+    def pad(self, update: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A reply -> rank R: [A_k; 0] and [B_k s_k / s, 0] (r_k read off B); others as is."""
+        out = {}
+        for key, value in update.items():
+            if key.endswith(".lora_A"):
+                value = torch.nn.functional.pad(value, (0, 0, 0, self.global_rank - value.shape[0]))
+            elif key.endswith(".lora_B"):
+                rank = value.shape[1]
+                value = torch.nn.functional.pad(
+                    value * self.frame(rank), (0, self.global_rank - rank)
+                )
+            out[key] = value
+        return out
+
+    def up_specs(self, specs: Mapping[str, TensorSpec], rank: int) -> dict[str, TensorSpec]:
+        """Reply specs with every A as (r_k, d_in) and every B as (d_out, r_k)."""
+        out = dict(specs)
+        for key, spec in specs.items():
+            if key.endswith(".lora_A"):
+                out[key] = TensorSpec((rank, spec.shape[-1]))
+            elif key.endswith(".lora_B"):
+                out[key] = TensorSpec((spec.shape[0], rank))
+        return out
