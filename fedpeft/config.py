@@ -93,10 +93,15 @@ def unknown_param_message(name: str, key: str) -> str:
 
 
 def _validate_strategy_params(cfg: DictConfig) -> None:
-    """The method's own options: known keys, client ranks, rank scaling, Fed-SB's step."""
+    """The method's own options: keys, client ranks, scaling, Fed-SB's step, FFA-LoRA's alpha."""
     from fedpeft.strategies.ranks import check_ranks, check_scaling
 
     name, raw = cfg.strategy.name, cfg.strategy.get("params")
+    _require(
+        name != "ffa_lora" or cfg.strategy.alpha is not None,
+        "strategy.alpha=null: FFA-LoRA has its own alpha, not adapter.alpha (under DP it scales "
+        "B's per-example gradient before clipping): set strategy.alpha, e.g. strategy.alpha=16",
+    )
     params = {} if raw is None else OmegaConf.to_container(raw, resolve=True)
     assert isinstance(params, dict)
     unknown = sorted(set(params) - strategy_options(name))

@@ -21,8 +21,10 @@ class FFALoRA(LowRankStrategy):
     carries the seed (`adapter_seed`) and every party expands it identically
     (adapters.initial_adapter),
     which ALGORITHMS.md allows in place of sending A once. Down: B (and the head when trained).
-    Up: B_k (and the head). Server: B = sum p_k B_k. The method's own `alpha` and learning rate are
-    set in its config (strategy.alpha, strategy.lr; published settings use about 10x LoRA's lr).
+    Up: B_k (and the head). Server: B = sum p_k B_k. The method's own alpha and learning rate are
+    set in its config (strategy.alpha, default 16, and strategy.lr, 5e-3; published settings use
+    about 10x LoRA's lr). strategy.alpha is required: it never falls back to adapter.alpha,
+    because under DP alpha scales B's per-example gradient before clipping (ALGORITHMS.md §2).
     Parameters: see `LowRankStrategy`.
     """
 

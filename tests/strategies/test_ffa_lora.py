@@ -1,5 +1,9 @@
+import pytest
 import torch
 
+from fedpeft.config import compose_config
+from fedpeft.errors import ConfigError
+from fedpeft.federation import build_task
 from fedpeft.strategies import FFALoRA
 from tests.strategies.conftest import (
     D_OUT,
@@ -44,3 +48,17 @@ def test_aggregation_is_exact_for_the_shared_a():
         atol=1e-6,
         rtol=1e-6,
     )
+
+
+def test_ffa_lora_trains_at_its_own_alpha_never_lora_s():
+    """strategy.alpha, not adapter.alpha, reaches the clients; null is refused (exit 2)."""
+    task = build_task(compose_config(["strategy=ffa_lora", "adapter.alpha=64"]), 2)
+    assert task["adapter"]["alpha"] == 16.0
+    task = build_task(compose_config(["strategy=ffa_lora", "strategy.alpha=4"]), 2)
+    assert task["adapter"]["alpha"] == 4
+    assert (
+        build_task(compose_config(["strategy=fedavg", "adapter.alpha=64"]), 2)["adapter"]["alpha"]
+        == 64
+    )
+    with pytest.raises(ConfigError, match="strategy.alpha=null: FFA-LoRA has its own alpha"):
+        compose_config(["strategy=ffa_lora", "strategy.alpha=null"])
