@@ -1,7 +1,16 @@
+import json
+
 import pytest
 import torch
+from flwr.app import ConfigRecord, Context, RecordDict
 
+from fedpeft import lowrank
+from fedpeft.clients.client_app import train
+from fedpeft.config import compose_config
+from fedpeft.federation import prepare
+from fedpeft.runtime import model_runtime
 from fedpeft.strategies import FedAvgLoRA, LoRAFAIR
+from tests.conftest import FAST_RUN
 from tests.strategies.conftest import (
     D_IN,
     D_OUT,
@@ -72,3 +81,72 @@ def test_bytes_match_the_communication_table():
         1, [reply(m.metadata.dst_node_id, u, 5) for m, u in zip(messages, updates)]
     )
     assert strategy.stats.bytes_up == 2 * LAYERS * R * (D_IN + D_OUT) * 4
+
+
+@pytest.mark.parametrize("scaling", ["per_rank", "shared"])
+def test_mixed_ranks_with_real_clients(scaling, data_dir):
+    """Two tiny_bert clients of ranks 2 and 8 train at their own alpha; LoRA-FAIR takes both."""
+    run = [
+        *FAST_RUN,
+        "strategy=lora_fair",
+        "adapter.rank=8",
+        "strategy.params.ranks=[2,8]",
+        f"strategy.params.scaling={scaling}",
+        "federation.local_steps=1",
+        "train.batch_size=4",
+    ]
+    fed = prepare(compose_config(run))
+    strategy = fed.strategy
+    contexts = {
+        n: Context(1, n, {"partition-id": n - 1, "num-partitions": 2}, RecordDict(), {})
+        for n in (1, 2)
+    }
+    for server_round in (1, 2):
+        messages = list(
+            strategy.configure_train(server_round, None, ConfigRecord(), FakeGrid([1, 2]))
+        )
+        replies = [train(m, contexts[m.metadata.dst_node_id]) for m in messages]
+        strategy.aggregate_train(server_round, replies)
+        assert strategy.stats.replied == 2, strategy.stats.rejected
+        assert strategy.last_info["layers"] == 4 and strategy.last_info["iterations"] >= 1
+        assert strategy.last_info["final_loss"] <= strategy.last_info["initial_loss"]
+    for msg in messages:
+        config = msg.content["config"]
+        task = json.loads(str(config["task"]))
+        task["adapter"].update(rank=config["adapter-rank"], alpha=config["adapter-alpha"])
+        layers = [m for m in model_runtime(task).model.modules() if hasattr(m, "lora_A")]
+        expected = 16 / 8 if scaling == "per_rank" else 16 / config["adapter-rank"]
+        assert layers and all(m.scaling["default"] == pytest.approx(expected) for m in layers)
+    assert all(strategy.global_adapter[k].shape[0] == 8 for k in strategy.factor_keys("lora_A"))
+    assert 0.0 <= fed.evaluator(strategy.global_adapter)["accuracy"] <= 1.0
+
+
+def test_layer_groups_share_one_solve_and_every_group_is_reported():
+    """Two layer shapes: one stopping rule over both (as lowrank's), info for each group."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {"a.q": (12, 16), "a.v": (12, 16), "b.q": (20, 8)}
+    adapter = {}
+    for name, (d_out, d_in) in shapes.items():
+        adapter[f"{name}.lora_A"] = torch.randn(R, d_in, generator=g)
+        adapter[f"{name}.lora_B"] = torch.randn(d_out, R, generator=g)
+    strategy = LoRAFAIR(adapter, {}, train_head=False, max_num_examples=100)
+    updates = [
+        {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in adapter.items()}
+        for _ in range(3)
+    ]
+    strategy.aggregate_train(1, [reply(i, u, 5 + i) for i, u in enumerate(updates)])
+    info = strategy.last_info
+    assert [group["layers"] for group in info["groups"]] == [2, 1] and info["layers"] == 3
+    weights = lowrank.normalize_weights([5, 6, 7])
+    stacks = [
+        tuple(
+            torch.stack([torch.stack([u[f"{n}.{f}"] for n in names]) for u in updates])
+            for f in ("lora_A", "lora_B")
+        )
+        for names in (["a.q", "a.v"], ["b.q"])
+    ]
+    results, ref = lowrank.lora_fair_residual_groups(stacks, weights)
+    assert info["iterations"] == ref["iterations"]
+    for names, (_, b_prime) in zip((["a.q", "a.v"], ["b.q"]), results):
+        for i, name in enumerate(names):
+            assert torch.equal(strategy.global_adapter[f"{name}.lora_B"], b_prime[i])
