@@ -197,6 +197,11 @@ def test_pad_then_truncate_is_the_identity(ranks: list[int], scaling: str) -> No
         torch.testing.assert_close(back["l.lora_B"], update["l.lora_B"], rtol=1e-6, atol=0)
         specs = plan.up_specs({"l.lora_A": TensorSpec((R, 5)), "l.lora_B": TensorSpec((7, R))}, r)
         assert specs["l.lora_A"].shape == (r, 5) and specs["l.lora_B"].shape == (7, r)
+        # the padded pair at the global scaling s is exactly the client's own s_k B_k A_k
+        s, s_k = 16.0 / R, plan.scaling_of(r)
+        ours = s * padded["l.lora_B"].double() @ padded["l.lora_A"].double()
+        theirs = s_k * update["l.lora_B"].double() @ update["l.lora_A"].double()
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(
