@@ -151,10 +151,10 @@ def _fair_unit_stats(
     """The §5 statistics in units of ||B_bar_l|| and ||A_bar_l||, per layer l.
 
     Returns A_bar (L, r, d_in), B_bar (L, d_out, r) in float64, the scale ||B_bar_l||_F (L,)
-    float64 (1 where B_bar_l = 0), and in
-    float64 the unit-scale B_bar / ||B_bar|| (L, d_out, r), M, G and ||dW*|| of the client factors
-    divided by their layer's ||B_bar|| and ||A_bar||. The cosine does not depend on either scale,
-    so these are the statistics of the same problem at unit scale, free of under- and overflow.
+    float64 (1 where B_bar_l = 0), and in float64 the unit-scale B_bar / ||B_bar|| (L, d_out, r),
+    M (L, r, r), G (L, d_out, r) and ||dW*|| (L,) of the client factors divided by their layer's
+    ||B_bar|| and ||A_bar||. The cosine depends on neither scale, so these are the statistics of
+    the same problem at unit scale, free of under- and overflow.
     """
     a_bar, b_bar = weighted_average(a_stack, weights), weighted_average(b_stack, weights)
     a_scale = a_bar.double().norm(dim=(-2, -1))
@@ -214,8 +214,8 @@ def lora_fair_residual_groups(
     §5): stop after max_iter steps or once it has changed by less than tol for `patience` steps in
     a row. Each layer returns its best iterate, so no layer's loss ends above its start; a layer
     that no step improved keeps B_bar. Layers where dW* or B_bar A_bar is zero (round 0, all
-    B = 0) keep B_bar. The iteration runs in float64 on the
-    d_out x r factors (never a d_out x d_in matrix); B' is returned in each b_stack's dtype.
+    B = 0) keep B_bar. The iteration runs in float64 on the d_out x r factors (never a
+    d_out x d_in matrix); B' is returned in each b_stack's dtype.
     info: iterations, initial_loss, final_loss (summed, at the returned B'), last_loss (at the
     last iterate), converged (the stopping rule fired and the last iterate is within tol of the
     returned loss), layers, fallback_layers (kept at B_bar: no step improved them),
