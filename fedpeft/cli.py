@@ -126,6 +126,28 @@ def compare(args: Sequence[str]) -> int:
     return 0
 
 
+def evaluate(run_dir: str, args: Sequence[str]) -> dict:
+    """Run lm-evaluation-harness on a causal run's adapter; its JSON goes into the run folder."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedpeft.harness import evaluate_run
+
+    _quiet(False)
+    result = evaluate_run(run_dir, args)
+    table = Table(title=f"lm-eval on {run_dir}")
+    for column in ("task", "metric", "value", "n-shot"):
+        table.add_column(column)
+    for task, metrics in result["results"].items():
+        for key, value in metrics.items():
+            if isinstance(value, float | int) and "stderr" not in key and key != "sample_len":
+                table.add_row(task, key, f"{value:.4f}", str(result["n-shot"].get(task, "")))
+    out = Console()
+    out.print(table)
+    out.print(f"lm-eval results: {result['results_path']}")
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; bad input prints one line on stderr and exits 2."""
     parser = argparse.ArgumentParser(prog="fedpeft", description="Federated fine-tuning with LoRA.")
@@ -139,6 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Hydra overrides, comma lists sweep (strategy=fedavg,fedsvd seed=0,1), plus "
         "out_dir=, jobs=, target= and study=<name>",
     )
+    ev = sub.add_parser("evaluate", help="lm-evaluation-harness on a causal run's adapter")
+    ev.add_argument("run_dir", help="a causal-LM run folder (config.yaml, adapter/)")
+    ev.add_argument(
+        "options",
+        nargs="*",
+        help="tasks=gsm8k[,gsm8k_fedpeft,...] plus limit=, batch_size=, num_fewshot=, "
+        "max_new_tokens=, data_dir=, chat=, device=",
+    )
     certs.add_subcommand(sub)
     args = parser.parse_args(argv)
     try:
@@ -146,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             simulate(args.overrides)
         elif args.command == "compare":
             return compare(args.overrides)
+        elif args.command == "evaluate":
+            evaluate(args.run_dir, args.options)
         elif args.command == "certs":
             certs.run_subcommand(args)
     except FedPeftError as exc:
