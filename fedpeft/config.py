@@ -312,6 +312,13 @@ def _validate_scale(cfg: DictConfig) -> None:
             "dp.max_grad_norm holds only up to rounding: use train.precision=fp32 with dp "
             "(a 4bit base is fine)",
         )
+        _require(
+            not model.get("device_map"),
+            "dp with model.device_map: Opacus clips each example's gradient over all trainable "
+            "tensors at once, which must sit on one device, and a sharded base spreads the LoRA "
+            "factors over several: drop model.device_map (model.quantization=4bit fits larger "
+            "bases on one GPU) or use dp=off",
+        )
 
 
 def _validate_robustness(cfg: DictConfig) -> None:

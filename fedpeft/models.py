@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -163,6 +164,16 @@ def _device_map(value: Any, task: str) -> str | tuple[tuple[str, str], ...] | No
             "model.device_map shards causal-LM bases only: drop model.device_map for a classifier"
         )
     if isinstance(value, Mapping):
+        bad = [
+            f"{k}: {v}"
+            for k, v in value.items()
+            if not re.fullmatch(r"cpu|cuda(:\d+)?|\d+", str(v))
+        ]
+        if bad:
+            raise ConfigError(
+                f"model.device_map puts {bad[0]}: place every module on cpu, cuda:N or a GPU "
+                "index (a layer offloaded to disk or meta cannot train its LoRA factors)"
+            )
         return tuple((str(k), str(v)) for k, v in value.items())
     if value not in DEVICE_MAPS:
         raise ConfigError(
@@ -356,6 +367,13 @@ def _load_placed(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> P
         "device_map": device_map if device_map is not None else {"": device},
         "quantization_config": quantization_config(spec),
     }
+    if isinstance(device_map, str) and device.type == "cuda":
+        # every GPU this process sees (a simulated client: the federation.client_gpus Ray gave
+        # it), and no CPU or disk: a layer offloaded there would leave its LoRA factors on meta
+        kwargs["max_memory"] = {
+            i: torch.cuda.get_device_properties(i).total_memory
+            for i in range(torch.cuda.device_count())
+        }
     with tempfile.TemporaryDirectory(prefix="fedpeft-base-") as tmp:
         if spec.name == "tiny_llama":  # random weights from the caller's seed, then quantised
             plain = dataclasses.replace(spec, quantization="none", device_map=None)
@@ -369,11 +387,33 @@ def _load_placed(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> P
             )
         except (OSError, ValueError) as exc:
             raise ModelError(_not_found(spec, source, exc)) from exc
+    _check_placement(model, spec)
     if spec.quantized:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         _keep_4bit_trainable(model)
     model.generation_config.pad_token_id = load_tokenizer(spec).pad_token_id
     return model
+
+
+def _check_placement(model: PreTrainedModel, spec: ModelSpec) -> None:
+    """Every module on a device that computes: an offloaded layer cannot carry a trained LoRA.
+
+    accelerate keeps an offloaded layer's weights on the meta device and loads them per forward,
+    so peft would put the layer's factors on meta too and training would fail in the backward.
+    """
+    placement = getattr(model, "hf_device_map", None) or {}
+    devices = {str(v) for v in placement.values()}
+    gpus = any(d not in ("cpu", "disk", "meta") for d in devices)
+    offloaded = sorted(
+        name for name, d in placement.items() if d in ("disk", "meta") or (gpus and d == "cpu")
+    )
+    if offloaded:
+        raise ModelError(
+            f"model.device_map={spec.device_map if isinstance(spec.device_map, str) else 'map'} "
+            f"offloads {offloaded[0]} (and {len(offloaded) - 1} more) to the CPU or disk, where "
+            "its LoRA factors cannot train: give the client more GPUs (federation.client_gpus, "
+            "or a SuperNode with more), or model.quantization=4bit to fit fewer"
+        )
 
 
 def _keep_4bit_trainable(model: torch.nn.Module) -> None:
