@@ -298,6 +298,7 @@ def deployment(tmp_path_factory, data_dir) -> Iterator[Deployment]:
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(SPY), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "FEDPEFT_TEST_WIRE_LOG": str(root / "wire.jsonl"),
+        "FEDPEFT_TEST_HOLD": str(root / "hold"),
         # The SuperLink starts flower-superexec by name: find it beside this interpreter.
         "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
     }
@@ -341,9 +342,11 @@ def deployment(tmp_path_factory, data_dir) -> Iterator[Deployment]:
         wait_for(listening, 60, "the SuperLink to listen")
         csv = _node_data(root / "node-1.csv", data_dir)
         deploy.node_env["node-1"] = {"FEDPEFT_TEST_OVERCLAIM": str(overclaim_flag(deploy))}
+        (root / "hold").mkdir()
         configs = {
-            "node-1": f'data-path="{csv}" text-column="sentence" device="cpu" dtype="bfloat16"',
-            "node-2": "partition-id=1 num-partitions=2",
+            "node-1": f'data-path="{csv}" text-column="sentence" device="cpu" dtype="bfloat16" '
+            f'state-dir="{state_dir(deploy, "node-1")}"',
+            "node-2": f'partition-id=1 num-partitions=2 state-dir="{state_dir(deploy, "node-2")}"',
         }
         for name, node_config in configs.items():
             key = certs / "keys" / f"{name}.key"
@@ -354,6 +357,16 @@ def deployment(tmp_path_factory, data_dir) -> Iterator[Deployment]:
         yield deploy
     finally:
         processes.stop_all()
+
+
+def state_dir(deploy: Deployment, name: str) -> Path:
+    """Where the node `name` keeps its privacy ledgers (node config state-dir)."""
+    return deploy.root / f"{name}-state"
+
+
+def hold_round(deploy: Deployment, server_round: int) -> Path:
+    """While this file exists, the ServerApp waits before sampling round `server_round`."""
+    return deploy.root / "hold" / f"round-{server_round}"
 
 
 def overclaim_flag(deploy: Deployment) -> Path:

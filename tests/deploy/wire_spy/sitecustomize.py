@@ -8,8 +8,11 @@ imported there:
   sent and per reply received: the records it carries, each array's key, shape, dtype and size,
   the config keys and the metrics;
 - with FEDPEFT_TEST_OVERCLAIM set to a file's path (one SuperNode's ClientApps): while that file
-  exists, the next local round claims one example more than the node holds, and removes the file,
-  so that exactly one reply overclaims when the test creates it.
+  exists, the next local round (private or not) claims one example more than the node holds, and
+  removes the file, so that exactly one reply overclaims when the test creates it;
+- with FEDPEFT_TEST_HOLD set to a folder (the ServerApp): while `<folder>/round-<N>` exists, the
+  server waits before it samples the clients of round N, so that a test can restart a SuperNode
+  between two rounds without racing the server.
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 
 _LOG = os.environ.get("FEDPEFT_TEST_WIRE_LOG")
 _OVERCLAIM = os.environ.get("FEDPEFT_TEST_OVERCLAIM")
+_HOLD = os.environ.get("FEDPEFT_TEST_HOLD")
+#: Longest a held round waits for its file to go (the test fails long before).
+_HOLD_LIMIT_S = 600
 
 
 def _describe(direction: str, server_round: int, msg) -> dict:
@@ -57,6 +64,12 @@ def _patch_strategy(module) -> None:
     configure, aggregate = cls.configure_train, cls.aggregate_train
 
     def configure_train(self, server_round, *args, **kwargs):
+        if _HOLD:
+            deadline = time.monotonic() + _HOLD_LIMIT_S
+            while os.path.exists(os.path.join(_HOLD, f"round-{server_round}")):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
         messages = list(configure(self, server_round, *args, **kwargs))
         _write([_describe("down", server_round, m) for m in messages])
         return messages
@@ -79,10 +92,8 @@ def _patch_identity(module) -> None:
     module.read_answer = read_answer
 
 
-def _patch_training(module) -> None:
-    train = module.train_steps
-
-    def train_steps(*args, **kwargs):
+def _overclaiming(train: Callable) -> Callable:
+    def trained(*args, **kwargs):
         result = train(*args, **kwargs)
         try:
             os.remove(_OVERCLAIM)
@@ -90,7 +101,15 @@ def _patch_training(module) -> None:
             return result
         return dataclasses.replace(result, num_examples=result.num_examples + 1)
 
-    module.train_steps = train_steps
+    return trained
+
+
+def _patch_training(module) -> None:
+    module.train_steps = _overclaiming(module.train_steps)
+
+
+def _patch_private_training(module) -> None:
+    module.train_private = _overclaiming(module.train_private)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
@@ -121,5 +140,6 @@ if _LOG:
     _PATCHES["fedpeft.identity"] = _patch_identity
 if _OVERCLAIM:
     _PATCHES["fedpeft.training"] = _patch_training
+    _PATCHES["fedpeft.privacy.dp_sgd"] = _patch_private_training
 if _PATCHES:
     sys.meta_path.insert(0, _Finder(_PATCHES))
