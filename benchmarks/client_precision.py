@@ -10,13 +10,15 @@ autocast of training.prepare_round) on random token sequences of one length, los
 - fp32: float32 base, no autocast (the baseline);
 - bf16: bfloat16 base weights, bf16 autocast;
 - 4bit: the base's decoder Linear layers as bitsandbytes NF4 (double quantisation, bf16 compute),
-  the rest bfloat16: what model.quantization=4bit loads.
+  the rest bfloat16: what model.quantization=4bit loads (built in bf16 on the device, then
+  quantised layer by layer).
 `--checkpointing` adds gradient checkpointing to every mode. The LoRA factors are float32 in all
 three. It prints, per mode, examples per second over --steps timed steps (after one warm-up step),
-the speed ratio against fp32, and the peak memory: torch.cuda.max_memory_allocated on a GPU, the
-peak resident set above the one after imports on the CPU. Every mode runs in a fresh subprocess of
-this script (--single), so no mode's memory or allocator state reaches another. With --json the
-rows are also written as JSON (benchmarks/gpu_check.sh turns them into its table).
+the speed ratio against fp32, and the peak memory of the round: torch.cuda.max_memory_allocated
+from the end of the build on a GPU (resident weights, activations, optimiser state); on the CPU the
+peak resident set above the one after imports, which for 4bit includes the bf16 build. Every
+mode runs in a fresh subprocess of this script (--single), so no mode's memory or allocator state
+reaches another. With --json the rows are also written as JSON (gpu_check.sh's table).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def quantize_nf4(model: torch.nn.Module, device: torch.device) -> None:
-    """Replace every decoder Linear by a bitsandbytes NF4 Linear4bit (quantised on the move)."""
+    """Replace every decoder Linear by a bitsandbytes NF4 Linear4bit, one at a time."""
     import bitsandbytes as bnb
 
     for layer in model.model.layers:
@@ -95,12 +97,12 @@ def quantize_nf4(model: torch.nn.Module, device: torch.device) -> None:
                 device="cpu",
             )
             q.weight = bnb.nn.Params4bit(
-                child.weight.data.to("cpu"),
+                child.weight.data,
                 requires_grad=False,
                 quant_type="nf4",
                 compress_statistics=True,
             )
-            setattr(parent, name.rsplit(".", 1)[-1], q.to(device))
+            setattr(parent, name.rsplit(".", 1)[-1], q.to(device))  # quantises here
             if device.type == "cpu":
                 q.support_avx512bf16_for_cpu = False  # see fedpeft.models._keep_4bit_trainable
             del child
@@ -113,13 +115,10 @@ def build(config: LlamaConfig, mode: str, device: torch.device) -> torch.nn.Modu
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype: no float32 copy inflates the peak
     try:
-        if mode == "4bit":  # built on the CPU, quantised layer by layer onto the device
+        with torch.device(device):
             model = LlamaForCausalLM(config)
+        if mode == "4bit":
             quantize_nf4(model, device)
-            model.to(device)
-        else:
-            with torch.device(device):
-                model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
@@ -146,11 +145,12 @@ def run_mode(args: argparse.Namespace, config: LlamaConfig, mode: str) -> dict:
     """Build, warm up and time one mode; its row."""
     device = torch.device(args.device)
     gc.collect()
+    rss = peak_rss()
+    model = build(config, mode, device)
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    rss = peak_rss()
-    model = build(config, mode, device)
     generator = torch.Generator().manual_seed(0)
     n = args.batch * (args.steps + 1)
     ids = torch.randint(3, config.vocab_size, (n, args.seq_len), generator=generator)
@@ -241,6 +241,15 @@ def main(argv: list[str] | None = None) -> int:
             "-" if mem is None else f"{mem:.2f}x",
         )
     Console().print(table)
+    print(
+        "vs fp32: "
+        + "; ".join(
+            f"{r['mode']} {r['speed_vs_fp32']:.2f}x speed, "
+            + ("-" if r["memory_vs_fp32"] is None else f"{r['memory_vs_fp32']:.2f}x memory")
+            for r in rows
+            if r["mode"] != "fp32"
+        )
+    )
     if args.json:
         args.json.write_text(
             json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows})
