@@ -5,6 +5,7 @@ import json
 import pytest
 
 from fedpeft.cli import simulate
+from fedpeft.errors import ConfigError
 
 #: tiny_llama on a slice of GSM8K: 2 clients, 2 rounds, 2 steps, 4 held-out problems, 4 new tokens.
 CAUSAL_RUN = [
@@ -46,3 +47,25 @@ def test_dp_sgd_on_tiny_llama_spends_epsilon(tmp_path, data_dir):
     summary = simulate([*CAUSAL_RUN, "strategy=fedavg", "dp=eps3", f"run_dir={tmp_path}"])
     assert summary["rounds_completed"] == 2 and summary["failed_replies"] == 0
     assert 0 < summary["max_epsilon"] <= 3.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ConfigError,
+    reason="adapters.inject must accept peft's bnb LoRA layers (peft.tuners.lora.bnb)",
+)
+def test_4bit_base_with_checkpointing_then_lm_eval_of_the_run(tmp_path, data_dir):
+    """The issue's done-means run: 4-bit tiny_llama with checkpointing, then `fedpeft evaluate`."""
+    pytest.importorskip("bitsandbytes")
+    from fedpeft import harness
+    from fedpeft.cli import main
+
+    run = [*CAUSAL_RUN, "strategy=fedavg", f"run_dir={tmp_path}", "federation.rounds=1"]
+    extra = ["model.quantization=4bit", "++train.gradient_checkpointing=true"]
+    summary = simulate([*run, *extra])
+    assert summary["rounds_completed"] == 1 and summary["failed_replies"] == 0
+    assert summary["rejected_replies"] == 0
+    assert main(["evaluate", str(tmp_path), "tasks=gsm8k_fedpeft", "limit=4"]) == 0
+    result = json.loads((tmp_path / harness.RESULTS_FILE).read_text())
+    theirs = result["results"]["gsm8k_fedpeft"]["exact_match,final-number"]
+    assert 0.0 <= theirs <= 1.0 and result["configs"]["gsm8k_fedpeft"]["num_fewshot"] == 0
