@@ -58,6 +58,7 @@ from fedpeft.strategies.privacy_watch import PrivacyWatch
 #: num-examples bound passed to reply validation when the server sets no cap.
 NO_CAP = 2**63 - 1
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TYPED_REASON = re.compile(r"^<class '[\w.]+'>:<'(.+)$", re.DOTALL)
 _EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Crash|Mismatch|Interrupt|Exit)\b.*: .+")
 
 
@@ -70,6 +71,8 @@ def short_reason(reason: str) -> str:
     text = _ANSI.sub("", reason).strip().rstrip("'>").strip()
     if "Message: " in text:
         return text.rsplit("Message: ", 1)[1].strip()
+    if (typed := _TYPED_REASON.match(text)) is not None:  # a SuperNode's "<class 'E'>:<'msg'>"
+        return typed.group(1).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):
         if _EXCEPTION_LINE.match(line):

@@ -49,3 +49,16 @@ def test_an_error_the_superlink_makes_counts_against_the_node_it_answers_for():
         1, [unreachable, reply(5, client_updates(strategy.up_keys(), 1)[0], 10)]
     )
     assert list(strategy.stats.failed) == [4] and "unavailable" in strategy.stats.failed[4]
+
+
+def test_a_supernodes_error_reason_is_cut_to_the_clients_message():
+    from fedpeft.strategies.base import short_reason
+
+    reason = (
+        "<class 'fedpeft.privacy.policy.PolicyViolation'>:<'node policy dp-required=true refuses "
+        "a task with dp.enabled=false: start the run with dp=eps3'>"
+    )
+    assert short_reason(reason) == (
+        "node policy dp-required=true refuses a task with dp.enabled=false: start the run with "
+        "dp=eps3"
+    )
