@@ -1,17 +1,19 @@
-"""The deployed ClientApp's identity handler: a stable name and the example count it trains on."""
+"""The deployed ClientApp: the identity handler (a stable name and the example count it trains
+on), and the train handler held to the node's own privacy policy."""
 
 import json
 
 import pandas as pd
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedpeft.clients.client_app import identity
+from fedpeft.clients.client_app import identity, train
 from fedpeft.config import compose_config
 from fedpeft.errors import ConfigError
 from fedpeft.federation import build_task
 from fedpeft.identity import member
+from fedpeft.privacy import PRIVATE_REPLY_METRICS, LedgerFile, PolicyViolation
 from tests.conftest import FAST_RUN
 
 NODE_ID = 2**64 - 3  # Flower node ids use all 64 bits
@@ -65,3 +67,53 @@ def test_member_is_the_partition_id_else_the_node_id():
 
     assert member(context({"partition-id": 0, "num-partitions": 2})) == 0
     assert member(context({"data-path": "x.csv"})) == NODE_ID
+
+
+def _train(task, node_config: dict, state_dir) -> Message:
+    """One train message (round 1, the initial adapter) through the deployed train handler."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    config = ConfigRecord({"task": json.dumps(task), "server-round": 1})
+    msg = Message(
+        RecordDict({"arrays": ArrayRecord(), "config": config}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
+    node = {"partition-id": 0, "num-partitions": 2, "state-dir": str(state_dir), **node_config}
+    context = Context(
+        run_id=1, node_id=NODE_ID, node_config=node, state=RecordDict(), run_config={}
+    )
+    return train(msg, context)
+
+
+@pytest.fixture(scope="module")
+def private_task():
+    cfg = compose_config([*FAST_RUN, "dp=eps3", "federation.local_steps=2"])
+    return build_task(cfg, 2, ["negative", "positive"])
+
+
+def test_a_private_reply_carries_only_data_independent_metrics(private_task, tmp_path):
+    reply = _train(private_task, {}, tmp_path)
+    metrics = dict(reply.content.metric_records["metrics"])
+    assert "train-loss" not in metrics and set(metrics) <= PRIVATE_REPLY_METRICS
+    assert metrics["dp-steps"] == 2 and 0 < metrics["epsilon"] <= 3
+    assert LedgerFile(tmp_path, 1, 0).exists()
+    # Once the node has spent budget in the run, a task without DP is refused.
+    with pytest.raises(PolicyViolation, match="already spent privacy budget in this run"):
+        _train(build_task(compose_config(FAST_RUN), 2, ["negative", "positive"]), {}, tmp_path)
+
+
+def test_the_deployed_handler_holds_the_task_to_the_node_config_policy(
+    task, private_task, tmp_path
+):
+    with pytest.raises(PolicyViolation, match="node policy dp-required=true refuses"):
+        _train(task, {"dp-required": True}, tmp_path)
+    with pytest.raises(
+        PolicyViolation, match="dp-epsilon=1 refuses the task's dp.target_epsilon=3"
+    ):
+        _train(private_task, {"dp-epsilon": 1}, tmp_path)
+    seeded = {**private_task, "dp": {**private_task["dp"], "reproducible": True}}
+    with pytest.raises(PolicyViolation, match="refuses dp.reproducible=true"):
+        _train(seeded, {}, tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before a ledger was opened
+    plain = dict(_train(task, {}, tmp_path).content.metric_records["metrics"])
+    assert "train-loss" in plain and "epsilon" not in plain
