@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -150,6 +151,14 @@ def evaluate(run_dir: str, args: Sequence[str]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; bad input prints one line on stderr and exits 2."""
+    # bitsandbytes (imported with peft) logs a missing optional CPU kernel, and the torch module
+    # it imports warns about torch.jit once (Flower shows every DeprecationWarning once): noise on
+    # every command, from code fedpeft never uses
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import torch.utils.mkldnn  # noqa: F401
     parser = argparse.ArgumentParser(prog="fedpeft", description="Federated fine-tuning with LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a simulated federation")
