@@ -339,8 +339,6 @@ def load_run_model(run_dir: Path, device_name: str | None = None) -> tuple[Any, 
 
 def evaluate_run(run_dir: str | Path, args: Sequence[str]) -> dict[str, Any]:
     """`fedpeft evaluate <run_dir> tasks=...`: lm-eval on the run's adapter, JSON in the folder."""
-    from fedpeft.data.locations import data_root
-
     run_dir = Path(run_dir)
     options = parse_options(args)
     tasks = [t.strip() for t in options["tasks"].split(",") if t.strip()]
@@ -349,8 +347,13 @@ def evaluate_run(run_dir: str | Path, args: Sequence[str]) -> dict[str, Any]:
         data_dir = Path(options["data_dir"]).expanduser()
         if not data_dir.is_dir():
             raise ConfigError(f"data_dir={data_dir} is not a folder: pass the folder of <task>/")
+    elif os.environ.get("FEDPEFT_DATA_DIR"):
+        data_dir = Path(os.environ["FEDPEFT_DATA_DIR"]).expanduser()
     else:
-        data_dir = data_root("gsm8k", None).parent
+        raise ConfigError(
+            "fedpeft evaluate reads each task's data from <data_dir>/<task>/: pass "
+            "data_dir=<folder> or set FEDPEFT_DATA_DIR"
+        )
     gsm8k_path = None
     if cfg.dataset.get("name") == "gsm8k" and cfg.dataset.get("path"):
         gsm8k_path = Path(cfg.dataset.path)

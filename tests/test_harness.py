@@ -144,3 +144,14 @@ def test_not_a_run_folder_and_an_unknown_task(tmp_path):
         harness.task_configs(
             ["no_such_task"], tmp_path, tmp_path, num_fewshot=None, max_new_tokens=None
         )
+
+
+def test_a_4bit_run_loads_for_lm_eval_and_data_needs_a_folder(tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    run, _ = _run_folder(tmp_path, ["model.quantization=4bit"])
+    model, _, _ = harness.load_run_model(run, "cpu")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert type(layer).__name__ == "Linear4bit"
+    monkeypatch.delenv("FEDPEFT_DATA_DIR")
+    with pytest.raises(ConfigError, match=r"pass data_dir=<folder> or set FEDPEFT_DATA_DIR"):
+        harness.evaluate_run(run, ["tasks=gsm8k"])
