@@ -16,12 +16,23 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import bnb as lora_bnb
 from peft.utils.other import ModulesToSaveWrapper
 from transformers import PreTrainedModel
 
 from fedpeft.errors import ConfigError
 
 ADAPTER = "default"
+#: peft's LoRA layers on Linear bases: plain, and bitsandbytes 8-bit / 4-bit (when installed)
+LINEAR_LORA = tuple(
+    c
+    for c in (
+        LoraLinear,
+        getattr(lora_bnb, "Linear8bitLt", None),
+        getattr(lora_bnb, "Linear4bit", None),
+    )
+    if c is not None
+)
 #: kind -> the LoRA factors a client trains and sends up (ALGORITHMS.md, "Adapter kinds").
 KIND_FACTORS: dict[str, tuple[str, ...]] = {
     "lora": ("lora_A", "lora_B"),
@@ -114,7 +125,7 @@ def inject(model: PreTrainedModel, spec: AdapterSpec) -> PeftModel:
             "[q_proj,v_proj] for Llama"
         ) from exc
     for name, layer in lora_layers(peft_model).items():
-        if not isinstance(layer, LoraLinear):
+        if not isinstance(layer, LINEAR_LORA):
             raise ConfigError(
                 f"adapter on {type(layer).__name__} module {name!r} is not supported: fedpeft "
                 "exchanges LoRA factors of Linear layers (and under DP-SGD Opacus computes no "

@@ -5,7 +5,6 @@ import json
 import pytest
 
 from fedpeft.cli import simulate
-from fedpeft.errors import ConfigError
 
 #: tiny_llama on a slice of GSM8K: 2 clients, 2 rounds, 2 steps, 4 held-out problems, 4 new tokens.
 CAUSAL_RUN = [
@@ -49,11 +48,6 @@ def test_dp_sgd_on_tiny_llama_spends_epsilon(tmp_path, data_dir):
     assert 0 < summary["max_epsilon"] <= 3.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConfigError,
-    reason="adapters.inject must accept peft's bnb LoRA layers (peft.tuners.lora.bnb)",
-)
 def test_4bit_base_with_checkpointing_then_lm_eval_of_the_run(tmp_path, data_dir):
     """The issue's done-means run: 4-bit tiny_llama with checkpointing, then `fedpeft evaluate`."""
     pytest.importorskip("bitsandbytes")

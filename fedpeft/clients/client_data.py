@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from fedpeft import data, models, tasks
-from fedpeft.causal.sources import read_pairs
+from fedpeft.data.prompt_pairs import read_pairs
 from fedpeft.data.table_files import FILE_FORMATS, as_texts, read_frame, require_column
 from fedpeft.data.text_dataset import make_dataset
 from fedpeft.errors import ConfigError, DataError

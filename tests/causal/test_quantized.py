@@ -11,13 +11,6 @@ from fedpeft.privacy.dp_sgd import train_private
 
 pytest.importorskip("bitsandbytes")
 CPU = torch.device("cpu")
-#: adapters.inject accepts peft's Linear LoRA layers only; on a quantised base peft makes
-#: lora.bnb.Linear4bit / Linear8bitLt layers, which inject must accept too (issue 20, lead's file).
-NEEDS_BNB_INJECT = pytest.mark.xfail(
-    strict=True,
-    raises=ConfigError,
-    reason="adapters.inject must accept peft's bnb LoRA layers (peft.tuners.lora.bnb)",
-)
 
 
 def _spec(quantization: str, **extra) -> models.ModelSpec:
@@ -80,7 +73,6 @@ def test_missing_bitsandbytes_and_a_classifier_are_refused(monkeypatch):
         _spec("4bit")
 
 
-@NEEDS_BNB_INJECT
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
 def test_lora_on_a_quantised_base_trains_float32_factors(quantization, examples, tokenizer):
     model = _lora(quantization)
@@ -119,7 +111,6 @@ def test_lora_on_a_quantised_base_trains_float32_factors(quantization, examples,
     assert all(not w.requires_grad for w in base.values())
 
 
-@NEEDS_BNB_INJECT
 def test_dp_sgd_on_a_4bit_base_clips_each_example_exactly(examples, tokenizer):
     """One noiseless DP-SGD step equals the mean of per-example clipped gradients (float64)."""
     clip = 0.05

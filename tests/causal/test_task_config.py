@@ -30,7 +30,7 @@ def test_classification_defaults_are_unchanged():
     [
         (["dataset=gsm8k", "partition=iid"], "model=minilm is a classification model"),
         (["model=tiny_llama"], "model=tiny_llama is a causal_lm model"),
-        (["model=tiny_llama", "dataset=gsm8k"], "partition=dirichlet splits by label"),
+        ([*GSM8K[:2], "partition=dirichlet"], "partition=dirichlet splits"),
         ([*GSM8K, "task=classification"], "pick a text/label dataset"),
         ([*GSM8K, "eval.max_new_tokens=0"], "eval.max_new_tokens=0 must be an integer >= 1"),
         (["model=hf_causal", "model.name_or_path=x"], "model.task=causal_lm does not match"),
@@ -39,3 +39,10 @@ def test_classification_defaults_are_unchanged():
 def test_mismatched_task_model_or_data_is_a_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose_config(overrides)
+
+
+def test_prompt_response_data_defaults_to_an_iid_partition():
+    assert compose_config(["model=tiny_llama", "dataset=gsm8k"]).partition.name == "iid"
+    cfg = compose_config(["model=tiny_llama", "dataset=jsonl", "dataset.path=x"])
+    assert cfg.partition.name == "iid"
+    assert compose_config([]).partition.name == "dirichlet"
