@@ -8,16 +8,22 @@
   Ray actor served before. Deployed clients keep their own unseeded RNG: a seed the server knows
   must not drive anything private there (DP noise draws from the same RNG).
 - fault injection (faults.py).
+- where it ran: each local round logs the client, the round and the Ray node whose actor ran it
+  (`ray_node_log`), in that worker's log on that node (and on the driver with verbose=true), so
+  that a run on a Ray cluster shows which machine trained which client.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from logging import INFO
 
+import ray
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.supercore import log
 
 from fedpeft.clients import faults
 from fedpeft.clients.client_app import identity, train_round
@@ -41,6 +47,19 @@ def seeded_rng(msg: Message, context: Context, call_next: Callable[..., Message]
         return call_next(msg, context)
 
 
+def ray_node() -> str:
+    """The id of the Ray node this process runs on ("-" outside Ray)."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "-"
+
+
+def ray_node_log(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
+    """Flower mod: log which Ray node ran this client's local round."""
+    reply = call_next(msg, context)
+    server_round = int(msg.content.config_records[CONFIG_KEY]["server-round"])
+    log(INFO, "client %d round %d ran on Ray node %s", member(context), server_round, ray_node())
+    return reply
+
+
 def simulation_app(policy: NodePolicy) -> ClientApp:
     """A ClientApp with the deployed train handler, fault injection, seeding and identity.
 
@@ -52,6 +71,6 @@ def simulation_app(policy: NodePolicy) -> ClientApp:
         return train_round(msg, context, policy)
 
     app = ClientApp()
-    app.train(mods=[faults.fault_mod, seeded_rng])(train)
+    app.train(mods=[ray_node_log, faults.fault_mod, seeded_rng])(train)
     app.query(IDENTITY_ACTION)(identity)
     return app
