@@ -137,18 +137,23 @@ def build_methods(
         return u[..., :r] * s[..., None, :r], vh[..., :r, :]
 
     def fair_dense(n: int) -> tuple[Tensor, Tensor]:
-        """The same plain SGD, on the dense dW* and dense products, by autograd."""
+        """The same objective and plain SGD, on the dense dW* and dense products, by autograd.
+
+        Per layer: [1 - cos] + lam ||dB||^2 / ||B_bar||^2, stepped as SGD on dB / ||B_bar||, i.e.
+        dB -= lr ||B_bar||^2 grad (the units of lowrank.lora_fair_residual_groups).
+        """
         x = ideal(n).flatten(1)
         a_bar = lowrank.weighted_average(a[:, :n], w)
         b_bar = lowrank.weighted_average(b[:, :n], w)
+        b_sq = b_bar.square().sum((-2, -1))
         db = torch.zeros_like(b_bar, requires_grad=True)
         for _ in range(args.fair_iters):
             cos = F.cosine_similarity(x, ((b_bar + db) @ a_bar).flatten(1), dim=1)
-            loss = (1 - cos).sum() + FAIR_LAM * db.square().sum()
+            loss = ((1 - cos) + FAIR_LAM * db.square().sum((-2, -1)) / b_sq).sum()
             loss.backward()
             loss.item()  # the early-stop check reads the loss, as in the factored loop
             with torch.no_grad():
-                db -= FAIR_LR * db.grad
+                db -= FAIR_LR * b_sq[:, None, None] * db.grad
             db.grad = None
         return a_bar, (b_bar + db).detach()
 
