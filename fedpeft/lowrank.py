@@ -3,7 +3,8 @@
 Pure torch, batched over a leading layer axis L (layers of one shape). peft layout throughout:
 A is (r, d_in), B is (d_out, r) and a layer's update is B @ A. See shared/ALGORITHMS.md for the
 methods. Nothing here forms a d_out x d_in matrix, except merge_into_base_ (which updates the base
-weight in place) and lora_sb_init (which works on one layer's gradient by design).
+weight in place), lora_sb_init (which works on one layer's gradient by design) and stacked_svd
+when the stacked rank reaches min(d_out, d_in) (where the dense SVD is the cheaper one).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "fedex_aggregate",
     "fedsvd_refactor",
+    "flexlora_truncate",
     "flora_stack",
     "lora_fair_closed_form",
     "lora_fair_residual",
@@ -24,6 +27,7 @@ __all__ = [
     "merge_into_base_",
     "normalize_weights",
     "orthonormal_init",
+    "stacked_svd",
     "weighted_average",
 ]
 
@@ -120,6 +124,84 @@ def fedsvd_refactor(b_bar: Tensor, a: Tensor, a_orthonormal: bool = False) -> tu
         uc, s, vch = torch.linalg.svd(rb @ ra.mT)
         new_b, new_a = (qb @ uc) * s.unsqueeze(-2), vch @ qa.mT
     return new_b.to(b_bar.dtype), new_a.to(a.dtype)
+
+
+def fedex_aggregate(
+    a_stack: Tensor, b_stack: Tensor, weights: Tensor, scaling: float
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """FedEx-LoRA: (A_bar, B_bar) and the residual s (sum p_k B_k A_k - B_bar A_bar) as factors.
+
+    a_stack (K, L, r, d_in), b_stack (K, L, d_out, r) -> A_bar (L, r, d_in), B_bar (L, d_out, r)
+    and (A_R (L, (K-1) r, d_in), B_R (L, d_out, (K-1) r)) with B_R = [B_1 - B_K ... B_{K-1} - B_K]
+    and A_R = [s p_1 (A_1 - A_bar); ...; s p_{K-1} (A_{K-1} - A_bar)], so that
+    B_R A_R = s sum_k p_k (B_k - B_K)(A_k - A_bar) = s (sum_k p_k B_k A_k - B_bar A_bar) exactly
+    (ALGORITHMS.md §7): a module of scaling 1 to merge into the base. None when K = 1 (R = 0).
+    Float32 (float64 for float64 input); the product R is never formed.
+    """
+    if weights.ndim != 1 or not (a_stack.shape[0] == b_stack.shape[0] == weights.shape[0]):
+        raise ValueError("a_stack, b_stack and weights must hold the same K clients")
+    dt = _compute_dtype(a_stack.dtype)
+    a, b = a_stack.to(dt), b_stack.to(dt)
+    a_bar, b_bar = weighted_average(a, weights), weighted_average(b, weights)
+    k = a.shape[0]
+    if k == 1:
+        return a_bar, b_bar, None
+    coef = (scaling * weights[:-1].to(a.device, torch.float64)).to(dt)
+    a_res = (a[:-1] - a_bar) * coef[:, None, None, None]
+    b_res = b[:-1] - b[-1]
+    a_r = a_res.permute(1, 0, 2, 3).reshape(a.shape[1], (k - 1) * a.shape[2], a.shape[3])
+    b_r = b_res.permute(1, 2, 0, 3).reshape(b.shape[1], b.shape[2], (k - 1) * b.shape[3])
+    return a_bar, b_bar, (a_r.contiguous(), b_r.contiguous())
+
+
+def stacked_svd(a_stack: Tensor, b_stack: Tensor) -> tuple[Tensor, Tensor]:
+    """SVD of B_stack A_stack as (U S, V^T), singular values descending, all in U S.
+
+    a_stack (L, R, d_in), b_stack (L, d_out, R) -> U S (L, d_out, q), V^T (L, q, d_in) with
+    q = min(R, d_out, d_in) and V^T's rows orthonormal. For R < min(d_out, d_in) this is the thin
+    form of §4/§9 (QR of both factors, SVD of the R x R core; the product is never formed); at
+    larger R the dense product and its SVD are cheaper and are used. Float32 (float64 in, out).
+    """
+    if a_stack.shape[-2] != b_stack.shape[-1]:
+        raise ValueError(f"stack ranks differ: {tuple(a_stack.shape)}, {tuple(b_stack.shape)}")
+    rank, d_out, d_in = a_stack.shape[-2], b_stack.shape[-2], a_stack.shape[-1]
+    dt = _compute_dtype(a_stack.dtype)
+    if rank < min(d_out, d_in):
+        return fedsvd_refactor(b_stack.to(dt), a_stack.to(dt))
+    u, s, vh = torch.linalg.svd(b_stack.to(dt) @ a_stack.to(dt), full_matrices=False)
+    return u * s.unsqueeze(-2), vh
+
+
+def flexlora_truncate(
+    us: Tensor, vh: Tensor, rank: int, scaling: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """FlexLoRA's rank-r factors of a client at scaling s: (A, B) with s B A the best rank-r fit.
+
+    us (L, d_out, q), vh (L, q, d_in) from `stacked_svd` -> A = V^T[:r] (L, r, d_in), orthonormal
+    rows, and B = (U S)[:, :r] / s (L, d_out, r), so s B A is the truncation of U S V^T to rank r
+    (Eckart-Young). When r > q the extra columns of B are 0 and the extra rows of A complete an
+    orthonormal set, drawn from `generator` (so that they train: a zero A row would not).
+    """
+    q, d_in = vh.shape[-2], vh.shape[-1]
+    if not 1 <= rank <= min(us.shape[-2], d_in) or scaling <= 0:
+        raise ValueError(f"need 1 <= rank <= min(d_out, d_in) and scaling > 0, got {rank}")
+    a, b = vh[..., :rank, :], us[..., :rank] / scaling
+    if rank > q:
+        extra = torch.randn(
+            vh.shape[0],
+            d_in,
+            rank - q,
+            dtype=torch.float64,
+            generator=generator,
+            device=generator.device if generator is not None else vh.device,
+        ).to(vh.device)
+        v = vh.double().mT
+        for _ in range(2):  # project out span(V) twice: orthogonal to working precision
+            extra = extra - v @ (v.mT @ extra)
+        extra = torch.linalg.qr(extra).Q
+        a = torch.cat([a, extra.mT.to(vh.dtype)], dim=-2)
+        b = torch.nn.functional.pad(b, (0, rank - q))
+    return a.contiguous(), b.contiguous()
 
 
 def _fair_stats(

@@ -3,8 +3,10 @@
 from fedpeft.strategies.base import LowRankStrategy, RoundStats
 from fedpeft.strategies.fed_sb import FedSB
 from fedpeft.strategies.fedavg import FedAvgLoRA
+from fedpeft.strategies.fedex_lora import FedExLoRA
 from fedpeft.strategies.fedsvd import FedSVD
 from fedpeft.strategies.ffa_lora import FFALoRA
+from fedpeft.strategies.flexlora import FlexLoRA
 from fedpeft.strategies.flora import FLoRA
 from fedpeft.strategies.lora_fair import LoRAFAIR
 
@@ -16,14 +18,18 @@ STRATEGIES: dict[str, type[LowRankStrategy]] = {
     "lora_fair": LoRAFAIR,
     "flora": FLoRA,
     "fed_sb": FedSB,
+    "fedex_lora": FedExLoRA,
+    "flexlora": FlexLoRA,
 }
 
 __all__ = [
     "STRATEGIES",
     "FFALoRA",
     "FLoRA",
+    "FlexLoRA",
     "FedSB",
     "FedAvgLoRA",
+    "FedExLoRA",
     "FedSVD",
     "LoRAFAIR",
     "LowRankStrategy",

@@ -31,7 +31,72 @@ from fedpeft.strategies.base import LowRankStrategy
 from fedpeft.strategies.ranks import RankPlan
 
 
-class FLoRA(LowRankStrategy):
+class VersionedBase(LowRankStrategy):
+    """A versioned global base: modules of scaling 1 merged in order into every party's base.
+
+    Version t is the pristine base plus modules 1..t. The server keeps every module; a node it
+    knows at version v is sent v+1..t before training (`versioned_payload`), so nodes that were
+    not sampled, restarted or joined late end with the same base; the node reports the version it
+    holds (`base-version`). Used by FLoRA (each round's stack) and FedEx-LoRA (each round's
+    residual). Subclasses append modules with `add_module`.
+    """
+
+    version_metric = "base-version"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stacks: list[dict[str, torch.Tensor]] = []
+
+    def add_module(self, module: dict[str, torch.Tensor]) -> None:
+        """Append the next version: `<layer>.lora_A` (R x d_in), `<layer>.lora_B` (d_out x R)."""
+        self.stacks.append({k: v.contiguous() for k, v in module.items()})
+
+    def versioned_payload(self, node_id: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The modules this node lacks (`stack.<v>.<key>`) and the version range in the config."""
+        known = min(self.known_versions.get(node_id, 0), len(self.stacks))
+        tensors = {
+            f"{STACK_PREFIX}{version}.{key}": value
+            for version in range(known + 1, len(self.stacks) + 1)
+            for key, value in self.stacks[version - 1].items()
+        }
+        return tensors, {"stack-from": known, "stack-to": len(self.stacks)}
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The base's state (ranks handed out included) and every module."""
+        tensors, meta = super().state_dict()
+        for version, stack in enumerate(self.stacks, start=1):
+            tensors.update({f"{STACK_PREFIX}{version}.{k}": v for k, v in stack.items()})
+        return tensors, {**meta, "stack_versions": len(self.stacks)}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore the modules (the base version); every node catches up from version 0."""
+        super().load_state_dict(tensors, meta)
+        self.stacks = [
+            {
+                k.removeprefix(f"{STACK_PREFIX}{v}."): t
+                for k, t in tensors.items()
+                if k.startswith(f"{STACK_PREFIX}{v}.")
+            }
+            for v in range(1, int(meta["stack_versions"]) + 1)
+        ]
+
+    def base_stacks(self) -> list[dict[str, torch.Tensor]]:
+        """Every module, in order."""
+        return list(self.stacks)
+
+    def concatenated(
+        self, layers: Sequence[str], extra: Sequence[Mapping[str, torch.Tensor]] = ()
+    ) -> dict[str, torch.Tensor]:
+        """All modules (then `extra` ones) joined along the rank: one LoRA of scaling 1."""
+        modules = [*self.stacks, *extra]
+        tensors = {}
+        for name in layers:
+            tensors[f"{name}.lora_A"] = torch.cat([s[f"{name}.lora_A"] for s in modules], 0)
+            tensors[f"{name}.lora_B"] = torch.cat([s[f"{name}.lora_B"] for s in modules], 1)
+        return tensors
+
+
+class FLoRA(VersionedBase):
     """FLoRA stacking with per-client ranks and a versioned, merged base.
 
     Parameters
@@ -58,7 +123,6 @@ class FLoRA(LowRankStrategy):
     """
 
     kind = "lora"
-    version_metric = "base-version"
 
     def __init__(
         self,
@@ -77,7 +141,6 @@ class FLoRA(LowRankStrategy):
         self.plan = RankPlan.build(chosen, rank, self.alpha, scaling, padded=False)
         self.ranks = list(self.plan.ranks)
         self.adapter_seed = int(self.task.get("adapter_seed", 0))
-        self.stacks: list[dict[str, torch.Tensor]] = []
         self.layers = [k.removesuffix(".lora_A") for k in self.factor_keys("lora_A")]
 
     def rank_of(self, node_id: int) -> int:
@@ -107,17 +170,11 @@ class FLoRA(LowRankStrategy):
 
     def node_payload(self, node_id: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The stacked modules this node lacks, its rank and alpha, and its fresh LoRA's seed."""
-        known = min(self.known_versions.get(node_id, 0), len(self.stacks))
-        tensors = {
-            f"{STACK_PREFIX}{version}.{key}": value
-            for version in range(known + 1, len(self.stacks) + 1)
-            for key, value in self.stacks[version - 1].items()
-        }
+        tensors, versions = self.versioned_payload(node_id)
         member = self.member(node_id)
         seed = (self.adapter_seed * 1_000_003 + self.server_round * 10_007 + member) % 2**31
         config = {
-            "stack-from": known,
-            "stack-to": len(self.stacks),
+            **versions,
             **self.plan.node_config(self.rank_of(node_id)),
             "fresh-seed": seed,
         }
@@ -133,44 +190,18 @@ class FLoRA(LowRankStrategy):
             b_list = [u[f"{name}.lora_B"] for u in updates]
             scalings = [self.plan.scaling_of(a.shape[0]) for a in a_list]
             a_stack, b_stack = lowrank.flora_stack(a_list, b_list, weights, scalings)
-            stack[f"{name}.lora_A"] = a_stack.contiguous()
-            stack[f"{name}.lora_B"] = b_stack.contiguous()
-        self.stacks.append(stack)
+            stack[f"{name}.lora_A"] = a_stack
+            stack[f"{name}.lora_B"] = b_stack
+        self.add_module(stack)
         head = self.head_keys()
         if head:
             self.average_into_global([{k: u[k] for k in head} for u in updates], weights)
-
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The base's state (ranks handed out included) and every stacked module."""
-        tensors, meta = super().state_dict()
-        for version, stack in enumerate(self.stacks, start=1):
-            tensors.update({f"{STACK_PREFIX}{version}.{k}": v for k, v in stack.items()})
-        return tensors, {**meta, "stack_versions": len(self.stacks)}
-
-    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-        """Restore the stacks (the base version); every node catches up from version 0."""
-        super().load_state_dict(tensors, meta)
-        self.stacks = [
-            {
-                k.removeprefix(f"{STACK_PREFIX}{v}."): t
-                for k, t in tensors.items()
-                if k.startswith(f"{STACK_PREFIX}{v}.")
-            }
-            for v in range(1, int(meta["stack_versions"]) + 1)
-        ]
-
-    def base_stacks(self) -> list[dict[str, torch.Tensor]]:
-        """Every round's stacked module, in order."""
-        return list(self.stacks)
 
     def export_lora(self) -> tuple[dict[str, torch.Tensor], int] | None:
         """All stacked modules concatenated along the rank: one LoRA of scaling 1, and the head."""
         if not self.stacks:
             return None
-        tensors = {}
-        for name in self.layers:
-            tensors[f"{name}.lora_A"] = torch.cat([s[f"{name}.lora_A"] for s in self.stacks], 0)
-            tensors[f"{name}.lora_B"] = torch.cat([s[f"{name}.lora_B"] for s in self.stacks], 1)
+        tensors = self.concatenated(self.layers)
         rank = tensors[f"{self.layers[0]}.lora_A"].shape[0]
         head = {k: v for k, v in self.global_adapter.items() if k.startswith("head.")}
         return {**tensors, **head}, rank
