@@ -155,7 +155,7 @@ class FlexLoRA(LowRankStrategy):
         }
 
     def delta(self) -> dict[str, torch.Tensor]:
-        """The global dW as one module of scaling 1, one rank for all layers (empty before round 1)."""
+        """The global dW as one module of scaling 1, one rank for all layers (empty in round 1)."""
         if not self.svd:
             return {}
         rank = max(self.svd[f"{n}.lora_A"].shape[0] for n in self.layers)
