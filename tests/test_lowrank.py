@@ -360,7 +360,7 @@ def test_lora_fair_shared_a_gives_the_ideal_update(p: dict, s: float) -> None:
     assert info["final_loss"] <= info["initial_loss"]
 
 
-@PROPS
+@settings(max_examples=10, deadline=None, database=None)  # a dense autograd solve per example
 @given(problems(), problems(), log_scales, st.sampled_from([0.0, 1e-6, 1e-4]))
 def test_lora_fair_groups_share_one_stopping_rule(p: dict, q: dict, s: float, tol: float) -> None:
     """Two layer shapes solved together: one stopping rule on the summed loss, best iterates."""
@@ -369,10 +369,10 @@ def test_lora_fair_groups_share_one_stopping_rule(p: dict, q: dict, s: float, to
     b2 = s * b2  # the groups need not share a scale
     w = normalize_weights(p["counts"])
     results, info = lowrank.lora_fair_residual_groups(
-        [(a1, b1), (a2, b2)], w, max_iter=300, tol=tol
+        [(a1, b1), (a2, b2)], w, max_iter=150, tol=tol
     )
     dense = [dense_fair_problem(a1, b1, w), dense_fair_problem(a2, b2, w)]
-    refs, ref_iters = dense_fair_solve(dense, max_iter=300, tol=tol)
+    refs, ref_iters = dense_fair_solve(dense, max_iter=150, tol=tol)
     assert info["iterations"] == ref_iters
     for (a_bar, b_prime), ref, (x, _, b_bar) in zip(results, refs, dense):
         assert torch.allclose(b_prime, ref, rtol=1e-7, atol=1e-9 * b_bar.norm().item())
@@ -384,7 +384,7 @@ def test_lora_fair_groups_share_one_stopping_rule(p: dict, q: dict, s: float, to
         info["final_loss"], sum(g["final_loss"] for g in info["groups"]), rel_tol=1e-12
     )
     assert info["converged"] == (
-        info["iterations"] < 300 and info["last_loss"] - info["final_loss"] <= tol
+        info["iterations"] < 150 and info["last_loss"] - info["final_loss"] <= tol
     )
 
 

@@ -1,6 +1,7 @@
 """A deployed node holds every task to its own privacy policy: node-3 (node config dp-required)
-refuses a run started with dp=off, and every deployed node refuses reproducible noise (the
-server knows its seed); the reasons reach history.csv and the runs complete on the others."""
+refuses a run started with dp=off; the reason reaches history.csv and the run completes on the
+others. (That deployed nodes refuse dp.reproducible=true is shown on the same deployed train
+handler in tests/clients/test_client_app.py: a second deployed run here cost CI 45 s.)"""
 
 import json
 
@@ -37,7 +38,9 @@ def _run(deployment, run_dir, *overrides: str) -> list[dict]:
     return history(run_dir)
 
 
-def test_node_policy_refuses_weaker_tasks_and_the_runs_go_on(deployment, strict_node, tmp_path):
+def test_a_dp_requiring_node_refuses_a_run_without_dp_and_the_run_goes_on(
+    deployment, strict_node, tmp_path
+):
     others = {str(deployment.node_ids["node-1"]), "1"}  # node-1 by its node id, node-2 by partition
     rows = _run(deployment, tmp_path / "off")
     failures = json.loads(rows[1]["failures"])
@@ -47,12 +50,4 @@ def test_node_policy_refuses_weaker_tasks_and_the_runs_go_on(deployment, strict_
         "node policy dp-required=true refuses a task with dp.enabled=false"
     )
     assert set(json.loads(rows[1]["client_train_loss"])) == others
-
-    rows = _run(deployment, tmp_path / "seeded", "dp=eps3", "dp.reproducible=true")
-    failures = json.loads(rows[1]["failures"])
-    print(f"reproducible DP on deployed nodes: {rows[1]}")
-    assert rows[1]["replied"] == 0 and set(failures) == {"0", *others}
-    assert all(
-        reason.startswith("this node refuses dp.reproducible=true") for reason in failures.values()
-    )
     assert not state_dir(deployment, "node-3").exists()  # refused before any ledger was opened
