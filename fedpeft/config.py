@@ -286,10 +286,11 @@ def _validate_scale(cfg: DictConfig) -> None:
     if quantization != "none":
         check_compute_dtype(model.get("compute_dtype") or "float32", device, "model.compute_dtype")
         _require(
-            cfg.strategy.name != "flora",
-            f"strategy=flora merges each round's stacked modules into the base weights, which a "
-            f"{quantization} base cannot take exactly: use model.quantization=none with flora, "
-            "or another strategy (fedavg, ffa_lora, fedsvd, lora_fair, fed_sb) on this base",
+            cfg.strategy.name not in ("flora", "fedex_lora"),
+            f"strategy={cfg.strategy.name} merges each round's module into the base weights, "
+            f"which a {quantization} base cannot take exactly: use model.quantization=none with "
+            f"{cfg.strategy.name}, or another strategy (fedavg, ffa_lora, fedsvd, lora_fair, "
+            "fed_sb, flexlora) on this base",
         )
         init = (cfg.strategy.get("params") or {}).get("init", "lora_sb")
         _require(

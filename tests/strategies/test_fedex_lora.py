@@ -190,3 +190,13 @@ def test_simulation_and_saved_adapter(tmp_path, data_dir):
     metrics = plain_peft_metrics(run, summary["adapter_dir"])
     assert metrics["accuracy"] == pytest.approx(summary["final_accuracy"], abs=1e-9)
     assert metrics["loss"] == pytest.approx(summary["final_loss"], abs=1e-5)
+
+
+def test_a_quantised_base_is_refused():
+    """The residual is merged into the base weights, which a 4-bit base cannot take exactly."""
+    pytest.importorskip("bitsandbytes")
+    from fedpeft.errors import ConfigError
+    from tests.causal.test_precision import GSM8K
+
+    with pytest.raises(ConfigError, match=r"strategy=fedex_lora merges .* a 4bit base"):
+        compose_config([*GSM8K, "device=cpu", "model.quantization=4bit", "strategy=fedex_lora"])
