@@ -1,9 +1,13 @@
 """The dp=eps* presets carry a training recipe into the clients' task; overrides win."""
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from fedpeft.cli import simulate
 from fedpeft.config import compose_config
 from fedpeft.federation import build_task
+from fedpeft.runtime import model_runtime
 from tests.conftest import FAST_RUN
 
 
@@ -38,3 +42,22 @@ def test_without_dp_nothing_changes(data_dir):
     assert task["adapter"]["train_head"] is True and task["adapter"]["alpha"] == 16
     custom = build_task(compose_config([*FAST_RUN, "dp=custom", "dp.target_epsilon=2"]), 2)
     assert custom["train"]["optimizer"] == "adamw" and custom["dp"]["max_grad_norm"] == 1.0
+
+
+def test_a_private_run_keeps_the_seeded_head_and_trains_the_adapter(tmp_path, data_dir):
+    overrides = [*FAST_RUN, "dp=eps3", f"run_dir={tmp_path}"]
+    summary = simulate(overrides)
+    assert summary["rounds_completed"] == 2 and 2.9 <= summary["max_epsilon"] <= 3.0
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    runtime = model_runtime(build_task(compose_config(overrides), 2))
+    runtime.reset({})
+    # peft saves the head's live copy (modules_to_save.default) under the head's own name.
+    initial = {
+        n.replace("modules_to_save.default.", ""): p.detach()
+        for n, p in runtime.model.named_parameters()
+        if "classifier.modules_to_save.default." in n
+    }
+    heads = {n: t for n, t in saved.items() if "classifier" in n}
+    assert heads and set(heads) == set(initial)
+    assert all(torch.equal(initial[n].to(t.dtype), t) for n, t in heads.items())
+    assert any(t.abs().sum() > 0 for n, t in saved.items() if "lora_B" in n)
