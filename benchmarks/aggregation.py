@@ -6,10 +6,12 @@
 For every method it prints the fast (factored) time, the dense time, the speed-up and the largest
 per-layer relative error between the two results' d_out x d_in updates. Times are the median of
 --repeats runs after a warm-up. The dense baselines are the naive forms: the sum of the per-client
-products (fedavg's ideal dW*, ffa_lora, flora, fed_sb), forming B_bar A and a full SVD as the
-official FedSVD code does, and LoRA-FAIR's SGD on the dense dW* and dense products (autograd), for
-the same fixed number of iterations as the factored solver. With --dense-layers N the dense forms
-run on the first N layers only and their time is extrapolated linearly to all layers.
+products (fedavg's ideal dW*, ffa_lora, flora, fed_sb, fedex_lora's exact average), forming
+B_bar A and a full SVD as the official FedSVD code does (FlexLoRA: the dense dW and its full SVD,
+truncated to rank r, as its official code does), and LoRA-FAIR's SGD on the dense dW* and
+dense products (autograd), for the same fixed number of iterations as the factored solver.
+With --dense-layers N the dense forms run on the first N layers only and their time is
+extrapolated linearly to all layers.
 """
 
 from __future__ import annotations
@@ -157,6 +159,21 @@ def build_methods(
             db.grad = None
         return a_bar, (b_bar + db).detach()
 
+    def fedex_update(out: tuple, n: int) -> Tensor:
+        """s B_bar A_bar + B_R A_R: the global effective update, on the first n layers."""
+        a_bar, b_bar, (a_r, b_r) = out
+        return FLORA_SCALING * b_bar[:n] @ a_bar[:n] + b_r[:n] @ a_r[:n]
+
+    def flex_fast() -> tuple[Tensor, Tensor]:
+        a_st, b_st = lowrank.flora_stack(a.unbind(0), b.unbind(0), w, [FLORA_SCALING] * k)
+        us, vh = lowrank.stacked_svd(a_st, b_st)
+        return lowrank.flexlora_truncate(us, vh, r, FLORA_SCALING)
+
+    def flex_dense(n: int) -> tuple[Tensor, Tensor]:
+        """The official form: the dense dW, a full SVD, truncated to rank r."""
+        u, s, vh = torch.linalg.svd(dense_sum(n, lambda i: b[i], lambda i: a[i], FLORA_SCALING))
+        return vh[..., :r, :], u[..., :r] * s[..., None, :r] / FLORA_SCALING
+
     def fair_fast() -> tuple[Tensor, Tensor, dict]:
         return lowrank.lora_fair_residual(a, b, w, FAIR_LAM, FAIR_LR, args.fair_iters, tol=0.0)
 
@@ -200,6 +217,22 @@ def build_methods(
             lambda out, n: out[1][:n] @ out[0][:n],
             lambda out: out[1] @ out[0],
             f"{args.fair_iters} SGD steps in both forms",
+        ),
+        Method(
+            "fedex_lora",
+            lambda: lowrank.fedex_aggregate(a, b, w, FLORA_SCALING),
+            lambda n: dense_sum(n, lambda i: b[i], lambda i: a[i], FLORA_SCALING),
+            fedex_update,
+            lambda out: out,
+            "s B_bar A_bar + residual factors vs dense sum p_k s B_k A_k",
+        ),
+        Method(
+            "flexlora",
+            flex_fast,
+            flex_dense,
+            lambda out, n: FLORA_SCALING * out[1][:n] @ out[0][:n],
+            lambda out: FLORA_SCALING * out[1] @ out[0],
+            "stack + thin SVD, rank r vs dense dW + full SVD",
         ),
         Method(
             "fed_sb",
