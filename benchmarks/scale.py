@@ -125,6 +125,7 @@ def run(clients: int, args: argparse.Namespace, run_dir: Path) -> Measure:
         "FEDPEFT_DATA_DIR": str(REPO.parent / "shared" / "data"),
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",  # progress lines arrive when printed, for the phase times
         **os.environ,
     }
     command = [sys.executable, "-m", "fedpeft.cli", "simulate", *overrides]
