@@ -70,12 +70,8 @@ class FlexLoRA(LowRankStrategy):
         **kwargs,
     ) -> None:
         super().__init__(global_adapter, task, **kwargs)
-        adapter = self.task.get("adapter", {})
-        rank = int(adapter.get("rank", 8))
-        self.alpha = float(adapter.get("alpha", 16))
-        self.plan = RankPlan.build(
-            [rank] if ranks is None else ranks, rank, self.alpha, scaling, padded=False
-        )
+        self.plan = RankPlan.unpadded(self.task, ranks, scaling)
+        self.alpha = self.plan.alpha
         self.ranks = list(self.plan.ranks)
         self.adapter_seed = int(self.task.get("adapter_seed", 0))
         self.layers = [k.removesuffix(".lora_A") for k in self.factor_keys("lora_A")]

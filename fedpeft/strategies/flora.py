@@ -134,11 +134,8 @@ class FLoRA(VersionedBase):
         **kwargs,
     ) -> None:
         super().__init__(global_adapter, task, **kwargs)
-        adapter = self.task.get("adapter", {})
-        rank = int(adapter.get("rank", 8))
-        self.alpha = float(adapter.get("alpha", 16))
-        chosen = [rank] if ranks is None else ranks
-        self.plan = RankPlan.build(chosen, rank, self.alpha, scaling, padded=False)
+        self.plan = RankPlan.unpadded(self.task, ranks, scaling)
+        self.alpha = self.plan.alpha
         self.ranks = list(self.plan.ranks)
         self.adapter_seed = int(self.task.get("adapter_seed", 0))
         self.layers = [k.removesuffix(".lora_A") for k in self.factor_keys("lora_A")]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -95,6 +96,19 @@ class RankPlan:
         if global_rank < 1 or alpha <= 0:
             raise ValueError(f"need adapter.rank >= 1 and alpha > 0, got {global_rank}, {alpha}")
         return cls(tuple(values), int(global_rank), float(alpha), check_scaling(scaling))
+
+    @classmethod
+    def unpadded(
+        cls, task: Mapping[str, Any], ranks: Sequence[int] | None, scaling: str
+    ) -> RankPlan:
+        """The plan of a method whose clients' factors are not padded (FLoRA, FlexLoRA).
+
+        The task's adapter rank and alpha; every client at that rank unless `ranks` are given.
+        """
+        adapter = task.get("adapter", {})
+        rank = int(adapter.get("rank", 8))
+        chosen = [rank] if ranks is None else ranks
+        return cls.build(chosen, rank, float(adapter.get("alpha", 16)), scaling, padded=False)
 
     def alpha_of(self, rank: int) -> float:
         """alpha_k for a client of rank r_k."""
