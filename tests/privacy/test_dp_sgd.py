@@ -23,9 +23,11 @@ def raw_gradient_norm(model, example) -> float:
 def test_one_huge_gradient_moves_the_adapter_by_at_most_the_clip_norm(runtime, examples):
     model = runtime.model
     crafted = examples[0]
-    clip = 1e-3
     raw = raw_gradient_norm(model, crafted)
-    assert raw > 100 * clip  # the example's own gradient is huge next to the clip norm
+    assert raw > 0
+    # The clip norm is a thousandth of the example's own gradient, whatever the preset trains (the
+    # dp presets freeze the head, which makes the raw norm small): a huge gradient next to C.
+    clip = raw / 1000
     before = flat(trainable(model)).clone()
     # q = 1 over one example: it is in the batch; no noise; plain SGD with lr 1.
     result = private_steps(
