@@ -38,7 +38,11 @@ KIND_FACTORS: dict[str, tuple[str, ...]] = {
     "lora": ("lora_A", "lora_B"),
     "frozen_a": ("lora_B",),
     "sb": ("lora_R",),
+    "frozen_b": ("lora_A",),
 }
+#: kind -> the modules it injects; kinds with the same modules share one model per process
+#: (runtime.model_runtime freezes it for the task's kind on every call)
+KIND_MODULES: dict[str, str] = {"lora": "lora", "frozen_a": "lora", "frozen_b": "lora", "sb": "sb"}
 HEAD_PREFIX = "head."
 #: payload key prefixes of per-node state (clients/client_state.py): FLoRA's stacked modules,
 #: `stack.<version>.<key>`, and frozen factors sent once, `frozen.<key>`

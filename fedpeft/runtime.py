@@ -121,7 +121,14 @@ def _runtime(task_key: str) -> ModelRuntime:
 def model_runtime(task: Mapping[str, Any]) -> ModelRuntime:
     """The cached runtime for this task's model and adapter (built on first use in this process).
 
-    One runtime per adapter (kind, rank, ...): FLoRA clients of different ranks get one each.
+    One runtime per adapter (rank, alpha, ...): FLoRA clients of different ranks get one each.
+    Kinds that inject the same modules (lora, frozen_a, frozen_b) share one, which is frozen for
+    the task's kind on every call: RoLoRA's clients switch kind every round on one model.
     """
     keys = ("model", "num_labels", "adapter", "adapter_seed", "device")
-    return _runtime(json.dumps({k: task[k] for k in keys}, sort_keys=True))
+    key = {k: task[k] for k in keys}
+    kind = key["adapter"]["kind"]
+    key["adapter"] = {**key["adapter"], "kind": adapters.KIND_MODULES.get(kind, kind)}
+    runtime = _runtime(json.dumps(key, sort_keys=True))
+    adapters.freeze(runtime.model, adapter_spec(task))
+    return runtime

@@ -10,7 +10,9 @@ serves many nodes, and Flower persists `context.state` per node in simulation an
   `base-version`.
 - frozen factors (Fed-SB's A and B): config `frozen-version` = the version the node must hold;
   payload keys `frozen.<canonical key>` when the server (re)sends them. The node reports
-  `frozen-version`.
+  `frozen-version`. With config `frozen-from` = v > 0 the payload updates only some of the
+  factors the node holds at version v (RoLoRA's global A and B, one of which changes per round);
+  `frozen-from` = 0 (or absent) replaces them all.
 
 A node that lacks what the payload assumes (it restarted, or its state was lost) raises
 `StateMismatch`; Flower turns that into an error reply, and the server then resends everything.
@@ -87,7 +89,17 @@ def receive(
     if "frozen-version" in config:
         want = int(config["frozen-version"])
         if frozen:
-            state[_FROZEN] = to_record(frozen)
+            since = int(config["frozen-from"]) if "frozen-from" in config else 0
+            kept = {}
+            if since > 0:
+                if int(versions["frozen-version"]) != since:
+                    raise StateMismatch(
+                        f"frozen-version mismatch: this node holds frozen factors version "
+                        f"{int(versions['frozen-version'])}, the payload updates version {since}; "
+                        "resend them all"
+                    )
+                kept = held_frozen(state)
+            state[_FROZEN] = to_record({**kept, **frozen})
             versions["frozen-version"] = want
         held = int(versions["frozen-version"])
         if held != want:

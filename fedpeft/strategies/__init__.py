@@ -9,6 +9,7 @@ from fedpeft.strategies.ffa_lora import FFALoRA
 from fedpeft.strategies.flexlora import FlexLoRA
 from fedpeft.strategies.flora import FLoRA
 from fedpeft.strategies.lora_fair import LoRAFAIR
+from fedpeft.strategies.rolora import RoLoRA
 
 #: strategy config name -> class
 STRATEGIES: dict[str, type[LowRankStrategy]] = {
@@ -20,6 +21,7 @@ STRATEGIES: dict[str, type[LowRankStrategy]] = {
     "fed_sb": FedSB,
     "fedex_lora": FedExLoRA,
     "flexlora": FlexLoRA,
+    "rolora": RoLoRA,
 }
 
 __all__ = [
@@ -33,5 +35,6 @@ __all__ = [
     "FedSVD",
     "LoRAFAIR",
     "LowRankStrategy",
+    "RoLoRA",
     "RoundStats",
 ]
