@@ -18,6 +18,7 @@ def _model(kind: str = "lora", train_head: bool = True):
         ("lora", True, {"lora_A", "lora_B", "head"}),
         ("frozen_a", True, {"lora_B", "head"}),
         ("frozen_a", False, {"lora_B"}),
+        ("frozen_b", True, {"lora_A", "head"}),
     ],
 )
 def test_kind_decides_what_trains(kind, head, expected):

@@ -35,3 +35,18 @@ def test_frozen_factors_are_remembered_and_required():
     assert client_state.version_metrics(state, config) == {"frozen-version": 1}
     with pytest.raises(StateMismatch, match="frozen-version"):
         client_state.receive(RecordDict(), config, {}, {})
+
+
+def test_frozen_from_updates_some_factors_of_the_held_version():
+    """frozen-from = v > 0 merges into what the node holds at v; 0 replaces; a gap is refused."""
+    state, a, b = RecordDict(), torch.ones(2, 3), torch.ones(4, 2)
+    client_state.receive(state, {"frozen-from": 0, "frozen-version": 1}, {}, {"l.lora_B": b})
+    client_state.receive(state, {"frozen-from": 1, "frozen-version": 2}, {}, {"l.lora_A": a})
+    held = client_state.held_frozen(state)
+    assert torch.equal(held["l.lora_A"], a) and torch.equal(held["l.lora_B"], b)
+    client_state.receive(state, {"frozen-from": 2, "frozen-version": 3}, {}, {"l.lora_B": 2 * b})
+    assert torch.equal(client_state.held_frozen(state)["l.lora_B"], 2 * b)
+    client_state.receive(state, {"frozen-from": 0, "frozen-version": 5}, {}, {"l.lora_A": 3 * a})
+    assert set(client_state.held_frozen(state)) == {"l.lora_A"}  # from 0: replaced
+    with pytest.raises(StateMismatch, match="updates version 1"):
+        client_state.receive(RecordDict(), {"frozen-from": 1, "frozen-version": 2}, {}, {"l": a})

@@ -219,7 +219,7 @@ def test_bad_rank_options_are_refused(kwargs: dict, message: str) -> None:
             cls(global_adapter(), {"adapter": {"rank": R, "alpha": 16}}, **kwargs)
 
 
-@pytest.mark.parametrize("strategy", ["ffa_lora", "fedsvd", "fed_sb"])
+@pytest.mark.parametrize("strategy", ["ffa_lora", "fedsvd", "fed_sb", "rolora"])
 @pytest.mark.parametrize("prefix", ["", "+"])
 def test_methods_without_per_client_ranks_refuse_them(strategy, prefix, capsys):
     """A shared frozen A (or B and A) of adapter.rank cannot take client ranks: exit 2, one line."""
