@@ -123,7 +123,7 @@ def model_runtime(task: Mapping[str, Any]) -> ModelRuntime:
 
     One runtime per adapter (rank, alpha, ...): FLoRA clients of different ranks get one each.
     Kinds that inject the same modules (lora, frozen_a, frozen_b) share one, which is frozen for
-    the task's kind on every call: RoLoRA's clients switch kind every round on one model.
+    the task's kind on every call, so a node whose round task switches kind keeps one model.
     """
     keys = ("model", "num_labels", "adapter", "adapter_seed", "device")
     key = {k: task[k] for k in keys}
