@@ -481,12 +481,14 @@ class LowRankStrategy(Strategy):
         """Log the strategy's configuration."""
         log(
             INFO,
-            "%s: kind=%s fraction=%.2f min_clients=%d train_head=%s",
+            "%s: kind=%s fraction=%.2f min_clients=%d train_head=%s server_opt=%s scaffold=%s",
             type(self).__name__,
             self.kind,
             self.fraction,
             self.min_clients,
             self.train_head,
+            self.server_opt.name if self.server_opt is not None else "none",
+            self.scaffold,
         )
 
     def configure_train(
