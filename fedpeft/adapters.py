@@ -48,6 +48,8 @@ HEAD_PREFIX = "head."
 #: `stack.<version>.<key>`, and frozen factors sent once, `frozen.<key>`
 STACK_PREFIX = "stack."
 FROZEN_PREFIX = "frozen."
+#: SCAFFOLD control variates: the server's c down, a client's delta c_k up (clients/drift.py)
+CONTROL_PREFIX = "control."
 
 
 class SBDown(torch.nn.Sequential):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedpeft.errors import ConfigError
@@ -227,6 +228,52 @@ def validate(cfg: DictConfig) -> None:
     _validate_scale(cfg)
     _validate_robustness(cfg)
     _validate_strategy_params(cfg)
+    _validate_drift(cfg)
+
+
+def _validate_drift(cfg: DictConfig) -> None:
+    """client_opt and server_opt: their values, the optimiser SCAFFOLD needs, and the method."""
+    from fedpeft.strategies import STRATEGIES
+    from fedpeft.strategies.server_opt import check_settings
+
+    client, server = cfg.get("client_opt") or {}, cfg.get("server_opt") or {}
+    mu = client.get("proximal_mu", 0.0)
+    _require(
+        _is_number(mu) and mu >= 0,
+        f"client_opt.proximal_mu={mu} must be a number >= 0 (0: no proximal term), e.g. 0.01",
+    )
+    scaffold = client.get("scaffold", False)
+    _require(isinstance(scaffold, bool), f"client_opt.scaffold={scaffold} must be true or false")
+    name = server.get("name", "none")
+    betas = server.get("betas", [0.9, 0.99])
+    values = (server.get("lr"), server.get("tau", 1e-3), server.get("momentum", 0.9))
+    _require(
+        all(v is None or _is_number(v) for v in values)
+        and isinstance(betas, Sequence | ListConfig)
+        and all(_is_number(b) for b in betas),
+        f"server_opt.lr, tau, momentum and betas must be numbers (got {values}, betas {betas})",
+    )
+    try:
+        check_settings(str(name), values[0], list(betas), values[1], values[2])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if scaffold:
+        _require(
+            cfg.train.optimizer == "sgd" and not cfg.train.momentum,
+            f"client_opt.scaffold=true with train.optimizer={cfg.train.optimizer} and "
+            f"train.momentum={cfg.train.momentum}: option II's control variate "
+            "(theta_0 - theta_K) / (K lr) is the mean gradient only under plain SGD; set "
+            "train.optimizer=sgd train.momentum=0 (and a matching train.lr)",
+        )
+    raw = cfg.strategy.get("params")
+    params = {} if raw is None else OmegaConf.to_container(raw, resolve=True)
+    klass = STRATEGIES[cfg.strategy.name]
+    for option, field, on in (
+        ("server_opt", f"server_opt.name={name}", name != "none"),
+        ("scaffold", "client_opt.scaffold=true", scaffold),
+    ):
+        reason = klass.drift_refusal(option, params) if on else None
+        _require(reason is None, f"{field} with strategy={cfg.strategy.name}: {reason}")
 
 
 def _validate_task(cfg: DictConfig) -> None:

@@ -53,6 +53,7 @@ def build_task(
             "dropout": cfg.adapter.dropout,
         },
         "dp": dp_task(cfg),
+        "client_opt": plain.get("client_opt") or {},
         "train": {
             **plain["train"],
             "lr": cfg.strategy.lr or cfg.train.lr,
@@ -91,6 +92,12 @@ def strategy_params(cfg: DictConfig, sizes: Sequence[int] = ()) -> dict[str, Any
     if "total_steps" in allowed and params.get("total_steps") is None:
         params["total_steps"] = planned_steps(cfg, sizes)
     return params
+
+
+def plain_group(cfg: DictConfig, group: str) -> dict[str, Any] | None:
+    """A root config group as a plain dict (None when the config has none)."""
+    raw = cfg.get(group)
+    return None if raw is None else dict(OmegaConf.to_container(raw, resolve=True))
 
 
 def planned_steps(cfg: DictConfig, sizes: Sequence[int] = ()) -> int:
@@ -287,6 +294,9 @@ def prepare(cfg: DictConfig, deployed: bool = False) -> Federation:
             seed=cfg.seed,
             **example_bounds(cfg, sizes, deployed),
             norm_bound=cfg.replies.norm_bound,
+            server_opt=plain_group(cfg, "server_opt"),
+            scaffold=bool((cfg.get("client_opt") or {}).get("scaffold", False)),
+            num_clients=num_clients,
             **strategy_params(cfg, sizes),
         )
     except ValueError as exc:

@@ -12,7 +12,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft import adapters, privacy, training
-from fedpeft.clients import client_state
+from fedpeft.clients import client_state, drift
 from fedpeft.clients.client_data import client_example_count, client_examples
 from fedpeft.clients.node_config import node_task
 from fedpeft.identity import CLIENT_ID, member
@@ -61,6 +61,7 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
     (`fresh-seed`), and take stacked modules or frozen factors into this node's state (see
     client_state) before training. The task's DP settings are checked against `policy` before
     anything is trained; a private reply carries only data-independent metrics (release.py).
+    The task's `client_opt` adds FedProx's proximal term and SCAFFOLD's correction (drift.py).
     """
     config = msg.content[CONFIG_KEY]
     task = node_task(json.loads(str(config[TASK_KEY])), context.node_config)
@@ -76,7 +77,8 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
     runtime = model_runtime(task)
     examples = client_examples(task, context.node_config)
     payload = msg.content[ARRAYS_KEY]
-    plain, stacks, frozen = client_state.split_payload(from_record(payload))
+    received, control = drift.split_control(from_record(payload))
+    plain, stacks, frozen = client_state.split_payload(received)
     client_state.receive(context.state, config, stacks, frozen)
     runtime.reset(plain, client_state.held_stacks(context.state))
     adapters.write_adapter(runtime.model, client_state.held_frozen(context.state))
@@ -87,6 +89,10 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
 
     hp = task["train"]
     optimizer, steps = training.local_round(runtime.model, hp, len(examples))
+    trained = adapters.select_keys(
+        adapters.adapter_tensors(runtime.model), spec.trained_factors, spec.train_head
+    )
+    correction = drift.start_round(runtime.model, trained, task, control, context.state, optimizer)
     seed = training.sampler_seed(int(task["seed"]), server_round, member(context))
     if dp.enabled:
         result, dp_metrics = privacy.private_round(
@@ -117,7 +123,8 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
     keys = adapters.select_keys(
         adapters.adapter_tensors(runtime.model), spec.trained_factors, spec.train_head
     )
-    reply = to_record(adapters.read_adapter(runtime.model, keys))
+    controls = drift.finish_round(correction, control, context.state)
+    reply = to_record({**adapters.read_adapter(runtime.model, keys), **controls})
     metrics = {
         NUM_EXAMPLES: result.num_examples,
         "steps": result.steps,

@@ -15,6 +15,19 @@ reply order and per-client records follow that identity instead, so that a run i
 and a resumed run picks up where it stopped. The example count a node declared with its identity
 bounds what its replies may claim (declared.py). `state_dict` and `load_state_dict` carry everything
 a resumed server needs; methods extend them with their own state.
+
+Drift correction composes with a method through two options the base owns (config groups
+`server_opt` and `client_opt`):
+- a server optimiser (FedAvgM, FedAdam, FedYogi, FedAdagrad; server_opt.py) takes the pseudo-
+  gradient Delta = x_avg - x of the tensors the method keeps as the weighted average of the
+  replies (`server_opt_keys`, by default `up_keys`) right after `aggregate_updates`, and replaces
+  x_avg by its own step from x;
+- SCAFFOLD (Karimireddy et al., ICML 2020, option II): the server keeps a control variate c on the
+  `up_keys` tensors, sends it down as `control.<key>`, takes each client's delta c_k back as
+  `control.<key>` and updates c += (|S| / N) sum_k p_k delta c_k (p_k: the round's weights; with
+  equal n_k this is the paper's mean). Both count in the round's bytes and live in `state_dict`.
+FedProx needs no server part (clients/drift.py). A method says whether these options mean anything
+for it with `drift_refusal`; the base refuses both, so a method opts in by overriding it.
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedpeft import identity, lowrank
+from fedpeft.adapters import CONTROL_PREFIX
 from fedpeft.records import (
     ARRAYS_KEY,
     BUDGET_EXHAUSTED,
@@ -54,6 +68,7 @@ from fedpeft.records import (
 )
 from fedpeft.strategies.declared import claim_refusal
 from fedpeft.strategies.privacy_watch import PrivacyWatch
+from fedpeft.strategies.server_opt import ServerOptimizer
 
 #: num-examples bound passed to reply validation when the server sets no cap.
 NO_CAP = 2**63 - 1
@@ -123,6 +138,14 @@ class LowRankStrategy(Strategy):
         Optional bound on every replied tensor's Frobenius norm.
     wait_timeout : float
         Seconds to wait for `min_clients` nodes to connect before a round.
+    server_opt : dict or None
+        A server optimiser on the averaged tensors: `ServerOptimizer`'s keywords (name, lr,
+        betas, tau, momentum); None or name "none": plain averaging.
+    scaffold : bool
+        Keep SCAFFOLD's server control variate c and exchange control variates with clients.
+    num_clients : int or None
+        N, the number of clients in the federation (SCAFFOLD's |S| / N); None: the nodes
+        connected when the round was sampled.
     """
 
     kind: ClassVar[str] = "lora"
@@ -130,6 +153,8 @@ class LowRankStrategy(Strategy):
     version_metric: ClassVar[str | None] = None
     #: server-held calibration examples this method needs before round 1 (0: none)
     calibration_examples: int = 0
+    #: the drift-correction options `drift_refusal` judges
+    DRIFT_OPTIONS: ClassVar[tuple[str, ...]] = ("server_opt", "scaffold")
 
     def __init__(
         self,
@@ -144,6 +169,9 @@ class LowRankStrategy(Strategy):
         median_multiple: float | None = None,
         norm_bound: float | None = None,
         wait_timeout: float = 600.0,
+        server_opt: Mapping[str, Any] | None = None,
+        scaffold: bool = False,
+        num_clients: int | None = None,
     ) -> None:
         self.global_adapter = {k: v.detach().clone().float() for k, v in global_adapter.items()}
         self.task = dict(task)
@@ -165,6 +193,17 @@ class LowRankStrategy(Strategy):
         self.node_ranks: dict[int, int] = {}
         self.exhausted: set[int] = set()
         self.privacy = PrivacyWatch()
+        self.connected = 0
+        self.num_clients = num_clients
+        self.server_opt = None
+        if server_opt is not None and server_opt.get("name", "none") != "none":
+            self._refuse("server_opt", server_opt["name"])
+            self.server_opt = ServerOptimizer(**server_opt)
+        self.scaffold = bool(scaffold)
+        self.control: dict[str, torch.Tensor] = {}
+        if self.scaffold:
+            self._refuse("scaffold", "true")
+            self.control = {k: torch.zeros_like(self.global_adapter[k]) for k in self.up_keys()}
 
     # -- what each method defines -------------------------------------------------------------
     @abstractmethod
@@ -180,6 +219,64 @@ class LowRankStrategy(Strategy):
         self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor
     ) -> None:
         """Fold the valid replies (weights p_k summing to 1) into `self.global_adapter`."""
+
+    # -- drift correction (server optimisers, SCAFFOLD) ---------------------------------------
+    @classmethod
+    def drift_refusal(cls, option: str, params: Mapping[str, Any]) -> str | None:
+        """Why `option` ("server_opt" or "scaffold") means nothing here, or None if it composes.
+
+        `params` are the method's strategy.params. The base refuses: a method opts in.
+        """
+        return (
+            "it does not keep its global as the weighted average of its clients' replies, which "
+            "is what a server optimiser steps from and SCAFFOLD's control variates live on"
+        )
+
+    def _refuse(self, option: str, value: str) -> None:
+        reason = self.drift_refusal(option, {})
+        if reason is not None:
+            raise ValueError(f"{self._drift_field(option)}={value} with {self.method()}: {reason}")
+
+    @staticmethod
+    def _drift_field(option: str) -> str:
+        return "server_opt.name" if option == "server_opt" else "client_opt.scaffold"
+
+    @classmethod
+    def method(cls) -> str:
+        """The strategy's config name (its STRATEGIES key), or the class name outside it."""
+        from fedpeft.strategies import STRATEGIES
+
+        return next((n for n, c in STRATEGIES.items() if c is cls), cls.__name__)
+
+    def server_opt_keys(self) -> list[str]:
+        """The global tensors the method sets to the weighted average of the replies each round."""
+        return self.up_keys()
+
+    def control_payload(self) -> dict[str, torch.Tensor]:
+        """SCAFFOLD's server control variate c as `control.<key>` (empty without SCAFFOLD)."""
+        return {f"{CONTROL_PREFIX}{k}": v for k, v in self.control.items()}
+
+    def control_specs(self) -> dict[str, TensorSpec]:
+        """The delta c_k a SCAFFOLD reply must carry, with the shapes of c."""
+        return {f"{CONTROL_PREFIX}{k}": TensorSpec(tuple(v.shape)) for k, v in self.control.items()}
+
+    def _drift_step(
+        self,
+        previous: Mapping[str, torch.Tensor],
+        deltas: list[dict[str, torch.Tensor]],
+        weights: torch.Tensor,
+    ) -> None:
+        """After `aggregate_updates`: the server optimiser's step, then c += |S|/N sum p_k dc_k."""
+        if self.server_opt is not None:
+            averaged = {k: self.global_adapter[k] for k in previous}
+            self.global_adapter.update(self.server_opt.step(previous, averaged))
+        if self.scaffold and deltas:
+            total = self.num_clients or self.connected or len(deltas)
+            share = min(1.0, len(deltas) / total)
+            for key in self.control:
+                stacked = torch.stack([d[f"{CONTROL_PREFIX}{key}"].double() for d in deltas])
+                mean = torch.einsum("k,k...->...", weights.double(), stacked)
+                self.control[key] = (self.control[key].double() + share * mean).float()
 
     # -- shared helpers -----------------------------------------------------------------------
     def head_keys(self) -> list[str]:
@@ -302,7 +399,12 @@ class LowRankStrategy(Strategy):
             "exhausted": sorted(self.exhausted),
             "privacy": self.privacy.state(),
         }
-        return {f"global.{k}": v for k, v in self.global_adapter.items()}, meta
+        tensors = {f"global.{k}": v for k, v in self.global_adapter.items()}
+        tensors.update(self.control_payload())
+        if self.server_opt is not None:
+            opt_tensors, meta["server_opt"] = self.server_opt.state_dict()
+            tensors.update(opt_tensors)
+        return tensors, meta
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
         """Restore what `state_dict` gave. Client-held state is not assumed: nodes are resent it."""
@@ -319,6 +421,14 @@ class LowRankStrategy(Strategy):
         self.exhausted = {int(m) for m in meta.get("exhausted", [])}
         self.privacy = PrivacyWatch.from_state(meta.get("privacy"))
         self.known_versions = {}
+        for key in self.control:
+            self.control[key] = tensors[f"{CONTROL_PREFIX}{key}"].float().clone()
+        if self.server_opt is not None:
+            if "server_opt" not in meta:
+                raise ValueError(
+                    "the checkpoint has no server optimiser state: resume with server_opt.name=none"
+                )
+            self.server_opt.load_state_dict(tensors, meta["server_opt"])
 
     def _sample(self, grid: Grid) -> list[int]:
         """Sample this round's nodes by identity; with `identify_sampled_timeout`, ask the new ones.
@@ -334,6 +444,7 @@ class LowRankStrategy(Strategy):
         if lazy and any(n not in self.identities and n not in self.expected_names for n in nodes):
             self.expected_names = identity.registration_names(grid)
         nodes.sort(key=self._order)
+        self.connected = len(nodes)
         size = min(len(nodes), max(self.min_clients, int(self.fraction * len(nodes))))
         eligible = [n for n in nodes if self.member(n) not in self.exhausted]
         if len(eligible) < size:
@@ -370,12 +481,14 @@ class LowRankStrategy(Strategy):
         """Log the strategy's configuration."""
         log(
             INFO,
-            "%s: kind=%s fraction=%.2f min_clients=%d train_head=%s",
+            "%s: kind=%s fraction=%.2f min_clients=%d train_head=%s server_opt=%s scaffold=%s",
             type(self).__name__,
             self.kind,
             self.fraction,
             self.min_clients,
             self.train_head,
+            self.server_opt.name if self.server_opt is not None else "none",
+            self.scaffold,
         )
 
     def configure_train(
@@ -389,7 +502,11 @@ class LowRankStrategy(Strategy):
         for node_id in self._sample(grid):
             extra, node_config = self.node_payload(node_id)
             payload = to_record(
-                {**{k: self.global_adapter[k] for k in self.down_keys(node_id)}, **extra}
+                {
+                    **{k: self.global_adapter[k] for k in self.down_keys(node_id)},
+                    **extra,
+                    **self.control_payload(),
+                }
             )
             self.stats.bytes_down += record_bytes(payload)
             content = RecordDict(
@@ -416,7 +533,7 @@ class LowRankStrategy(Strategy):
         A sampled node that sent no reply (it timed out) counts as failed.
         """
         self.server_round = server_round
-        updates, weights, losses = [], [], []
+        updates, weights, losses, deltas = [], [], [], []
         by_node = {}
         for msg in replies:
             node = self._sender(msg)
@@ -437,9 +554,8 @@ class LowRankStrategy(Strategy):
             try:
                 self._watch_ledger(member, msg)
                 cap = self.max_num_examples or NO_CAP
-                tensors, weight = validate_update(
-                    msg.content, self.up_specs(node), cap, self.norm_bound
-                )
+                specs = {**self.up_specs(node), **self.control_specs()}
+                tensors, weight = validate_update(msg.content, specs, cap, self.norm_bound)
                 refusal = claim_refusal(
                     weight, self.declared.get(node), self.declared.values(), self.median_multiple
                 )
@@ -459,6 +575,7 @@ class LowRankStrategy(Strategy):
             self.stats.bytes_up += tensor_bytes(tensors)
             if "train-loss" in metrics:  # private replies carry none (privacy/release.py)
                 self.stats.client_loss[member] = float(metrics["train-loss"])
+            deltas.append({k: tensors.pop(k) for k in self.control_specs()})
             updates.append(tensors)
             weights.append(weight)
             losses.append(self.stats.client_loss.get(member))
@@ -474,7 +591,13 @@ class LowRankStrategy(Strategy):
             return None, None
         started = time.perf_counter()
         p = lowrank.normalize_weights(weights)
+        previous = (
+            {k: self.global_adapter[k].clone() for k in self.server_opt_keys()}
+            if self.server_opt is not None
+            else {}
+        )
         self.aggregate_updates(updates, p)
+        self._drift_step(previous, deltas, p)
         self.stats.aggregate_s = time.perf_counter() - started
         if None not in losses:
             self.stats.train_loss = float(

@@ -125,6 +125,11 @@ class FedSB(LowRankStrategy):
         if init == "orthonormal":
             self._orthonormal()
 
+    @classmethod
+    def drift_refusal(cls, option: str, params: Mapping[str, Any]) -> str | None:
+        """Both compose: R (and the head) is a plain weighted average with B and A fixed."""
+        return None
+
     def _orthonormal(self) -> None:
         generator = torch.Generator().manual_seed(self.adapter_seed)
         for name in self.layers:

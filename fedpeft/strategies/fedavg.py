@@ -70,6 +70,24 @@ class FedAvgLoRA(LowRankStrategy):
             else RankPlan.build(ranks, self.global_rank, alpha, scaling, padded=True)
         )
         self.ranks = None if self.plan is None else list(self.plan.ranks)
+        if self.scaffold and ranks is not None:
+            raise ValueError(
+                f"client_opt.scaffold=true with {self.method()}: "
+                + str(self.drift_refusal("scaffold", {"ranks": ranks}))
+            )
+
+    @classmethod
+    def drift_refusal(cls, option: str, params: Mapping[str, Any]) -> str | None:
+        """Server optimisers compose (on A, B and the head); SCAFFOLD too, except with `ranks`.
+
+        With `ranks` each client trains a truncation of its own shape, which c cannot match.
+        """
+        if option == "scaffold" and params.get("ranks") is not None:
+            return (
+                "with strategy.params.ranks each client trains factors of its own rank, so one "
+                "control variate per global tensor cannot match them: drop strategy.params.ranks"
+            )
+        return None
 
     def rank_of(self, node_id: int) -> int:
         """This node's rank (the global rank without `ranks`), fixed when first sampled."""

@@ -16,6 +16,7 @@ only for GPT-2's Conv1D) is not copied; a round with one valid reply has R = 0 a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -56,6 +57,17 @@ class FedExLoRA(FedAvgLoRA, VersionedBase):
         super().__init__(*args, **kwargs)
         self.alpha = float(self.task.get("adapter", {}).get("alpha", 16))
         self.layers = [k.removesuffix(".lora_A") for k in self.factor_keys("lora_A")]
+
+    @classmethod
+    def drift_refusal(cls, option: str, params: Mapping[str, Any]) -> str | None:
+        """SCAFFOLD composes as in FedAvg; a server optimiser does not (it breaks exactness)."""
+        if option == "server_opt":
+            return (
+                "the residual folded into the base makes the global weight exactly the clients' "
+                "average; a server step on (A, B) would either break that identity or, with the "
+                "residual recomputed, be cancelled by it: use strategy=fedavg or lora_fair"
+            )
+        return super().drift_refusal(option, params)
 
     @property
     def scale(self) -> float:

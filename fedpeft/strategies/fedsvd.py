@@ -45,6 +45,15 @@ class FedSVD(LowRankStrategy):
         self.refactor_every = refactor_every
         self.a_orthonormal = False
 
+    @classmethod
+    def drift_refusal(cls, option: str, params: Mapping[str, Any]) -> str | None:
+        """Neither composes: every refactorisation replaces A and rewrites B in its new basis."""
+        return (
+            "every refactorisation replaces A and rewrites B in the new basis, so a server "
+            "optimiser's moments or a control variate on B would refer to the old basis: use "
+            "strategy=ffa_lora (the same exchange with A fixed) for this option"
+        )
+
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The base's state and whether A already has orthonormal rows."""
         tensors, meta = super().state_dict()

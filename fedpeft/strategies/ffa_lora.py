@@ -7,6 +7,7 @@ exact: (sum p_k B_k) A = sum p_k B_k A.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -29,6 +30,11 @@ class FFALoRA(LowRankStrategy):
     """
 
     kind = "frozen_a"
+
+    @classmethod
+    def drift_refusal(cls, option: str, params: Mapping[str, Any]) -> str | None:
+        """Both compose: B (and the head) is a plain weighted average with A fixed for the run."""
+        return None
 
     def down_keys(self, node_id: int) -> list[str]:
         """The global B (and head); A is expanded from the shared seed."""

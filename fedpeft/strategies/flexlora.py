@@ -86,6 +86,15 @@ class FlexLoRA(LowRankStrategy):
             self.global_adapter[f"{name}.lora_B"].zero_()
         self.svd: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def drift_refusal(cls, option: str, params: Mapping[str, Any]) -> str | None:
+        """Neither composes: clients restart from a fresh per-client SVD truncation each round."""
+        return (
+            "each round the server re-takes the SVD of the average of products and sends every "
+            "client its own rank-r_k truncation, so the factors are not an average of a "
+            "persistent global (their basis changes every round)"
+        )
+
     def rank_of(self, node_id: int) -> int:
         """This node's rank, assigned to its identity the first time the node is sampled."""
         return self.assign_rank(node_id, self.plan.ranks)

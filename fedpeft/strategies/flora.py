@@ -140,6 +140,15 @@ class FLoRA(VersionedBase):
         self.adapter_seed = int(self.task.get("adapter_seed", 0))
         self.layers = [k.removesuffix(".lora_A") for k in self.factor_keys("lora_A")]
 
+    @classmethod
+    def drift_refusal(cls, option: str, params: Mapping[str, Any]) -> str | None:
+        """Neither composes: each round trains a fresh LoRA that is then merged into the base."""
+        return (
+            "every round each client trains a fresh LoRA that the server stacks and everyone "
+            "merges into the base, so there is no persistent averaged global to step from or to "
+            "keep control variates on"
+        )
+
     def rank_of(self, node_id: int) -> int:
         """This node's rank, assigned to its identity the first time the node is sampled."""
         return self.assign_rank(node_id, self.plan.ranks)

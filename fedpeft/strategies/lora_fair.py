@@ -10,7 +10,9 @@ makes the solver scale-free (lowrank.lora_fair_residual_groups says why). Correc
 paper's choice and its best ablation. Everything runs on the factors (r x r Grams), never on a
 d_out x d_in matrix. Heterogeneous ranks (`ranks`) take FedAvg's zero-padding path
 (strategies/ranks.py): the replies are padded to the global rank first, and dW* is then the
-clients' own sum p_k s_k B_k A_k expressed at the global scaling.
+clients' own sum p_k s_k B_k A_k expressed at the global scaling. A server optimiser
+(`server_opt`, base.py) takes its pseudo-gradient from the method's result, (A_bar, B_bar + dB),
+minus the previous global: the corrected pair is what this method proposes as the next global.
 """
 
 from __future__ import annotations
