@@ -101,8 +101,11 @@ def simulate(overrides: Sequence[str]) -> dict:
             table.add_row(str(server_round), f"{accuracy:.4f}")
     out = Console()
     out.print(table)
+    final = result["final_accuracy"]
     out.print(
-        f"final accuracy {result['final_accuracy']:.4f} after {result['rounds_completed']} rounds "
+        ("final accuracy not released" if final is None else f"final accuracy {final:.4f}")
+        + (" (personalised)" if result.get("evaluation") == "personalised" else "")
+        + f" after {result['rounds_completed']} rounds "
         f"in {result['wall_time_s']:.1f} s; {result['bytes_up'] / 1e6:.2f} MB up, "
         f"{result['bytes_down'] / 1e6:.2f} MB down; run folder {result['run_dir']}"
     )
