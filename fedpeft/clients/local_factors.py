@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 LOCAL_FACTORS, HOLDOUT_FRACTION = "local-factors", "holdout-fraction"
 FORMAT = "fedpeft-local-factors/1"
-_STATE = "fedpeft.local-factors"
+STATE_KEY = "fedpeft.local-factors"
 T = TypeVar("T")
 
 
@@ -116,13 +116,13 @@ def _metadata(data: bytes) -> dict[str, str]:
 
 def held(state: RecordDict, store: LocalFactorFile) -> dict[str, torch.Tensor]:
     """The local factors this node holds: from `Context.state`, else its file, else none."""
-    if _STATE in state.array_records:
-        return from_record(state.array_records[_STATE])
+    if STATE_KEY in state.array_records:
+        return from_record(state.array_records[STATE_KEY])
     saved = store.load()
     if saved is None:
         return {}
     tensors, server_round = saved
-    state[_STATE] = to_record(tensors)
+    state[STATE_KEY] = to_record(tensors)
     logger.info("client %d: restored local factors of round %d", store.member, server_round)
     return tensors
 
@@ -134,7 +134,7 @@ def keep(
     server_round: int,
 ) -> None:
     """Remember the round's local factors in `Context.state` and in the node's file."""
-    state[_STATE] = to_record(dict(tensors))
+    state[STATE_KEY] = to_record(dict(tensors))
     store.save(tensors, server_round)
 
 
