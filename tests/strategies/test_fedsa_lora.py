@@ -1,5 +1,6 @@
 """FedSA-LoRA (ALGORITHMS.md §11): A shared and averaged, B_k and head_k kept by each client."""
 
+import csv
 import json
 
 import pytest
@@ -7,14 +8,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
 from fedpeft import adapters, training
+from fedpeft.cli import simulate
 from fedpeft.clients import local_factors
-from fedpeft.clients.client_app import evaluate, train
+from fedpeft.clients.client_app import evaluate, evaluate_round, train, train_round
 from fedpeft.clients.client_data import client_examples
 from fedpeft.config import compose_config
 from fedpeft.federation import prepare
-from fedpeft.privacy import PolicyViolation
+from fedpeft.privacy import NodePolicy, PolicyViolation
 from fedpeft.records import from_record
 from fedpeft.runtime import model_runtime
 from fedpeft.strategies import FedSALoRA
@@ -290,3 +293,85 @@ def test_with_one_client_fedsa_is_local_training(tmp_path, data_dir):
     assert set(federated) == set(local)
     for key, value in local.items():
         torch.testing.assert_close(federated[key], value, atol=1e-6, rtol=0)
+
+
+def test_a_private_round_trains_b_under_dp_and_keeps_it(tmp_path, data_dir):
+    """DP: A and B trained by DP-SGD, B kept; the reply has A and data-independent metrics only."""
+    cfg = compose_config([*RUN, "federation.num_clients=2", "dp=eps3"])
+    fed = prepare(cfg)
+    policy = NodePolicy.for_simulation(cfg.dp, tmp_path)
+    context = _context(1, 2, tmp_path)
+    (msg, _) = fed.strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2]))
+    assert msg.content["config"]["local-factors"] == "lora_B"  # the dp presets freeze the head
+    answer = train_round(msg, context, policy)
+    assert all(k.endswith(".lora_A") for k in answer.content["arrays"])
+    metrics = answer.content["metrics"]
+    assert "train-loss" not in metrics and metrics["epsilon"] > 0
+    kept = _state(context)
+    assert kept and all(k.endswith(".lora_B") for k in kept)
+    assert all(t.abs().sum() > 0 for t in kept.values())
+    saved, server_round = local_factors.LocalFactorFile(tmp_path, 1, 0).load()
+    assert server_round == 1 and all(torch.equal(saved[k], kept[k]) for k in kept)
+    assert (
+        list(fed.strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), FakeGrid([1]))) == []
+    )
+    assert evaluate_round_refused(msg, context, policy)
+
+
+def evaluate_round_refused(train_msg, context, policy) -> bool:
+    """Whether the node refuses an evaluate message in the run it spent budget in."""
+    content = RecordDict(
+        {"arrays": train_msg.content["arrays"], "config": train_msg.content["config"]}
+    )
+    msg = Message(content, dst_node_id=1, message_type="evaluate")
+    try:
+        evaluate_round(msg, context, policy)
+    except PolicyViolation:
+        return True
+    return False
+
+
+def test_simulation_reports_personalised_accuracy_and_saves_shared_a_only(tmp_path, data_dir):
+    """2 rounds through real Flower: bytes r d_in per layer each way, personalised summary."""
+    summary = simulate([*RUN, f"run_dir={tmp_path}"])
+    assert summary["rounds_completed"] == 2 and summary["evaluation"] == "personalised"
+    layers, hidden, r = 4, 64, 8
+    assert summary["bytes_up"] == summary["bytes_down"] == 2 * 2 * layers * r * hidden * 4
+    accuracy = summary["accuracy_by_round"]
+    assert len(accuracy) == 3 and all(0 <= a <= 1 for a in accuracy)
+    assert summary["final_accuracy_min"] <= summary["final_accuracy"] <= 1
+    assert 0 <= summary["final_accuracy_weighted"] <= 1
+    assert "not comparable" in summary["evaluation_note"]
+    shared = load_file(str(tmp_path / "adapter" / "shared_lora_A.safetensors"))
+    assert len(shared) == layers and all(k.endswith(".lora_A") for k in shared)
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["shared_lora_A.safetensors"]
+    files = sorted((tmp_path / "node_state").glob("run-*/client-*.local-factors.safetensors"))
+    assert len(files) == 2
+    for file in files:
+        kept = load_file(str(file))
+        assert kept and all(k.endswith(".lora_B") or k.startswith("head.") for k in kept)
+    with (tmp_path / "history.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["eval_clients"]) for r in rows] == [2, 2, 2]
+    assert int(rows[1]["eval_bytes_down"]) == 2 * layers * r * hidden * 4
+
+
+def test_a_private_run_reports_no_accuracy(data_dir):
+    """The server asks nothing under DP: the row and the summary say so, compare shows "—"."""
+    from types import SimpleNamespace
+
+    from fedpeft.compare.aggregate import _accuracy_cell
+    from fedpeft.server_app import evaluate_round as server_evaluate_round
+    from fedpeft.server_app import personalised_summary
+
+    private = FedSALoRA(global_adapter(), {"dp": {"enabled": True}}, max_num_examples=1000)
+    fed = SimpleNamespace(strategy=private, cfg=None)
+    metrics = server_evaluate_round(FakeGrid([1, 2]), fed, 1)
+    assert metrics == {"accuracy": None, "loss": None}
+    extra = personalised_summary(private, [{"round": 1, **metrics}])
+    assert (
+        extra["final_accuracy_min"] is None and "not released under DP" in extra["evaluation_note"]
+    )
+    runs = [{"final_accuracy": None, "evaluation": "personalised"}]
+    assert _accuracy_cell(runs, "final_accuracy") == "— (personalised)"
+    assert _accuracy_cell([{"final_accuracy": 0.5}], "final_accuracy") == "0.5000"
