@@ -104,7 +104,7 @@ class LocalFactorFile:
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
             metadata={"fedpeft": json.dumps(meta)},
         )
-        write_atomically(self.path, data)
+        write_atomically(self.path, lambda f: f.write(data))
 
 
 def _metadata(data: bytes) -> dict[str, str]:

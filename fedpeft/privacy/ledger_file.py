@@ -13,8 +13,9 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fedpeft.errors import FedPeftError
 
@@ -65,19 +66,19 @@ class LedgerFile:
         """Replace the ledger on disk atomically (temporary file, fsync, os.replace, fsync dir)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {"format": FORMAT, "run": self.run_id, "client": self.member, "ledger": fields}
-        write_atomically(self.path, json.dumps(record).encode())
+        write_atomically(self.path, lambda f: json.dump(record, f), mode="w")
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` (temporary file, fsync, os.replace, fsync the directory).
+def write_atomically(path: Path, write: Callable[[IO], object], mode: str = "wb") -> None:
+    """Replace `path` with what `write` writes (temporary file, fsync, os.replace, fsync dir).
 
     A write killed part-way leaves the old file or the new one, never a broken one.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
