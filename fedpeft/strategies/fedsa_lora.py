@@ -26,16 +26,7 @@ Decisions where §11 leaves a choice: the optimizer is the run's (`train.optimiz
 every round as in the official code); the official code's shared model object (pitfall 1) is
 not copied, every node keeps its own B_k and head_k; the held-out slice is a seeded split of the
 node's own data, not the official Dirichlet re-split (pitfall 2); adapters stay fp32 (pitfall 3).
-Classification only: the personalised evaluation scores labels.
-
-Parameters
-----------
-holdout_fraction : float (default: 0.2)
-    Share of each client's examples held out of training for its personalised evaluation, in
-    (0, 0.5]. The slice is the first round(f n_k) (at least 1) of a permutation seeded by the
-    run's seed and the node's name, so it is the same every round and restart.
-**kwargs
-    See `LowRankStrategy`; `train_head` decides whether head_k is trained (and kept local).
+Classification only: the personalised evaluation scores labels. Docs: docs/personalised.md.
 """
 
 from __future__ import annotations
@@ -68,7 +59,20 @@ LOCAL_FACTORS, HOLDOUT_FRACTION = "local-factors", "holdout-fraction"
 
 
 class FedSALoRA(LowRankStrategy):
-    """FedSA-LoRA: A shared and averaged, B and the head personal. Parameters: see the module."""
+    """FedSA-LoRA: A shared and averaged, B and the head personal.
+
+    Parameters
+    ----------
+    holdout_fraction : float (default: 0.2)
+        Share of each client's examples held out of training for its personalised evaluation,
+        in (0, 0.5]. The slice is the first round(f n_k) (at least 1) of a permutation seeded by
+        the run's seed and the node's name, so it is the same every round and restart.
+    **kwargs
+        See `LowRankStrategy`; `train_head` decides whether head_k is trained (and kept local).
+
+    Down: A_bar (r d_in per layer). Up: A_k (r d_in per layer); a reply with lora_B or head keys
+    is rejected (`up_specs` names A only). Evaluate (not under DP): A_bar to every connected node.
+    """
 
     kind = "lora"
     evaluation: ClassVar[str] = "personalised"
@@ -116,10 +120,11 @@ class FedSALoRA(LowRankStrategy):
 
     def node_payload(self, node_id: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """No extra tensors; the config names the factors the node keeps and its held-out share."""
-        return {}, {
-            LOCAL_FACTORS: ",".join(self.local),
-            HOLDOUT_FRACTION: self.holdout_fraction,
-        }
+        return {}, self.client_config()
+
+    def client_config(self) -> dict[str, Any]:
+        """The round-config entries every node acts on (clients/local_factors.py)."""
+        return {LOCAL_FACTORS: ",".join(self.local), HOLDOUT_FRACTION: self.holdout_fraction}
 
     def aggregate_updates(
         self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor
@@ -137,7 +142,7 @@ class FedSALoRA(LowRankStrategy):
         payload = to_record(self.global_adapter)
         content = {
             **config,
-            **self.node_payload(0)[1],
+            **self.client_config(),
             "server-round": server_round,
             TASK_KEY: self._task_json(server_round),
         }
