@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -120,6 +121,7 @@ def _context(node, partitions, state_dir):
 @pytest.fixture(scope="module")
 def rounds(tmp_path_factory, data_dir):
     """Three rounds of 3 real tiny_bert clients: node 2 skips round 2, node 3 restarts before 3."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as conftest's
     state_dir = tmp_path_factory.mktemp("node_state")
     fed = prepare(compose_config([*RUN, "federation.num_clients=3"]))
     strategy = fed.strategy
@@ -375,3 +377,11 @@ def test_a_private_run_reports_no_accuracy(data_dir):
     runs = [{"final_accuracy": None, "evaluation": "personalised"}]
     assert _accuracy_cell(runs, "final_accuracy") == "— (personalised)"
     assert _accuracy_cell([{"final_accuracy": 0.5}], "final_accuracy") == "0.5000"
+
+
+def test_resume_is_refused(tmp_path):
+    """Client factors are keyed by the Flower run, which a resumed run does not keep."""
+    from fedpeft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="resume= with strategy=fedsa_lora"):
+        compose_config([*RUN, f"resume={tmp_path}"])
