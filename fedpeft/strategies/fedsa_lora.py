@@ -26,7 +26,9 @@ Decisions where §11 leaves a choice: the optimizer is the run's (`train.optimiz
 every round as in the official code); the official code's shared model object (pitfall 1) is
 not copied, every node keeps its own B_k and head_k; the held-out slice is a seeded split of the
 node's own data, not the official Dirichlet re-split (pitfall 2); adapters stay fp32 (pitfall 3).
-Classification only: the personalised evaluation scores labels. Docs: docs/personalised.md.
+Classification only: the personalised evaluation scores labels. `resume=` is refused (config.py):
+the clients' factors are keyed by the Flower run, which a resumed run does not keep. Docs:
+docs/personalised.md.
 """
 
 from __future__ import annotations
