@@ -93,7 +93,10 @@ def simulate(overrides: Sequence[str]) -> dict:
             "the simulation stopped before the server finished its rounds; Flower's log above "
             "says why (rerun with verbose=true for Ray's own log)"
         )
-    table = Table(title="held-out accuracy")
+    personal = result.get("evaluation") == "personalised"
+    table = Table(
+        title="personalised accuracy (mean over clients)" if personal else "held-out accuracy"
+    )
     table.add_column("round", justify="right")
     table.add_column("accuracy", justify="right")
     for server_round, accuracy in enumerate(result["accuracy_by_round"]):
@@ -101,8 +104,11 @@ def simulate(overrides: Sequence[str]) -> dict:
             table.add_row(str(server_round), f"{accuracy:.4f}")
     out = Console()
     out.print(table)
+    final = result["final_accuracy"]
     out.print(
-        f"final accuracy {result['final_accuracy']:.4f} after {result['rounds_completed']} rounds "
+        ("final accuracy not released" if final is None else f"final accuracy {final:.4f}")
+        + (" (personalised)" if personal else "")
+        + f" after {result['rounds_completed']} rounds "
         f"in {result['wall_time_s']:.1f} s; {result['bytes_up'] / 1e6:.2f} MB up, "
         f"{result['bytes_down'] / 1e6:.2f} MB down; run folder {result['run_dir']}"
     )

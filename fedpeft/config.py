@@ -412,4 +412,10 @@ def _validate_robustness(cfg: DictConfig) -> None:
         cfg.resume is None or (isinstance(cfg.resume, str) and Path(cfg.resume).is_dir()),
         f"resume={cfg.resume} is not a run folder: pass resume=<run_dir> of an earlier run",
     )
+    _require(
+        cfg.resume is None or cfg.strategy.name != "fedsa_lora",
+        "resume= with strategy=fedsa_lora: each client keeps its B and head per Flower run, and "
+        "a resumed run is a new Flower run whose clients would start again from B = 0 under a "
+        "trained A; rerun it from the start without resume=",
+    )
     validate_dp(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from fedpeft.config import strategy_options, unknown_param_message
 from fedpeft.errors import ConfigError
 from fedpeft.runtime import ModelRuntime, adapter_spec, model_runtime, model_spec
 from fedpeft.strategies import STRATEGIES, LowRankStrategy
+
+logger = logging.getLogger(__name__)
 
 
 def build_task(
@@ -178,6 +181,9 @@ class Federation:
         FLoRA's merged base) export one of scaling 1 (`export_lora`); it is written into a freshly
         built plain LoRA model of that rank (alpha = rank) and saved from there.
         """
+        if self.strategy.evaluation == "personalised":
+            save_shared(self.strategy, path)
+            return
         export = self.strategy.export_lora()
         if export is None:
             self.evaluator.runtime.reset(self.strategy.global_adapter)
@@ -193,6 +199,29 @@ class Federation:
         adapters.write_adapter(model, tensors)
         model.save_pretrained(str(path))
 
+
+def save_shared(strategy: LowRankStrategy, path: Path) -> None:
+    """A method without a global model (FedSA-LoRA) saves what the server holds, not an adapter.
+
+    `shared_lora_A.safetensors` under canonical keys (adapters.py); each client's own factors
+    stay on the client, so no peft adapter is written (the first save says so in the log).
+    """
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    target = path / SHARED_FILE
+    if not target.exists():
+        logger.info(
+            "%s has no global adapter (each client keeps its own factors): saving the shared "
+            "factors only, to %s; no peft adapter is written",
+            type(strategy).__name__,
+            target,
+        )
+    save_file({k: v.contiguous() for k, v in strategy.shared_tensors().items()}, str(target))
+
+
+#: the file a method without a global model saves its shared tensors in (save_shared)
+SHARED_FILE = "shared_lora_A.safetensors"
 
 #: Bytes of base-weight gradients `layer_gradients` holds at once (at least one layer's).
 GRADIENT_BUDGET = 256 * 2**20

@@ -30,6 +30,11 @@ HISTORY_FIELDS = (
     "client_train_loss",
     "client_epsilon",
     "failures",
+    # personalised methods (FedSA-LoRA): accuracy is then the unweighted mean over clients
+    "accuracy_weighted",
+    "accuracy_min",
+    "eval_clients",
+    "eval_bytes_down",
 )
 
 

@@ -109,6 +109,31 @@ def identify_new_nodes(
     strategy.identify(*identify_nodes(grid, new, strategy.task, timeout, held))
 
 
+def evaluate_round(grid: Grid, fed: Federation, server_round: int) -> dict[str, Any]:
+    """The round's scores: the global adapter on the server's split, or the clients' own.
+
+    A method without a global model (`evaluation == "personalised"`) asks the clients to score
+    their personal models (its configure_evaluate); accuracy and loss are None when none
+    answered or none was asked (a private run: clients release no such metrics).
+    """
+    strategy = fed.strategy
+    if strategy.evaluation != "personalised":
+        return fed.evaluator(strategy.global_adapter)
+    messages = list(strategy.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid))
+    if not messages:
+        return {"accuracy": None, "loss": None}
+    replies = grid.send_and_receive(messages, timeout=fed.cfg.federation.round_timeout)
+    record = strategy.aggregate_evaluate(server_round, replies)
+    return {"accuracy": None, "loss": None, **(dict(record) if record is not None else {})}
+
+
+def _scores(metrics: Mapping[str, Any]) -> str:
+    """Accuracy and loss for the console ("not released" when a personalised run has none)."""
+    if metrics.get("accuracy") is None:
+        return "accuracy not released"
+    return f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}"
+
+
 def resume_point(cfg: DictConfig, run_dir: Path) -> checkpoint.Checkpoint | None:
     """The checkpoint a `resume=` run continues from, checked against `cfg`; None otherwise."""
     if not cfg.get("resume"):
@@ -159,11 +184,11 @@ def run_federation(
         console.print(f"resuming {run_dir} after round {resumed.server_round}")
     else:
         started = time.perf_counter()
-        metrics = fed.evaluator(strategy.global_adapter)
+        metrics = evaluate_round(grid, fed, 0)
         folder.record_round(
             _row(0, metrics, fed, round_time_s=0.0, wall_time_s=time.perf_counter() - started)
         )
-        console.print(f"round 0: accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}")
+        console.print(f"round 0: {_scores(metrics)}")
         total_up = total_down = 0
     first = resumed.server_round + 1 if resumed is not None else 1
     rounds = cfg.federation.rounds
@@ -184,7 +209,7 @@ def run_federation(
             replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
             strategy.aggregate_train(server_round, replies)
             evaluated = server_round % cfg.eval.every == 0 or server_round == rounds
-            metrics = fed.evaluator(strategy.global_adapter) if evaluated else {}
+            metrics = evaluate_round(grid, fed, server_round) if evaluated else {}
             total_up += strategy.stats.bytes_up
             total_down += strategy.stats.bytes_down
             now = time.perf_counter()
@@ -210,11 +235,7 @@ def run_federation(
             stats = strategy.stats
             console.print(
                 f"round {server_round}: "
-                + (
-                    f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}"
-                    if evaluated
-                    else "not evaluated"
-                )
+                + (_scores(metrics) if evaluated else "not evaluated")
                 + f"  replies {stats.replied}/{stats.sampled}"
                 + (f" ({len(stats.failed)} failed)" if stats.failed else "")
                 + (f" ({len(stats.rejected)} rejected)" if stats.rejected else "")
@@ -244,12 +265,36 @@ def run_federation(
             str(strategy.member(n)): c for n, c in sorted(strategy.declared.items())
         },
         "resumed_from_round": resumed.server_round if resumed is not None else None,
+        "evaluation": strategy.evaluation,
+        **personalised_summary(strategy, folder.rows),
         "failed_replies": sum(r["failed"] for r in folder.rows),
         "rejected_replies": sum(r["rejected"] for r in folder.rows),
     }
     folder.plot_accuracy(f"{cfg.strategy.name} on {cfg.dataset.name}")
     folder.write_summary(summary)
     return summary
+
+
+def personalised_summary(strategy: LowRankStrategy, rows: Sequence[Mapping]) -> dict[str, Any]:
+    """Extra summary fields of a personalised method: final weighted mean, minimum, and why none.
+
+    final_accuracy is then the unweighted mean of the clients' accuracies on their own held-out
+    slices, not a global model's held-out accuracy; it is null in a private run.
+    """
+    if strategy.evaluation != "personalised":
+        return {}
+    last = rows[-1] if rows else {}
+    private = bool((strategy.task.get("dp") or {}).get("enabled"))
+    return {
+        "final_accuracy_weighted": last.get("accuracy_weighted"),
+        "final_accuracy_min": last.get("accuracy_min"),
+        "evaluation_note": (
+            "personalised metrics are not released under DP (clients refuse: unaccounted)"
+            if private
+            else "final_accuracy: unweighted mean over clients of each personal model's "
+            "accuracy on the client's own held-out slice; not comparable with a global model's"
+        ),
+    }
 
 
 @app.main()

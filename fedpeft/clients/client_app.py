@@ -12,7 +12,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft import adapters, privacy, training
-from fedpeft.clients import client_state, drift
+from fedpeft.clients import client_state, drift, local_factors
 from fedpeft.clients.client_data import client_example_count, client_examples
 from fedpeft.clients.node_config import node_task
 from fedpeft.identity import CLIENT_ID, member
@@ -75,7 +75,11 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
         task["adapter"]["alpha"] = float(config["adapter-alpha"])
     spec = adapter_spec(task)
     runtime = model_runtime(task)
-    examples = client_examples(task, context.node_config)
+    examples, _ = local_factors.split(
+        client_examples(task, context.node_config), config, int(task["seed"]), member(context)
+    )
+    local = local_factors.local_names(config)
+    local_store = local_factors.LocalFactorFile(policy.state_dir, context.run_id, member(context))
     payload = msg.content[ARRAYS_KEY]
     received, control = drift.split_control(from_record(payload))
     plain, stacks, frozen = client_state.split_payload(received)
@@ -86,6 +90,8 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
         adapters.write_adapter(
             runtime.model, adapters.fresh_lora(runtime.model, config["fresh-seed"])
         )
+    if local:
+        adapters.write_adapter(runtime.model, local_factors.held(context.state, local_store))
 
     hp = task["train"]
     optimizer, steps = training.local_round(runtime.model, hp, len(examples))
@@ -123,6 +129,14 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
     keys = adapters.select_keys(
         adapters.adapter_tensors(runtime.model), spec.trained_factors, spec.train_head
     )
+    if local:
+        kept = [
+            k for k in adapters.adapter_tensors(runtime.model) if local_factors.is_local(k, local)
+        ]
+        local_factors.keep(
+            context.state, local_store, adapters.read_adapter(runtime.model, kept), server_round
+        )
+        keys = [k for k in keys if not local_factors.is_local(k, local)]
     controls = drift.finish_round(correction, control, context.state)
     reply = to_record({**adapters.read_adapter(runtime.model, keys), **controls})
     metrics = {
@@ -139,3 +153,46 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
     return Message(
         RecordDict({ARRAYS_KEY: reply, METRICS_KEY: metrics_record(metrics)}), reply_to=msg
     )
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """A deployed node's personalised evaluation, held to the privacy policy in its node config."""
+    return evaluate_round(msg, context, privacy.NodePolicy.from_node_config(context.node_config))
+
+
+def evaluate_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> Message:
+    """Score this node's personal model (payload + its local factors) on its held-out slice.
+
+    The round's config names the local factors and the held-out share (local_factors.py). A
+    private round, a policy that requires DP, or a ledger for the run: the node refuses, since
+    the accuracy of its own data is released unaccounted otherwise.
+    """
+    config = msg.content[CONFIG_KEY]
+    task = node_task(json.loads(str(config[TASK_KEY])), context.node_config)
+    store = privacy.LedgerFile(policy.state_dir, context.run_id, member(context))
+    local_factors.check_release(privacy.DPSettings.from_task(task), policy, store.exists())
+    runtime = model_runtime(task)
+    _, held_out = local_factors.split(
+        client_examples(task, context.node_config), config, int(task["seed"]), member(context)
+    )
+    if not held_out:
+        raise ValueError("this node holds no examples out of training: nothing to evaluate on")
+    local_store = local_factors.LocalFactorFile(policy.state_dir, context.run_id, member(context))
+    runtime.reset(from_record(msg.content[ARRAYS_KEY]))
+    adapters.write_adapter(runtime.model, local_factors.held(context.state, local_store))
+    scores = training.evaluate(
+        runtime.model,
+        held_out,
+        batch_size=int(task["train"]["batch_size"]),
+        pad_token_id=runtime.tokenizer.pad_token_id,
+        device=runtime.device,
+        num_labels=int(task["num_labels"]),
+    )
+    metrics = {
+        CLIENT_ID: member(context),
+        NUM_EXAMPLES: len(held_out),
+        "accuracy": scores["accuracy"],
+        "loss": scores["loss"],
+    }
+    return Message(RecordDict({METRICS_KEY: metrics_record(metrics)}), reply_to=msg)

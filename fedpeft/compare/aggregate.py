@@ -146,6 +146,22 @@ def _fmt(values: Sequence[float], digits: int) -> str:
     return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
+def _accuracy_cell(
+    summaries: Sequence[dict[str, Any]], key: str | None, values: Sequence[float | None] = ()
+) -> str:
+    """Mean ± CI of an accuracy, "—" when none was released (a private personalised run).
+
+    "(personalised)" marks a method scored per client (summary evaluation=personalised), which is
+    not comparable with a global model's held-out accuracy.
+    """
+    found = [s.get(key) for s in summaries] if key is not None else list(values)
+    known = [float(v) for v in found if v is not None]
+    text = _fmt(known, 4) if known else "—"
+    if any(s.get("evaluation") == "personalised" for s in summaries):
+        text += " (personalised)"
+    return text
+
+
 def _rounds_cell(group: Sequence[RunResult], target: float) -> str:
     reached = [rounds_to_target(r.accuracy(), target) for r in group]
     hits = [float(r) for r in reached if r is not None]
@@ -176,8 +192,10 @@ def table_rows(results: Sequence[RunResult], target: float) -> tuple[list[str], 
             [
                 *(v for _, v in config),
                 str(len(group)),
-                _fmt([r.summary["final_accuracy"] for r in group], 4),
-                _fmt([r.best_accuracy() for r in group], 4),
+                _accuracy_cell([r.summary for r in group], "final_accuracy"),
+                _accuracy_cell(
+                    [r.summary for r in group], None, [r.best_accuracy() for r in group]
+                ),
                 _rounds_cell(group, target),
                 _fmt([(r.summary["bytes_up"] + r.summary["bytes_down"]) / 1e6 for r in group], 2),
                 _fmt([r.summary["wall_time_s"] for r in group], 1),

@@ -13,8 +13,9 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fedpeft.errors import FedPeftError
 
@@ -65,18 +66,27 @@ class LedgerFile:
         """Replace the ledger on disk atomically (temporary file, fsync, os.replace, fsync dir)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {"format": FORMAT, "run": self.run_id, "client": self.member, "ledger": fields}
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(self.path.parent)
+        write_atomically(self.path, lambda f: json.dump(record, f), mode="w")
+
+
+def write_atomically(path: Path, write: Callable[[IO], object], mode: str = "wb") -> None:
+    """Replace `path` with what `write` writes (temporary file, fsync, os.replace, fsync dir).
+
+    A write killed part-way leaves the old file or the new one, never a broken one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -4,6 +4,7 @@ from fedpeft.strategies.base import LowRankStrategy, RoundStats
 from fedpeft.strategies.fed_sb import FedSB
 from fedpeft.strategies.fedavg import FedAvgLoRA
 from fedpeft.strategies.fedex_lora import FedExLoRA
+from fedpeft.strategies.fedsa_lora import FedSALoRA
 from fedpeft.strategies.fedsvd import FedSVD
 from fedpeft.strategies.ffa_lora import FFALoRA
 from fedpeft.strategies.flexlora import FlexLoRA
@@ -22,6 +23,7 @@ STRATEGIES: dict[str, type[LowRankStrategy]] = {
     "fedex_lora": FedExLoRA,
     "flexlora": FlexLoRA,
     "rolora": RoLoRA,
+    "fedsa_lora": FedSALoRA,
 }
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "FedSB",
     "FedAvgLoRA",
     "FedExLoRA",
+    "FedSALoRA",
     "FedSVD",
     "LoRAFAIR",
     "LowRankStrategy",

@@ -155,6 +155,9 @@ class LowRankStrategy(Strategy):
     calibration_examples: int = 0
     #: the drift-correction options `drift_refusal` judges
     DRIFT_OPTIONS: ClassVar[tuple[str, ...]] = ("server_opt", "scaffold")
+    #: "global": the server evaluates the global adapter on its held-out split; "personalised":
+    #: there is no global model, clients score their own (configure_evaluate, aggregate_evaluate)
+    evaluation: ClassVar[str] = "global"
 
     def __init__(
         self,
@@ -342,6 +345,10 @@ class LowRankStrategy(Strategy):
     def export_lora(self) -> tuple[dict[str, torch.Tensor], int] | None:
         """The global model as one plain LoRA of scaling 1 and its rank, or None to save as is."""
         return None
+
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        """What the server holds of the model (a personalised method saves this, not an adapter)."""
+        return dict(self.global_adapter)
 
     def global_record(self) -> ArrayRecord:
         """The whole global adapter as an ArrayRecord (what gets checkpointed)."""
