@@ -12,7 +12,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft import adapters, privacy, training
-from fedpeft.clients import client_state
+from fedpeft.clients import client_state, rank_pruning
 from fedpeft.clients.client_data import client_example_count, client_examples
 from fedpeft.clients.node_config import node_task
 from fedpeft.identity import CLIENT_ID, member
@@ -59,8 +59,9 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
     The round's config may also say: train a LoRA of this node's own rank (`adapter-rank`) and
     alpha (`adapter-alpha`, for per-rank scaling), start from a fresh LoRA drawn from a seed
     (`fresh-seed`), and take stacked modules or frozen factors into this node's state (see
-    client_state) before training. The task's DP settings are checked against `policy` before
-    anything is trained; a private reply carries only data-independent metrics (release.py).
+    client_state) before training, and with `rank-min` prune its own rank (rank_pruning). The
+    task's DP settings are checked against `policy` before anything is trained; a private reply
+    carries only data-independent metrics (release.py).
     """
     config = msg.content[CONFIG_KEY]
     task = node_task(json.loads(str(config[TASK_KEY])), context.node_config)
@@ -72,12 +73,15 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
         task["adapter"]["rank"] = int(config["adapter-rank"])
     if "adapter-alpha" in config:
         task["adapter"]["alpha"] = float(config["adapter-alpha"])
+    pruning = rank_pruning.RankPruning.start(context.state, config, task)
     spec = adapter_spec(task)
     runtime = model_runtime(task)
     examples = client_examples(task, context.node_config)
     payload = msg.content[ARRAYS_KEY]
     plain, stacks, frozen = client_state.split_payload(from_record(payload))
     client_state.receive(context.state, config, stacks, frozen)
+    if pruning is not None:
+        plain = pruning.receive(plain)
     runtime.reset(plain, client_state.held_stacks(context.state))
     adapters.write_adapter(runtime.model, client_state.held_frozen(context.state))
     if "fresh-seed" in config:
@@ -87,6 +91,7 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
 
     hp = task["train"]
     optimizer, steps = training.local_round(runtime.model, hp, len(examples))
+    penalty = pruning.penalty(runtime.model) if pruning is not None else None
     seed = training.sampler_seed(int(task["seed"]), server_round, member(context))
     if dp.enabled:
         result, dp_metrics = privacy.private_round(
@@ -101,6 +106,7 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
             pad_token_id=runtime.tokenizer.pad_token_id,
             device=runtime.device,
             seed=seed,
+            penalty=penalty,
         )
     else:
         result = training.train_steps(
@@ -113,17 +119,22 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
             device=runtime.device,
             seed=seed,
             max_grad_norm=hp.get("max_grad_norm"),
+            penalty=penalty,
         )
     keys = adapters.select_keys(
         adapters.adapter_tensors(runtime.model), spec.trained_factors, spec.train_head
     )
-    reply = to_record(adapters.read_adapter(runtime.model, keys))
+    tensors = adapters.read_adapter(runtime.model, keys)
+    if pruning is not None:
+        tensors = pruning.finish(context.state, tensors)
+    reply = to_record(tensors)
     metrics = {
         NUM_EXAMPLES: result.num_examples,
         "steps": result.steps,
         "bytes-down": record_bytes(payload),
         "bytes-up": record_bytes(reply),
         **client_state.version_metrics(context.state, config),
+        **(pruning.metrics() if pruning is not None else {}),
     }
     if dp.enabled:
         metrics = privacy.private_reply_metrics({**metrics, **dp_metrics})

@@ -8,6 +8,7 @@ from fedpeft.strategies.fedsvd import FedSVD
 from fedpeft.strategies.ffa_lora import FFALoRA
 from fedpeft.strategies.flexlora import FlexLoRA
 from fedpeft.strategies.flora import FLoRA
+from fedpeft.strategies.hetlora import HetLoRA
 from fedpeft.strategies.lora_fair import LoRAFAIR
 
 #: strategy config name -> class
@@ -20,6 +21,7 @@ STRATEGIES: dict[str, type[LowRankStrategy]] = {
     "fed_sb": FedSB,
     "fedex_lora": FedExLoRA,
     "flexlora": FlexLoRA,
+    "hetlora": HetLoRA,
 }
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "FedAvgLoRA",
     "FedExLoRA",
     "FedSVD",
+    "HetLoRA",
     "LoRAFAIR",
     "LowRankStrategy",
     "RoundStats",
