@@ -15,7 +15,7 @@ from tests.conftest import FAST_RUN
         (
             ["strategy=nope"],
             "strategy=nope is unknown: choose one of "
-            "fed_sb, fedavg, fedex_lora, fedsvd, ffa_lora, flexlora, flora, lora_fair",
+            "fed_sb, fedavg, fedex_lora, fedsvd, ffa_lora, flexlora, flora, hetlora, lora_fair",
         ),
         (["model=gpt9"], "model=gpt9 is unknown"),
         (["dataset=nope"], "dataset=nope is unknown"),

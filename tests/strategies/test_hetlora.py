@@ -1,6 +1,7 @@
 """HetLoRA (ALGORITHMS.md §10): trace norms, pad/truncate, sparsity weights, FedIT, rank table,
 bytes, and a private run whose saved adapter reloads in plain peft."""
 
+import csv
 import json
 
 import numpy as np
@@ -215,7 +216,7 @@ def test_sparsity_weights_are_the_whole_update_norms():
     dense = [
         np.sqrt(
             sum(
-                np.linalg.norm((u[f"enc.{i}.q.lora_B"].double() @ u[f"enc.{i}.q.lora_A"].double()))
+                np.linalg.norm(u[f"enc.{i}.q.lora_B"].double() @ u[f"enc.{i}.q.lora_A"].double())
                 ** 2
                 for i in range(LAYERS)
             )
@@ -242,33 +243,37 @@ def test_min_rank_is_required_and_checked():
         HetLoRA(global_adapter(), TASK, ranks=[2, 8], min_rank=1)
 
 
-def test_private_simulation_prunes_and_its_adapter_reloads_in_plain_peft(tmp_path, data_dir):
-    """Mixed ranks through real Flower under DP-SGD, pruning on; the r_max adapter reloads."""
+def test_simulation_prunes_and_its_adapter_reloads_in_plain_peft(tmp_path, data_dir):
+    """Mixed ranks through real Flower with pruning on; the r_max adapter reloads in peft.
+
+    DP is covered at the client (tests/clients/test_rank_pruning.py): under DP-SGD's noise a
+    2-round run would prune or not by chance.
+    """
     run = [
         *FAST_RUN,
-        "dp=eps3",
         "strategy=hetlora",
         "strategy.params.ranks=[4,8]",
         "strategy.params.min_rank=2",
-        "strategy.params.prune_lambda=100",
+        "strategy.params.prune_lambda=10",
         f"run_dir={tmp_path}",
     ]
     summary = simulate(run)
-    assert summary["rounds_completed"] == 2 and 2.9 <= summary["max_epsilon"] <= 3.0
+    assert summary["rounds_completed"] == 2
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     table = dict(state["strategy"]["hetlora_ranks"])
     assigned = dict(state["strategy"]["node_ranks"])
-    assert sorted(assigned.values()) == [4, 8]
+    assert sorted(assigned.values()) == [4, 8] and set(table) == set(assigned)
     assert all(2 <= table[m] <= assigned[m] for m in table)
-    layers, hidden = 4, 64
-    rows = (tmp_path / "history.csv").read_text().splitlines()
-    header = rows[0].split(",")
-    last = dict(zip(header, rows[2].split(","), strict=False))
-    # round 1 cannot prune (the received tail is B = 0); round 2 is sent the assigned ranks and
-    # replies at the ranks now in the table (the dp preset freezes the head)
-    assert int(last["bytes_down"]) == layers * 12 * 2 * hidden * 4
-    assert int(last["bytes_up"]) == layers * sum(table.values()) * 2 * hidden * 4
+    assert any(table[m] < assigned[m] for m in table)  # the tail penalty made a client prune
+    layers, hidden, head = 4, 64, 2 * 64 + 2
+    with (tmp_path / "history.csv").open() as f:
+        last = next(row for row in csv.DictReader(f) if row["round"] == "2")
+    # round 1 cannot prune (the received tail is B = 0): round 2 is sent the assigned ranks,
+    # and its replies have the ranks now in the table
+    assert int(last["bytes_down"]) == (layers * 12 * 2 * hidden + 2 * head) * 4
+    assert int(last["bytes_up"]) == (layers * sum(table.values()) * 2 * hidden + 2 * head) * 4
     metrics = plain_peft_metrics(run, summary["adapter_dir"])
     assert metrics["accuracy"] == pytest.approx(summary["final_accuracy"], abs=1e-9)
+    assert metrics["loss"] == pytest.approx(summary["final_loss"], abs=1e-5)
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert saved["r"] == 8
+    assert saved["r"] == 8 and saved["lora_alpha"] == 16
