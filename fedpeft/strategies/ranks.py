@@ -130,7 +130,9 @@ class RankPlan:
         return self.alpha_of(rank) / rank
 
     def frame(self, rank: int) -> float:
-        """s_k / s: a rank-r_k client's scaling over the global adapter's (1 under per_rank)."""
+        """s_k / s: a rank-r_k client's scaling over the global one's (exactly 1 under per_rank)."""
+        if self.scaling == "per_rank":
+            return 1.0
         return self.scaling_of(rank) * self.global_rank / self.alpha
 
     def node_config(self, rank: int) -> dict[str, int | float]:

@@ -1,5 +1,6 @@
 """A data-independent penalty under DP-SGD (privacy/dp_sgd.py): its gradient joins the noisy one."""
 
+import pytest
 import torch
 
 from fedpeft import adapters
@@ -7,7 +8,8 @@ from fedpeft.clients.rank_pruning import tail_score
 from tests.privacy.conftest import flat, no_dropout, private_steps, sgd, trainable
 
 
-def test_the_penalty_gradient_is_added_after_clipping_and_noise(runtime, examples):
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_the_penalty_gradient_is_added_after_clipping_and_noise(runtime, examples, mode):
     """Same seed, with and without lambda * tail score: the SGD steps differ by exactly
     -lr * its gradient, so the regulariser is neither clipped, nor noised, nor lost."""
     model = runtime.model
@@ -26,7 +28,7 @@ def test_the_penalty_gradient_is_added_after_clipping_and_noise(runtime, example
     for pen in (None, penalty):
         runtime.reset(start)
         with no_dropout(model):
-            private_steps(model, examples, sgd(model, lr=0.1), penalty=pen)
+            private_steps(model, examples, sgd(model, lr=0.1), penalty=pen, grad_sample_mode=mode)
         moved.append(flat(trainable(model)).clone())
     runtime.reset(start)
     params = trainable(model)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedpeft import lowrank
-from fedpeft.cli import simulate
+from fedpeft.cli import main, simulate
 from fedpeft.clients.rank_pruning import truncate
 from fedpeft.strategies import FedAvgLoRA, HetLoRA
 from fedpeft.strategies.ranks import RankPlan
@@ -277,3 +277,14 @@ def test_simulation_prunes_and_its_adapter_reloads_in_plain_peft(tmp_path, data_
     assert metrics["loss"] == pytest.approx(summary["final_loss"], abs=1e-5)
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["r"] == 8 and saved["lora_alpha"] == 16
+
+
+def test_the_config_requires_min_rank(capsys):
+    """strategy=hetlora without strategy.params.min_rank exits 2 with one line naming it."""
+    assert main(["simulate", "strategy=hetlora"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "strategy.params.min_rank is required" in err
+    assert main(["simulate", "strategy=hetlora", "strategy.params.min_rank=3"]) == 2
+    assert "min_rank=3 exceeds the smallest client rank 2" in capsys.readouterr().err
+    assert main(["simulate", "strategy=hetlora", "+strategy.params.scaling=shared"]) == 2
+    assert "strategy.params.scaling is not an option of hetlora" in capsys.readouterr().err
