@@ -298,7 +298,7 @@ def _validate_scale(cfg: DictConfig) -> None:
             f"strategy={cfg.strategy.name} merges each round's module into the base weights, "
             f"which a {quantization} base cannot take exactly: use model.quantization=none with "
             f"{cfg.strategy.name}, or another strategy (fedavg, ffa_lora, fedsvd, lora_fair, "
-            "fed_sb, flexlora) on this base",
+            "fed_sb, flexlora, hetlora) on this base",
         )
         init = (cfg.strategy.get("params") or {}).get("init", "lora_sb")
         _require(
