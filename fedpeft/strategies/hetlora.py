@@ -11,9 +11,11 @@ rank (clients/rank_pruning.py): local loss + lambda ||B_k[:, t:]||_F ||A_k[t:, :
 t = floor(gamma r_k), and after training, if that tail score fell below the received module's,
 r_k <- max(r_min, t) and the tail is cut from the reply.
 
-From the paper (as §10 read it): truncation down, zero-padding up, w_k = S_k / sum S_j with
-S_k = ||B_k A_k||_F, the tail regulariser and the prune rule. Chosen here, where the paper could not
-be read or is silent:
+From the paper (through its Figure 2 caption and summaries, §10's [2nd]): truncation down,
+zero-padding up, w_k = S_k / sum S_j with S_k = ||B_k A_k||_F, and rank self-pruning with a tail
+regulariser; the regulariser's and the rule's exact form are [unverified] (§10 fixes the product of
+norms, as the FlexLoRA port has it, and t = floor(gamma r), where the port rounds). Chosen here,
+where the paper could not be read or is silent:
 - the global starts at r_max as the round-0 adapter (A Kaiming-uniform, B = 0): [unverified] in §10;
 - one scaling s = alpha / r_max for every client (alpha_k = s r_k, ranks.RankPlan "per_rank"), so
   padded factors are comparable and the truncation s B_g[:, :r] A_g[:r] is a plain slice (§10's
@@ -29,7 +31,11 @@ be read or is silent:
 - the head (when trained) is averaged with the p_k, as everywhere in fedpeft;
 - gamma 0.99 and lambda 1e-3 are the FlexLoRA port's defaults; r_min has no default;
 - the tail score summed over adapted layers decides pruning for the whole client, since r_k is one
-  rank for every layer.
+  rank for every layer; pruning never fires in a client's first round from the round-0 global
+  (its B = 0, so the received tail score is 0 and cannot drop);
+- under DP-SGD the regulariser, which does not depend on the data, adds its gradient to the noisy
+  one after clipping (privacy/dp_sgd.py); the pruned rank is then post-processing and a private
+  reply may report it.
 
 Per-node state: the current r_k, which only shrinks. The node keeps it and reports it with every
 reply (metric `adapter-rank`); the server's rank table follows the reports. A report must be an
