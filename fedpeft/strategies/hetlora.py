@@ -31,8 +31,8 @@ where the paper could not be read or is silent:
 - the head (when trained) is averaged with the p_k, as everywhere in fedpeft;
 - gamma 0.99 and lambda 1e-3 are the FlexLoRA port's defaults; r_min has no default;
 - the tail score summed over adapted layers decides pruning for the whole client, since r_k is one
-  rank for every layer; pruning never fires in a client's first round from the round-0 global
-  (its B = 0, so the received tail score is 0 and cannot drop);
+  rank for every layer; pruning cannot fire in round 1 (the round-0 global has B = 0, so the
+  received tail score is 0 and cannot drop);
 - under DP-SGD the regulariser, which does not depend on the data, adds its gradient to the noisy
   one after clipping (privacy/dp_sgd.py); the pruned rank is then post-processing and a private
   reply may report it.
