@@ -8,8 +8,10 @@ per-layer relative error between the two results' d_out x d_in updates. Times ar
 --repeats runs after a warm-up. The dense baselines are the naive forms: the sum of the per-client
 products (fedavg's ideal dW*, ffa_lora, flora, fed_sb, fedex_lora's exact average), forming
 B_bar A and a full SVD as the official FedSVD code does (FlexLoRA: the dense dW and its full SVD,
-truncated to rank r, as its official code does), and LoRA-FAIR's SGD on the dense dW* and
-dense products (autograd), for the same fixed number of iterations as the factored solver.
+truncated to rank r, as its official code does), LoRA-FAIR's SGD on the dense dW* and
+dense products (autograd), for the same fixed number of iterations as the factored solver, and
+HetLoRA's sparsity norms ||B_k A_k||_F from the dense products (its averages are FedAvg's; the
+row's error is that of the K x L table of norms).
 With --dense-layers N the dense forms run on the first N layers only and their time is
 extrapolated linearly to all layers.
 """
@@ -233,6 +235,14 @@ def build_methods(
             lambda out, n: FLORA_SCALING * out[1][:n] @ out[0][:n],
             lambda out: FLORA_SCALING * out[1] @ out[0],
             "stack + thin SVD, rank r vs dense dW + full SVD",
+        ),
+        Method(
+            "hetlora",
+            lambda: lowrank.lora_product_norms(a, b),
+            lambda n: torch.stack([(b[i, :n] @ a[i, :n]).norm(dim=(-2, -1)) for i in range(k)]),
+            lambda out, n: out[:, :n],
+            lambda out: out,
+            "||B_k A_k||_F per client and layer: trace formula vs dense products",
         ),
         Method(
             "fed_sb",

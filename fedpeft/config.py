@@ -95,7 +95,7 @@ def unknown_param_message(name: str, key: str) -> str:
 
 def _validate_strategy_params(cfg: DictConfig) -> None:
     """The method's own options: keys, client ranks, scaling, Fed-SB's step, FFA-LoRA's alpha."""
-    from fedpeft.strategies.ranks import check_ranks, check_scaling
+    from fedpeft.strategies.ranks import RankPruning, check_ranks, check_scaling
 
     name, raw = cfg.strategy.name, cfg.strategy.get("params")
     _require(
@@ -114,6 +114,14 @@ def _validate_strategy_params(cfg: DictConfig) -> None:
             check_ranks(ranks if isinstance(ranks, list) else [ranks])
         if "scaling" in params:
             check_scaling(params["scaling"])
+        if "min_rank" in strategy_options(name):
+            ranks = params.get("ranks") or [cfg.adapter.rank]
+            RankPruning.build(
+                params.get("min_rank"),
+                params.get("prune_gamma", 0.99),
+                params.get("prune_lambda", 1e-3),
+                ranks if isinstance(ranks, list) else [ranks],
+            )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     eta = params.get("calibration_lr")
@@ -337,7 +345,7 @@ def _validate_scale(cfg: DictConfig) -> None:
             f"strategy={cfg.strategy.name} merges each round's module into the base weights, "
             f"which a {quantization} base cannot take exactly: use model.quantization=none with "
             f"{cfg.strategy.name}, or another strategy (fedavg, ffa_lora, fedsvd, lora_fair, "
-            "fed_sb, flexlora, rolora) on this base",
+            "fed_sb, flexlora, rolora, hetlora) on this base",
         )
         init = (cfg.strategy.get("params") or {}).get("init", "lora_sb")
         _require(

@@ -23,10 +23,12 @@ __all__ = [
     "lora_fair_closed_form",
     "lora_fair_residual",
     "lora_fair_residual_groups",
+    "lora_product_norms",
     "lora_sb_init",
     "merge_into_base_",
     "normalize_weights",
     "orthonormal_init",
+    "sparsity_weights",
     "stacked_svd",
     "weighted_average",
 ]
@@ -202,6 +204,36 @@ def flexlora_truncate(
         a = torch.cat([a, extra.mT.to(vh.dtype)], dim=-2)
         b = torch.nn.functional.pad(b, (0, rank - q))
     return a.contiguous(), b.contiguous()
+
+
+def lora_product_norms(a: Tensor, b: Tensor) -> Tensor:
+    """||B A||_F of each layer without forming B A: a (..., r, d_in), b (..., d_out, r) -> (...).
+
+    ||B A||_F^2 = tr((B^T B)(A A^T)) = <B^T B, A A^T> (both r x r, symmetric): O((d_out + d_in) r^2)
+    per layer. The Gram matrices are computed in float32 (float64 for float64 input), the trace and
+    the square root in float64; a round-off negative trace counts as 0. Returns float64.
+    """
+    if a.shape[-2] != b.shape[-1]:
+        raise ValueError(f"A {tuple(a.shape)} and B {tuple(b.shape)} must share the rank r")
+    dt = _compute_dtype(a.dtype)
+    a_c, b_c = a.to(dt), b.to(dt)
+    gram_b, gram_a = (b_c.mT @ b_c).double(), (a_c @ a_c.mT).double()
+    return (gram_b * gram_a).sum((-2, -1)).clamp_min(0).sqrt()
+
+
+def sparsity_weights(norms: Tensor, fallback: Tensor) -> Tensor:
+    """HetLoRA's sparsity weights w_k = S_k / sum_j S_j from client norms S (K,) (float64).
+
+    When every S_k is 0 (every client's B A is zero, so the formula is 0 / 0) the weights are
+    `fallback` (K,), the p_k.
+    """
+    s = norms.double()
+    if s.ndim != 1 or s.shape != fallback.shape:
+        raise ValueError(f"norms {tuple(s.shape)}, fallback {tuple(fallback.shape)} must be (K,)")
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        raise ValueError(f"norms must be finite and >= 0, got {s.tolist()}")
+    total = s.sum()
+    return fallback.double() if total == 0 else s / total
 
 
 def _fair_stats(

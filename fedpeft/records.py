@@ -21,6 +21,12 @@ NUM_EXAMPLES = "num-examples"
 #: A simulated node's stable identity (its partition id), asked for by a query of this action.
 PARTITION_ID = "partition-id"
 IDENTITY_ACTION = "identity"
+#: Round-config entries of rank self-pruning (clients/rank_pruning.py) and the reply metric with
+#: the rank of the replied LoRA factors (config `adapter-rank` is the rank the server sent).
+RANK_MIN = "rank-min"
+RANK_PRUNE_GAMMA = "rank-prune-gamma"
+RANK_PRUNE_LAMBDA = "rank-prune-lambda"
+ADAPTER_RANK = "adapter-rank"
 
 
 def addressees(messages: Iterable[Message]) -> dict[str, int]:

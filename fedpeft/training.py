@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,8 +161,13 @@ def train_steps(
     device: torch.device,
     seed: int,
     max_grad_norm: float | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Take `steps` optimiser steps on mini-batches of `examples`, reshuffled every pass."""
+    """Take `steps` optimiser steps on mini-batches of `examples`, reshuffled every pass.
+
+    `penalty`, when given, is a regulariser of the trainable parameters added to every step's loss
+    (rank_pruning's tail term); the reported loss is the task loss alone.
+    """
     sampler = RandomSampler(examples, generator=torch.Generator().manual_seed(seed))
     loader = DataLoader(
         examples,  # type: ignore[arg-type]
@@ -184,7 +189,8 @@ def train_steps(
         with autocast(model, device):
             loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        objective = loss if penalty is None else loss + penalty()
+        scaler.scale(objective).backward()
         if max_grad_norm:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)

@@ -34,7 +34,11 @@ def _strategy(name: str):
     if name == "fed_sb":
         for layer in range(LAYERS):
             tensors[f"enc.{layer}.q.lora_R"] = torch.zeros(R, R)
-    params = {"fed_sb": {"init": "orthonormal"}, "flora": {"ranks": [2, 5]}}.get(name, {})
+    params = {
+        "fed_sb": {"init": "orthonormal"},
+        "flora": {"ranks": [2, 5]},
+        "hetlora": {"ranks": [2, 4], "min_rank": 1},
+    }.get(name, {})
     task = {"adapter": {"rank": R, "alpha": 8.0}, "adapter_seed": 1}
     return STRATEGIES[name](
         tensors, task, fraction=0.5, seed=7, max_num_examples=100, train_head=True, **params

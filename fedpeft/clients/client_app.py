@@ -12,7 +12,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft import adapters, privacy, training
-from fedpeft.clients import client_state, drift, local_factors
+from fedpeft.clients import client_state, drift, local_factors, rank_pruning
 from fedpeft.clients.client_data import client_example_count, client_examples
 from fedpeft.clients.node_config import node_task
 from fedpeft.identity import CLIENT_ID, member
@@ -59,9 +59,10 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
     The round's config may also say: train a LoRA of this node's own rank (`adapter-rank`) and
     alpha (`adapter-alpha`, for per-rank scaling), start from a fresh LoRA drawn from a seed
     (`fresh-seed`), and take stacked modules or frozen factors into this node's state (see
-    client_state) before training. The task's DP settings are checked against `policy` before
-    anything is trained; a private reply carries only data-independent metrics (release.py).
-    The task's `client_opt` adds FedProx's proximal term and SCAFFOLD's correction (drift.py).
+    client_state) before training, and with `rank-min` prune its own rank (rank_pruning). The
+    task's DP settings are checked against `policy` before anything is trained; a private reply
+    carries only data-independent metrics (release.py). The task's `client_opt` adds FedProx's
+    proximal term and SCAFFOLD's correction (drift.py).
     """
     config = msg.content[CONFIG_KEY]
     task = node_task(json.loads(str(config[TASK_KEY])), context.node_config)
@@ -73,6 +74,7 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
         task["adapter"]["rank"] = int(config["adapter-rank"])
     if "adapter-alpha" in config:
         task["adapter"]["alpha"] = float(config["adapter-alpha"])
+    pruning = rank_pruning.RankPruning.start(context.state, config, task)
     spec = adapter_spec(task)
     runtime = model_runtime(task)
     examples, _ = local_factors.split(
@@ -84,6 +86,8 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
     received, control = drift.split_control(from_record(payload))
     plain, stacks, frozen = client_state.split_payload(received)
     client_state.receive(context.state, config, stacks, frozen)
+    if pruning is not None:
+        plain = pruning.receive(plain)
     runtime.reset(plain, client_state.held_stacks(context.state))
     adapters.write_adapter(runtime.model, client_state.held_frozen(context.state))
     if "fresh-seed" in config:
@@ -99,6 +103,7 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
         adapters.adapter_tensors(runtime.model), spec.trained_factors, spec.train_head
     )
     correction = drift.start_round(runtime.model, trained, task, control, context.state, optimizer)
+    penalty = pruning.penalty(runtime.model) if pruning is not None else None
     seed = training.sampler_seed(int(task["seed"]), server_round, member(context))
     if dp.enabled:
         result, dp_metrics = privacy.private_round(
@@ -113,6 +118,7 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
             pad_token_id=runtime.tokenizer.pad_token_id,
             device=runtime.device,
             seed=seed,
+            penalty=penalty,
         )
     else:
         result = training.train_steps(
@@ -125,6 +131,7 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
             device=runtime.device,
             seed=seed,
             max_grad_norm=hp.get("max_grad_norm"),
+            penalty=penalty,
         )
     keys = adapters.select_keys(
         adapters.adapter_tensors(runtime.model), spec.trained_factors, spec.train_head
@@ -138,13 +145,17 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
         )
         keys = [k for k in keys if not local_factors.is_local(k, local)]
     controls = drift.finish_round(correction, control, context.state)
-    reply = to_record({**adapters.read_adapter(runtime.model, keys), **controls})
+    tensors = adapters.read_adapter(runtime.model, keys)
+    if pruning is not None:
+        tensors = pruning.finish(context.state, tensors)
+    reply = to_record({**tensors, **controls})
     metrics = {
         NUM_EXAMPLES: result.num_examples,
         "steps": result.steps,
         "bytes-down": record_bytes(payload),
         "bytes-up": record_bytes(reply),
         **client_state.version_metrics(context.state, config),
+        **(pruning.metrics() if pruning is not None else {}),
     }
     if dp.enabled:
         metrics = privacy.private_reply_metrics({**metrics, **dp_metrics})

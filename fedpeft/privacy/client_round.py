@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -36,6 +36,7 @@ def private_round(
     pad_token_id: int,
     device: torch.device,
     seed: int,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> tuple[TrainResult, dict[str, float]]:
     """Train `steps` DP-SGD steps and return the result with the privacy metrics for the reply.
 
@@ -45,8 +46,9 @@ def private_round(
     step and after every step, so a crash part-way loses no spending. The Poisson sampler and the
     noise draw from fresh OS entropy, never from `seed` (which the server knows: it could
     regenerate and subtract the noise), unless `settings.reproducible` asks for it and the
-    policy allows it (simulations only). An unexpected error is reported without its message,
-    which could quote the private data; the node's log keeps it whole.
+    policy allows it (simulations only). `penalty` is a data-independent regulariser of the
+    loss (see train_private). An unexpected error is reported without its message, which could
+    quote the private data; the node's log keeps it whole.
     """
     if not settings.reproducible:
         seed = secrets.randbits(62)
@@ -79,6 +81,7 @@ def private_round(
             grad_sample_mode=settings.grad_sample_mode,
             max_physical_batch_size=settings.max_physical_batch_size,
             on_step=persist,
+            penalty=penalty,
         )
     except FedPeftError:
         raise

@@ -81,6 +81,7 @@ def train_private(
     grad_sample_mode: str = "hooks",
     max_physical_batch_size: int | None = None,
     on_step: Callable[[], None] | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Take `steps` DP-SGD steps on Poisson batches (rate `sample_rate`) of `examples`.
 
@@ -89,6 +90,12 @@ def train_private(
     expected batch size q n. `accountant` is stepped once per optimiser step that happened, after
     the noise is drawn and before the parameters change; `on_step` runs right after it (the
     client writes its ledger there, so a crash mid-round loses no spending).
+
+    `penalty`, a regulariser of the trainable parameters that does not depend on the data (e.g.
+    rank_pruning's tail term), is part of the objective: its gradient is added to the noisy mean
+    gradient before each step, outside per-example clipping (post-processing, no privacy cost).
+    Inside the loss it would be lost: Opacus replaces p.grad by the clipped per-example sum, and
+    its hooks see only module inputs, not a term built from the weights themselves.
     """
     ghost = grad_sample_mode == "ghost"
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -112,8 +119,10 @@ def train_private(
             grad_sample_mode=grad_sample_mode,
             generator=torch.Generator(device=device).manual_seed(seed + 1),
         )
-        if accountant is not None or on_step is not None:
-            dp_optimizer.attach_step_hook(_step_hook(accountant, sample_rate, on_step))
+        if accountant is not None or on_step is not None or penalty is not None:
+            dp_optimizer.attach_step_hook(
+                _step_hook(accountant, sample_rate, on_step, _penalty_step(trainable, penalty))
+            )
         criterion = (
             DPLossFastGradientClipping(
                 hooks, dp_optimizer, torch.nn.CrossEntropyLoss(reduction="mean"), "mean"
@@ -173,13 +182,35 @@ def train_private(
         _clear_opacus_attributes(model)
 
 
+def _penalty_step(
+    params: Sequence[torch.nn.Parameter], penalty: Callable[[], torch.Tensor] | None
+) -> Callable[[], None] | None:
+    """Add the penalty's gradient to each parameter's (already noisy) gradient; None: none."""
+    if penalty is None:
+        return None
+
+    def add() -> None:
+        with torch.enable_grad():
+            grads = torch.autograd.grad(penalty(), params, allow_unused=True)
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                p.grad = g.detach().clone() if p.grad is None else p.grad.add_(g)
+
+    return add
+
+
 def _step_hook(
-    accountant: IAccountant | None, sample_rate: float, on_step: Callable[[], None] | None
+    accountant: IAccountant | None,
+    sample_rate: float,
+    on_step: Callable[[], None] | None,
+    before: Callable[[], None] | None = None,
 ) -> Callable[[DPOptimizer], None]:
-    """One Opacus step hook (it takes only one): step the accountant, then `on_step`."""
+    """One Opacus step hook (it takes only one): `before`, the accountant, then `on_step`."""
     account = accountant.get_optimizer_hook_fn(sample_rate) if accountant is not None else None
 
     def hook(optimizer: DPOptimizer) -> None:
+        if before is not None:
+            before()
         if account is not None:
             account(optimizer)
         if on_step is not None:

@@ -5,6 +5,8 @@ and the tensors' shapes, never of the examples themselves, so it costs no privac
 - `num-examples` (n_k, which the node also declares when it joins), `steps` (local optimiser
   steps, fixed by the round's config), `bytes-down`, `bytes-up` (sizes of the exchanged tensors);
 - `base-version`, `frozen-version` (which versioned state the node holds, set by the server);
+- `adapter-rank` (the rank of the replied factors after self-pruning, which their shapes show
+  anyway: a function of the DP-trained factors, so post-processing);
 - `epsilon`, `delta`, `noise-multiplier`, `sample-rate`, `dp-steps` (the ledger: functions of n_k,
   the settings and the number of steps).
 The training loss is not among them: it is the exact mean cross-entropy over the private
@@ -26,6 +28,7 @@ PRIVATE_REPLY_METRICS = frozenset(
         "bytes-up",
         "base-version",
         "frozen-version",
+        "adapter-rank",
         "epsilon",
         "delta",
         "noise-multiplier",

@@ -9,6 +9,7 @@ from fedpeft.strategies.fedsvd import FedSVD
 from fedpeft.strategies.ffa_lora import FFALoRA
 from fedpeft.strategies.flexlora import FlexLoRA
 from fedpeft.strategies.flora import FLoRA
+from fedpeft.strategies.hetlora import HetLoRA
 from fedpeft.strategies.lora_fair import LoRAFAIR
 from fedpeft.strategies.rolora import RoLoRA
 
@@ -24,6 +25,7 @@ STRATEGIES: dict[str, type[LowRankStrategy]] = {
     "flexlora": FlexLoRA,
     "rolora": RoLoRA,
     "fedsa_lora": FedSALoRA,
+    "hetlora": HetLoRA,
 }
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "FedExLoRA",
     "FedSALoRA",
     "FedSVD",
+    "HetLoRA",
     "LoRAFAIR",
     "LowRankStrategy",
     "RoLoRA",

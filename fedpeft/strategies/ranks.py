@@ -16,7 +16,9 @@ A method that lets client k train a LoRA of its own rank r_k needs four things, 
   model s_k B_k A_k is exactly the rank-r_k truncation of the global s B A, and its reply comes back
   as [A_k; 0] and [B_k s_k / s, 0], whose product times s is exactly s_k B_k A_k. Every method that
   stacks or averages rank-R tensors pads first (`pad`), so mixed ranks never reach `torch.stack`;
-- the reply shapes to validate (`up_specs`).
+- the reply shapes to validate (`up_specs`);
+- for methods whose clients prune their own rank (HetLoRA), the pruning settings sent in the round
+  config and the check of the rank a reply reports (`RankPruning`).
 A method that cannot take per-client ranks has no `ranks` option; `fedpeft.config` refuses it
 with a clear error (exit 2).
 """
@@ -29,7 +31,14 @@ from typing import Any
 
 import torch
 
-from fedpeft.records import TensorSpec
+from fedpeft.records import (
+    ADAPTER_RANK,
+    RANK_MIN,
+    RANK_PRUNE_GAMMA,
+    RANK_PRUNE_LAMBDA,
+    TensorSpec,
+    UpdateRejected,
+)
 
 SCALINGS = ("per_rank", "shared")
 
@@ -121,7 +130,9 @@ class RankPlan:
         return self.alpha_of(rank) / rank
 
     def frame(self, rank: int) -> float:
-        """s_k / s: a rank-r_k client's scaling over the global adapter's (1 under per_rank)."""
+        """s_k / s: a rank-r_k client's scaling over the global one's (exactly 1 under per_rank)."""
+        if self.scaling == "per_rank":
+            return 1.0
         return self.scaling_of(rank) * self.global_rank / self.alpha
 
     def node_config(self, rank: int) -> dict[str, int | float]:
@@ -162,3 +173,66 @@ class RankPlan:
             elif key.endswith(".lora_B"):
                 out[key] = TensorSpec((spec.shape[0], rank))
         return out
+
+
+@dataclass(frozen=True)
+class RankPruning:
+    """Rank self-pruning settings sent to clients (clients/rank_pruning.py does the pruning).
+
+    Parameters
+    ----------
+    min_rank : int
+        r_min: no client prunes below it (1 <= r_min <= every assigned rank).
+    gamma : float
+        In (0, 1): the tail of a rank-r LoRA starts at floor(gamma r), and pruning cuts it.
+    lam : float
+        >= 0: weight of the tail regulariser ||B[:, t:]||_F ||A[t:, :]||_F in the local loss.
+    """
+
+    min_rank: int
+    gamma: float = 0.99
+    lam: float = 1e-3
+
+    @classmethod
+    def build(
+        cls, min_rank: int | None, gamma: float, lam: float, ranks: Sequence[int]
+    ) -> RankPruning:
+        """Checked settings; ValueError naming the strategy.params field and the fix."""
+        if min_rank is None:
+            raise ValueError(
+                "strategy.params.min_rank is required: set the smallest rank client self-pruning "
+                f"may reach, at most the smallest client rank {min(ranks)}, e.g. "
+                f"strategy.params.min_rank={max(1, min(ranks) // 2)}"
+            )
+        if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
+            raise ValueError(f"strategy.params.min_rank={min_rank} must be an integer >= 1")
+        if min_rank > min(ranks):
+            raise ValueError(
+                f"strategy.params.min_rank={min_rank} exceeds the smallest client rank "
+                f"{min(ranks)} (strategy.params.ranks={list(ranks)}): lower it"
+            )
+        if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not 0 < gamma < 1:
+            raise ValueError(f"strategy.params.prune_gamma={gamma} must be in (0, 1), e.g. 0.99")
+        if isinstance(lam, bool) or not isinstance(lam, int | float) or not lam >= 0:
+            raise ValueError(f"strategy.params.prune_lambda={lam} must be >= 0, e.g. 1e-3")
+        return cls(min_rank, float(gamma), float(lam))
+
+    def node_config(self) -> dict[str, int | float]:
+        """The round-config entries that turn pruning on at a client (records.RANK_*)."""
+        return {RANK_MIN: self.min_rank, RANK_PRUNE_GAMMA: self.gamma, RANK_PRUNE_LAMBDA: self.lam}
+
+    def check_report(self, value: Any, current: int) -> int:
+        """A reply's reported rank, or UpdateRejected: an integer in [min_rank, current].
+
+        `current` is the rank the node was sent (its last report, at most its assigned rank):
+        a node's rank never grows.
+        """
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and value == int(value)
+        if not ok:
+            raise UpdateRejected(f"{ADAPTER_RANK}={value} is not an integer rank")
+        if not self.min_rank <= int(value) <= current:
+            raise UpdateRejected(
+                f"{ADAPTER_RANK}={value} is outside [{self.min_rank}, {current}]: a node's rank "
+                f"never grows past the {current} it was sent, nor falls below rank-min"
+            )
+        return int(value)

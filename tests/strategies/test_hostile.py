@@ -40,7 +40,11 @@ def _adapter(name: str) -> dict[str, torch.Tensor]:
 
 
 def _strategy(name: str):
-    params = {"fed_sb": {"init": "orthonormal"}, "flora": {"ranks": [2, 5]}}.get(name, {})
+    params = {
+        "fed_sb": {"init": "orthonormal"},
+        "flora": {"ranks": [2, 5]},
+        "hetlora": {"ranks": [2, 4], "min_rank": 1},
+    }.get(name, {})
     task = {"adapter": {"rank": R, "alpha": 8.0}, "adapter_seed": 1}
     return STRATEGIES[name](
         _adapter(name),

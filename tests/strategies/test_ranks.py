@@ -227,7 +227,7 @@ def test_methods_without_per_client_ranks_refuse_them(strategy, prefix, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert f"strategy.params.ranks: {strategy} cannot train clients at different ranks" in err
-    takers = "fedavg, fedex_lora, flexlora, flora or lora_fair"
+    takers = "fedavg, fedex_lora, flexlora, flora, hetlora or lora_fair"
     assert f"use strategy={takers}, or drop strategy.params.ranks" in err
 
 
