@@ -76,3 +76,42 @@ def plain_peft_metrics(overrides: list[str], adapter_dir: str, skip_test: int = 
         device=torch.device("cpu"),
         num_labels=dataset.num_labels,
     )
+
+
+class NodeList:
+    """The part of Flower's Grid a strategy samples from: the connected node ids."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def in_process_rounds(fed, rounds: int, state_dir: Path, nodes: int = 2) -> list[dict]:
+    """Drive `fed.strategy` through `rounds` rounds against the real ClientApp train handler.
+
+    No Ray and no SuperLink: node n (1-based) is partition n - 1 with its own Context and its
+    state directory under `state_dir`. Returns each round's RoundStats fields; a client error fails
+    the round's assertion with the clients' reasons.
+    """
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpeft.clients.client_app import train
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    config = {"num-partitions": nodes, "state-dir": str(state_dir)}
+    contexts = {
+        n: Context(1, n, {"partition-id": n - 1, **config}, RecordDict(), {})
+        for n in range(1, nodes + 1)
+    }
+    stats = []
+    for server_round in range(1, rounds + 1):
+        grid = NodeList(contexts)
+        messages = fed.strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+        replies = [train(m, contexts[m.metadata.dst_node_id]) for m in messages]
+        assert [r.error.reason for r in replies if r.has_error()] == []
+        assert fed.strategy.aggregate_train(server_round, replies)[0] is not None
+        stats.append(vars(fed.strategy.stats).copy())
+    return stats

@@ -8,16 +8,13 @@ test) and in tests/privacy/test_presets.py and tests/strategies/test_drift.py.
 import csv
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedpeft.cli import simulate
-from fedpeft.clients.client_app import train
 from fedpeft.config import compose_config
 from fedpeft.federation import prepare
 from fedpeft.strategies import STRATEGIES
 from fedpeft.strategies.base import LowRankStrategy
-from tests.conftest import FAST_RUN
-from tests.strategies.conftest import FakeGrid, _task_identity  # noqa: F401 (autouse fixture)
+from tests.conftest import FAST_RUN, in_process_rounds
 
 #: per-method options a private two-round run needs beyond FAST_RUN
 EXTRA = {"hetlora": ["strategy.params.ranks=[4,8]", "strategy.params.min_rank=2"]}
@@ -27,28 +24,14 @@ EXTRA = {"hetlora": ["strategy.params.ranks=[4,8]", "strategy.params.min_rank=2"
 def test_each_method_runs_two_private_rounds(strategy, tmp_path, data_dir):
     cfg = compose_config([*FAST_RUN, f"strategy={strategy}", "dp=eps3", *EXTRA.get(strategy, [])])
     fed = prepare(cfg)
-    contexts = {
-        n: Context(
-            1, n, {"partition-id": n - 1, "num-partitions": 2, "state-dir": str(tmp_path)},
-            RecordDict(), {},
-        )
-        for n in (1, 2)
-    }  # fmt: skip
-    rounds = []
-    for server_round in (1, 2):
-        grid = FakeGrid([1, 2])
-        messages = fed.strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
-        replies = [train(m, contexts[m.metadata.dst_node_id]) for m in messages]
-        assert not any(r.has_error() for r in replies), [
-            r.error.reason for r in replies if r.has_error()
-        ]
-        assert fed.strategy.aggregate_train(server_round, replies)[0] is not None
-        stats = fed.strategy.stats
-        assert stats.replied == 2 and not stats.rejected and not stats.client_loss  # no loss sent
-        rounds.append(dict(stats.client_epsilon))
+    rounds = in_process_rounds(fed, 2, tmp_path)
+    for stats in rounds:
+        assert stats["replied"] == 2 and not stats["rejected"]
+        assert not stats["client_loss"]  # a private reply carries no training loss
+    eps = [r["client_epsilon"] for r in rounds]
     # Each client is calibrated to end at eps 3 after its planned rounds (every round here).
-    assert len(rounds[0]) == 2 and set(rounds[0]) == set(rounds[1])
-    assert all(0 < rounds[0][m] < rounds[1][m] <= 3.0 for m in rounds[0])
+    assert len(eps[0]) == 2 and set(eps[0]) == set(eps[1])
+    assert all(0 < eps[0][m] < eps[1][m] <= 3.0 for m in eps[0])
     assert 2.9 <= fed.strategy.privacy.max_epsilon() <= 3.0
 
 
