@@ -11,7 +11,10 @@ B_bar A and a full SVD as the official FedSVD code does (FlexLoRA: the dense dW 
 truncated to rank r, as its official code does), LoRA-FAIR's SGD on the dense dW* and
 dense products (autograd), for the same fixed number of iterations as the factored solver, and
 HetLoRA's sparsity norms ||B_k A_k||_F from the dense products (its averages are FedAvg's; the
-row's error is that of the K x L table of norms).
+row's error is that of the K x L table of norms), RoLoRA's A round (the average of A under the
+kept B against the dense sum p_k B A_k; its B rounds are FFA-LoRA's row) and FedSA-LoRA's average
+of A alone against a loop over layers and clients (the official aggregator's; there is no product
+to compare, each client keeps its own B).
 With --dense-layers N the dense forms run on the first N layers only and their time is
 extrapolated linearly to all layers.
 """
@@ -235,6 +238,24 @@ def build_methods(
             lambda out, n: FLORA_SCALING * out[1][:n] @ out[0][:n],
             lambda out: FLORA_SCALING * out[1] @ out[0],
             "stack + thin SVD, rank r vs dense dW + full SVD",
+        ),
+        Method(
+            "rolora",
+            lambda: lowrank.weighted_average(a, w),
+            lambda n: dense_sum(n, lambda i: b0, lambda i: a[i]),
+            lambda out, n: b0[:n] @ out[:n],
+            lambda out: out,
+            "A round: average of A under the kept B vs dense sum p_k B A_k (B rounds: ffa_lora)",
+        ),
+        Method(
+            "fedsa_lora",
+            lambda: lowrank.weighted_average(a, w),
+            lambda n: torch.stack(
+                [sum(pw[i] * a[i, layer] for i in range(k)) for layer in range(n)]
+            ),
+            lambda out, n: out[:n],
+            lambda out: out,
+            "average of A only vs a per-layer, per-client loop (the official aggregator's)",
         ),
         Method(
             "hetlora",

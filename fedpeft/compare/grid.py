@@ -116,11 +116,12 @@ def expand(
         raise ConfigError(f"{exc}: sweep discrete values, e.g. seed=0,1,2") from exc
     runs = []
     for combo in batch:
-        cfg = compose_config(combo)
-        extra = [o for o in (per_strategy or {}).get(cfg.strategy.name, []) if _key(o) not in given]
-        if extra:
+        named = [o.split("=", 1)[1] for o in combo if _key(o) == "strategy"]
+        strategy = named[-1] if named else compose_config(combo).strategy.name
+        extra = [o for o in (per_strategy or {}).get(strategy, []) if _key(o) not in given]
+        if extra:  # before composing: a strategy may need them to be valid at all
             combo = merge(combo, extra)
-            cfg = compose_config(combo)
+        cfg = compose_config(combo)
         by_key = {_key(o): o.split("=", 1)[1] for o in combo}
         swept = tuple((k, by_key[k]) for k in swept_keys)
         runs.append(Run(tuple(combo), swept, config_digest(cfg)))

@@ -12,7 +12,21 @@ def _runs(name, *extra):
 
 
 def test_packaged_studies():
-    assert study_names() == ["comm_efficiency", "fedsvd_table2_small", "hetero_rank"]
+    assert study_names() == ["comm_efficiency", "fedsvd_table2_small", "hetero_rank", "methods11"]
+
+
+def test_methods11_runs_every_method_at_its_defaults():
+    from fedpeft.strategies import STRATEGIES
+
+    runs = _runs("methods11", "seed=0")
+    assert sorted(r.values["strategy"] for r in runs) == sorted(STRATEGIES)
+    for run in runs:
+        cfg = compose_config(list(run.overrides))
+        shape = (cfg.model.name, cfg.dataset.name, cfg.federation.num_clients)
+        assert shape == ("minilm", "sst2", 4)
+        assert cfg.federation.rounds == 4 and cfg.dp.enabled is False
+    hetlora = next(r for r in runs if r.values["strategy"] == "hetlora")
+    assert compose_config(list(hetlora.overrides)).strategy.params.min_rank == 2
 
 
 def test_fedsvd_table2_small_is_the_papers_setting():
