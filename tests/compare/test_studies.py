@@ -12,7 +12,21 @@ def _runs(name, *extra):
 
 
 def test_packaged_studies():
-    assert study_names() == ["comm_efficiency", "fedsvd_table2_small", "hetero_rank", "methods11"]
+    assert study_names() == [
+        "comm_efficiency",
+        "fedsvd_table2_small",
+        "hetero_rank",
+        "label_skew",
+        "methods11",
+    ]
+
+
+def test_label_skew_sweeps_the_drift_options_on_unseen_data():
+    runs = _runs("label_skew")
+    assert len(runs) == 3 * 3 * 3 * 2
+    assert {r.values["dataset"] for r in runs} == {"sst2", "trec", "banking77"}
+    cfg = compose_config(list(runs[-1].overrides))
+    assert cfg.server_opt.name == "fedadam" and cfg.client_opt.proximal_mu == 0.1
 
 
 def test_methods11_runs_every_method_at_its_defaults():
