@@ -281,7 +281,19 @@ def _validate_drift(cfg: DictConfig) -> None:
         ("scaffold", "client_opt.scaffold=true", scaffold),
     ):
         reason = klass.drift_refusal(option, params) if on else None
-        _require(reason is None, f"{field} with strategy={cfg.strategy.name}: {reason}")
+        off = "server_opt.name=none" if option == "server_opt" else "client_opt.scaffold=false"
+        _require(
+            reason is None,
+            f"{field} with strategy={cfg.strategy.name}: {reason}; set {off}, or use a method "
+            f"that composes with it ({', '.join(_composing(option))})",
+        )
+
+
+def _composing(option: str) -> list[str]:
+    """The methods whose default params compose with a drift option (README's table)."""
+    from fedpeft.strategies import STRATEGIES
+
+    return [n for n, k in sorted(STRATEGIES.items()) if k.drift_refusal(option, {}) is None]
 
 
 def _validate_task(cfg: DictConfig) -> None:

@@ -153,6 +153,8 @@ class LowRankStrategy(Strategy):
     version_metric: ClassVar[str | None] = None
     #: server-held calibration examples this method needs before round 1 (0: none)
     calibration_examples: int = 0
+    #: why this method has not been composed with the drift options (None: the base's reason)
+    drift_note: ClassVar[str | None] = None
     #: the drift-correction options `drift_refusal` judges
     DRIFT_OPTIONS: ClassVar[tuple[str, ...]] = ("server_opt", "scaffold")
     #: "global": the server evaluates the global adapter on its held-out split; "personalised":
@@ -228,11 +230,16 @@ class LowRankStrategy(Strategy):
     def drift_refusal(cls, option: str, params: Mapping[str, Any]) -> str | None:
         """Why `option` ("server_opt" or "scaffold") means nothing here, or None if it composes.
 
-        `params` are the method's strategy.params. The base refuses: a method opts in.
+        `params` are the method's strategy.params. The base refuses (a method opts in), with the
+        method's `drift_note` when it has one.
         """
         return (
-            "it does not keep its global as the weighted average of its clients' replies, which "
-            "is what a server optimiser steps from and SCAFFOLD's control variates live on"
+            self_note
+            if (self_note := cls.drift_note)
+            else (
+                "it does not keep its global as the weighted average of its clients' replies, which "
+                "is what a server optimiser steps from and SCAFFOLD's control variates live on"
+            )
         )
 
     def _refuse(self, option: str, value: str) -> None:

@@ -76,6 +76,10 @@ class FedSALoRA(LowRankStrategy):
     is rejected (`up_specs` names A only). Evaluate (not under DP): A_bar to every connected node.
     """
 
+    drift_note = (
+        "only A is global; B and the head stay on the clients, so a server step or control "
+        "variate would cover part of each personal model (not composed yet)"
+    )
     kind = "lora"
     evaluation: ClassVar[str] = "personalised"
 

@@ -83,6 +83,10 @@ class HetLoRA(LowRankStrategy):
     adapter is a plain LoRA at r_max with scaling alpha / r_max, saved as is.
     """
 
+    drift_note = (
+        "its global is a sparsity-weighted average of zero-padded replies whose ranks shrink, "
+        "not the p_k-weighted average a server optimiser or a control variate is defined on"
+    )
     kind = "lora"
 
     def __init__(

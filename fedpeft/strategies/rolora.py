@@ -63,6 +63,10 @@ class RoLoRA(LowRankStrategy):
     Parameters: see `LowRankStrategy`.
     """
 
+    drift_note = (
+        "the factor it averages alternates between A and B every round, so one optimiser state "
+        "or control variate per tensor would mix its A and B rounds (not composed yet)"
+    )
     kind = "frozen_a"
     version_metric = "frozen-version"
 
