@@ -438,4 +438,12 @@ def _validate_robustness(cfg: DictConfig) -> None:
         "a resumed run is a new Flower run whose clients would start again from B = 0 under a "
         "trained A; rerun it from the start without resume=",
     )
+    scaffold = bool((cfg.get("client_opt") or {}).get("scaffold", False))
+    _require(
+        cfg.resume is None or not scaffold,
+        "resume= with client_opt.scaffold=true: the server's control variate c is in the "
+        "checkpoint, but each client's c_k lives in its Flower run's node state and a resumed "
+        "run starts them at zero, so c would no longer be their average; rerun from the start "
+        "without resume=, or resume with client_opt.scaffold=false",
+    )
     validate_dp(cfg)

@@ -144,8 +144,7 @@ def validate_update(
         value = _decode(key, record[key], spec)
         if not torch.isfinite(value).all():
             raise UpdateRejected(f"{key}: contains NaN or Inf")
-        if max_norm is not None and (norm := float(value.norm())) > max_norm:
-            raise UpdateRejected(f"{key}: norm {norm:.3g} exceeds bound {max_norm}")
+        check_norms({key: value}, [key], max_norm)
         tensors[key] = value
     metrics = content.metric_records[METRICS_KEY]
     if len(metrics) > MAX_METRICS:
@@ -168,3 +167,14 @@ def metrics_record(metrics: Mapping[str, float | int]) -> MetricRecord:
     return MetricRecord(
         {k: (int(v) if isinstance(v, bool | int) else float(v)) for k, v in metrics.items()}
     )
+
+
+def check_norms(
+    tensors: Mapping[str, torch.Tensor], keys: Iterable[str], max_norm: float | None
+) -> None:
+    """Reject a reply whose named tensors exceed `max_norm` in Frobenius norm (None: no bound)."""
+    if max_norm is None:
+        return
+    for key in keys:
+        if (norm := float(tensors[key].norm())) > max_norm:
+            raise UpdateRejected(f"{key}: norm {norm:.3g} exceeds bound {max_norm}")

@@ -61,6 +61,7 @@ from fedpeft.records import (
     UpdateRejected,
     addressees,
     answered_node,
+    check_norms,
     record_bytes,
     tensor_bytes,
     to_record,
@@ -107,6 +108,7 @@ class RoundStats:
     failed: dict[int, str] = field(default_factory=dict)
     client_loss: dict[int, float] = field(default_factory=dict)
     client_epsilon: dict[int, float] = field(default_factory=dict)
+    accepted: list[int] = field(default_factory=list)
     train_loss: float | None = None
     aggregate_s: float = 0.0
 
@@ -233,13 +235,9 @@ class LowRankStrategy(Strategy):
         `params` are the method's strategy.params. The base refuses (a method opts in), with the
         method's `drift_note` when it has one.
         """
-        return (
-            self_note
-            if (self_note := cls.drift_note)
-            else (
-                "it does not keep its global as the weighted average of its clients' replies, which "
-                "is what a server optimiser steps from and SCAFFOLD's control variates live on"
-            )
+        return cls.drift_note or (
+            "it does not keep its global as the weighted average of its clients' replies, which "
+            "is what a server optimiser steps from and SCAFFOLD's control variates live on"
         )
 
     def _refuse(self, option: str, value: str) -> None:
@@ -569,7 +567,8 @@ class LowRankStrategy(Strategy):
                 self._watch_ledger(member, msg)
                 cap = self.max_num_examples or NO_CAP
                 specs = {**self.up_specs(node), **self.control_specs()}
-                tensors, weight = validate_update(msg.content, specs, cap, self.norm_bound)
+                tensors, weight = validate_update(msg.content, specs, cap, None)
+                check_norms(tensors, self.up_specs(node), self.norm_bound)  # not SCAFFOLD's dc_k
                 refusal = claim_refusal(
                     weight, self.declared.get(node), self.declared.values(), self.median_multiple
                 )
@@ -592,6 +591,7 @@ class LowRankStrategy(Strategy):
             deltas.append({k: tensors.pop(k) for k in self.control_specs()})
             updates.append(tensors)
             weights.append(weight)
+            self.stats.accepted.append(member)
             losses.append(self.stats.client_loss.get(member))
         self.stats.replied = len(updates)
         if len(updates) < self.min_clients:

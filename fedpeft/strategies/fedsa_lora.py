@@ -106,6 +106,8 @@ class FedSALoRA(LowRankStrategy):
         self.holdout_fraction = float(holdout_fraction)
         self.local = ["lora_B", *(["head"] if self.train_head else [])]
         self.eval_bytes_down = 0
+        #: members that have trained (replied) at least once: the ones with a personal model
+        self.trained: set[int] = set()
 
     @property
     def private(self) -> bool:
@@ -129,8 +131,14 @@ class FedSALoRA(LowRankStrategy):
         return {}, self.client_config()
 
     def client_config(self) -> dict[str, Any]:
-        """The round-config entries every node acts on (clients/local_factors.py)."""
-        return {LOCAL_FACTORS: ",".join(self.local), HOLDOUT_FRACTION: self.holdout_fraction}
+        """The round-config entries every node acts on (clients/local_factors.py).
+
+        Under DP nothing is evaluated, so no share of a client's data is held out.
+        """
+        config: dict[str, Any] = {LOCAL_FACTORS: ",".join(self.local)}
+        if not self.private:
+            config[HOLDOUT_FRACTION] = self.holdout_fraction
+        return config
 
     def aggregate_updates(
         self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor
@@ -141,10 +149,16 @@ class FedSALoRA(LowRankStrategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """A_bar to every connected node, to score its personal model; none under DP."""
+        """A_bar to the nodes with a personal model, to score it; none under DP.
+
+        Before round 1 every connected node scores the common start; after it, only nodes that
+        have trained at least once (a node never sampled would score B = 0 and the seeded head,
+        and pull the mean towards chance).
+        """
         self.eval_bytes_down = 0
         if self.private:
             return []
+        self.trained.update(self.stats.accepted, self.stats.rejected)
         payload = to_record(self.global_adapter)
         content = {
             **config,
@@ -154,6 +168,8 @@ class FedSALoRA(LowRankStrategy):
         }
         messages = []
         for node_id in sorted(grid.get_node_ids(), key=self._order):
+            if server_round > 0 and self.member(node_id) not in self.trained:
+                continue
             record = RecordDict({ARRAYS_KEY: payload, CONFIG_KEY: ConfigRecord(content)})
             messages.append(Message(record, dst_node_id=node_id, message_type=MessageType.EVALUATE))
             self.eval_bytes_down += record_bytes(payload)

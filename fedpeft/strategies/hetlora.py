@@ -35,7 +35,12 @@ where the paper could not be read or is silent:
   received tail score is 0 and cannot drop);
 - under DP-SGD the regulariser, which does not depend on the data, adds its gradient to the noisy
   one after clipping (privacy/dp_sgd.py); the pruned rank is then post-processing and a private
-  reply may report it.
+  reply may report it. Without DP the regulariser is part of the loss and so inside
+  `train.max_grad_norm` clipping.
+
+Cost: a client process builds its model once per (rank, alpha) it trains at (runtime.py caches
+up to 8), so a client that prunes one rank at a time holds a base-model copy per rank it passed
+through: on large bases prefer a gamma that prunes in fewer, larger steps.
 
 Per-node state: the current r_k, which only shrinks. The node keeps it and reports it with every
 reply (metric `adapter-rank`); the server's rank table follows the reports. A report must be an

@@ -133,6 +133,27 @@ def test_a_reply_without_its_control_variate_is_rejected():
     assert all(torch.equal(strategy.global_adapter[k], v) for k, v in before.items())
 
 
+def test_the_norm_bound_holds_the_factors_not_the_control_deltas():
+    """replies.norm_bound is on the trained tensors; dc_k is on the gradient's scale."""
+    strategy = FFALoRA(global_adapter(), {}, scaffold=True, norm_bound=10.0)
+    nodes = [m.metadata.dst_node_id for m in strategy.configure_train(1, None, {}, FakeGrid([1]))]
+    updates, _ = _controlled(strategy, nodes, 1)
+    key = next(k for k in updates[0] if k.startswith("control."))
+    updates[0][key] = updates[0][key] * 0 + 100.0  # a huge control delta: accepted
+    strategy.aggregate_train(1, [reply(nodes[0], updates[0], 5)])
+    assert strategy.stats.accepted == [nodes[0]] and not strategy.stats.rejected
+    factor = strategy.up_keys()[0]
+    updates[0][factor] = updates[0][factor] * 0 + 100.0  # a huge factor: rejected
+    strategy.configure_train(2, None, {}, FakeGrid([1]))
+    strategy.aggregate_train(2, [reply(nodes[0], updates[0], 5)])
+    assert "exceeds bound 10.0" in next(iter(strategy.stats.rejected.values()))
+
+
+def test_resuming_a_scaffold_run_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="resume= with client_opt.scaffold=true"):
+        compose_config([*FAST_RUN, *SGD, "client_opt.scaffold=true", f"resume={tmp_path}"])
+
+
 DRIFT_RUN = [
     *FAST_RUN,
     "federation.local_steps=1",

@@ -101,8 +101,15 @@ def test_no_personalised_evaluation_is_asked_in_a_private_run_and_bad_options_ar
         global_adapter(), {"dp": {"enabled": True}}, max_num_examples=1000, train_head=False
     )
     assert list(private.configure_evaluate(1, None, {}, FakeGrid([1, 2]))) == []
-    asked = list(_strategy().configure_evaluate(1, None, {}, FakeGrid([1, 2])))
+    assert "holdout-fraction" not in private.node_payload(1)[1]  # nothing held out under DP
+    strategy = _strategy()
+    asked = list(strategy.configure_evaluate(0, None, {}, FakeGrid([1, 2])))
     assert [m.metadata.message_type for m in asked] == ["evaluate", "evaluate"]
+    # After round 0 only nodes with a personal model (that have replied) score it.
+    assert list(strategy.configure_evaluate(1, None, {}, FakeGrid([1, 2]))) == []
+    strategy.stats.accepted.append(2)
+    asked = list(strategy.configure_evaluate(1, None, {}, FakeGrid([1, 2])))
+    assert [m.metadata.dst_node_id for m in asked] == [2]
     with pytest.raises(ValueError, match="holdout_fraction=0.7 must be in"):
         _strategy(holdout_fraction=0.7)
     with pytest.raises(ValueError, match="task=classification only"):
