@@ -296,6 +296,25 @@ def example_bounds(cfg: DictConfig, sizes: list[int], deployed: bool) -> dict[st
     return {"max_num_examples": max(sizes), "median_multiple": None}
 
 
+def _warn_small_clients(task: Mapping[str, Any], sizes: Sequence[int]) -> None:
+    """Log when DP calibration would give the smallest simulated client far more noise than most."""
+    dp, hp = task.get("dp") or {}, task["train"]
+    if not dp.get("enabled") or dp.get("noise_multiplier") is not None:
+        return
+    batch = int(hp["batch_size"])
+    message = privacy.small_client_warning(
+        sizes,
+        float(dp["target_epsilon"]),
+        dp.get("delta"),
+        str(dp["accountant"]),
+        int(dp["planned_rounds"]),
+        batch,
+        lambda n: training.planned_steps(n, batch, hp["local_steps"], hp["local_epochs"]),
+    )
+    if message is not None:
+        logger.warning(message)
+
+
 def prepare(cfg: DictConfig, deployed: bool = False) -> Federation:
     """Load data and model and build the strategy; every bad input fails here, before any round.
 
@@ -330,6 +349,7 @@ def prepare(cfg: DictConfig, deployed: bool = False) -> Federation:
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    _warn_small_clients(task, sizes)
     test = dataset.test
     calibration = strategy.calibration_examples
     if calibration:

@@ -1,6 +1,6 @@
 """Example-level DP-SGD on clients: settings, node policy, calibration, the ledger, training."""
 
-from fedpeft.privacy.calibration import calibrate_noise, planned_rounds
+from fedpeft.privacy.calibration import calibrate_noise, planned_rounds, small_client_warning
 from fedpeft.privacy.client_round import PrivateRoundFailed, private_round
 from fedpeft.privacy.dp_sgd import train_private
 from fedpeft.privacy.ledger import BudgetExhausted, PrivacyLedger
@@ -25,6 +25,7 @@ __all__ = [
     "planned_rounds",
     "private_reply_metrics",
     "private_round",
+    "small_client_warning",
     "train_private",
     "validate_dp",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -30,4 +31,51 @@ def calibrate_noise(
             accountant=accountant,
             epsilon_tolerance=0.005,
         )
+    )
+
+
+#: a client whose calibrated sigma is at least this multiple of the median client's is warned of
+SMALL_CLIENT_RATIO = 1.5
+
+
+def small_client_warning(
+    sizes: Sequence[int],
+    target_epsilon: float,
+    delta: float | None,
+    accountant: str,
+    planned_rounds: int,
+    batch_size: int,
+    steps_for: Callable[[int], int],
+) -> str | None:
+    """A warning when the smallest client's sigma is far above the median client's, else None.
+
+    Each client is calibrated on its own q = batch / n_k and planned steps, so a client with few
+    examples needs much more noise for the same epsilon and its updates are mostly noise. Two
+    calibrations (smallest and median client), whatever the number of clients. `delta` None: each
+    client's default 1/n_k rounded down to a power of ten (at most 1e-5).
+    """
+    from fedpeft.privacy.settings import default_delta
+
+    if len(sizes) < 2:
+        return None
+    ordered = sorted(sizes)
+    small, median = ordered[0], ordered[len(ordered) // 2]
+    if small == median:
+        return None
+
+    def sigma(n: int) -> float:
+        rate = min(1.0, batch_size / n)
+        steps = planned_rounds * steps_for(n)
+        return calibrate_noise(target_epsilon, delta or default_delta(n), rate, steps, accountant)
+
+    low, typical = sigma(small), sigma(median)
+    if low < SMALL_CLIENT_RATIO * typical:
+        return None
+    count = sum(1 for n in sizes if n < median / 2)
+    return (
+        f"the smallest client (n_k={small}) needs noise multiplier {low:.2f} at batch {batch_size} "
+        f"for epsilon {target_epsilon:g}, against {typical:.2f} for the median client "
+        f"(n_k={median}); {count} of {len(sizes)} clients hold under half the median's examples, "
+        "and their updates will be mostly noise: merge small clients, exclude them, or raise "
+        "dp.target_epsilon (docs/privacy.md, 'Small clients')"
     )
