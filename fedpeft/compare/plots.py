@@ -57,6 +57,7 @@ def _plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from cycler import cycler
     from matplotlib.ticker import MaxNLocator
 
     groups = group_by_config(results)
@@ -65,6 +66,9 @@ def _plot(
     rows = -(-max(1, len(panels)) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
     for ax, panel in zip(axes.flat, panels or [()], strict=False):
+        # Ten colours, then the same ten dashed: eleven methods stay told apart.
+        palette = [plt.get_cmap("tab10")(i) for i in range(10)]
+        ax.set_prop_cycle(cycler(linestyle=["-", "--", ":"]) * cycler(color=palette))
         for config, group in groups.items():
             if tuple((k, v) for k, v in config if k != hue) != panel:
                 continue
