@@ -57,7 +57,6 @@ def _plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from cycler import cycler
     from matplotlib.ticker import MaxNLocator
 
     groups = group_by_config(results)
@@ -68,7 +67,7 @@ def _plot(
     for ax, panel in zip(axes.flat, panels or [()], strict=False):
         # Ten colours, then the same ten dashed: eleven methods stay told apart.
         palette = [plt.get_cmap("tab10")(i) for i in range(10)]
-        ax.set_prop_cycle(cycler(linestyle=["-", "--", ":"]) * cycler(color=palette))
+        ax.set_prop_cycle(plt.cycler(linestyle=["-", "--", ":"]) * plt.cycler(color=palette))
         for config, group in groups.items():
             if tuple((k, v) for k, v in config if k != hue) != panel:
                 continue
