@@ -35,6 +35,9 @@ HISTORY_FIELDS = (
     "accuracy_min",
     "eval_clients",
     "eval_bytes_down",
+    # ||Delta|| of the averaged tensors, and the expected norm of its DP noise (plain-SGD DP runs)
+    "update_norm",
+    "dp_noise_norm",
 )
 
 

@@ -57,6 +57,8 @@ def _row(server_round: int, metrics: dict[str, float], fed: Federation, **extra:
         "bytes_up": stats.bytes_up,
         "bytes_down": stats.bytes_down,
         "aggregate_time_s": round(stats.aggregate_s, 6),
+        "update_norm": stats.update_norm,
+        "dp_noise_norm": stats.dp_noise_norm,
         "sampled": stats.sampled,
         "replied": stats.replied,
         "failed": len(stats.failed),

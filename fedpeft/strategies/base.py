@@ -67,6 +67,7 @@ from fedpeft.records import (
     to_record,
     validate_update,
 )
+from fedpeft.strategies import update_noise
 from fedpeft.strategies.declared import claim_refusal
 from fedpeft.strategies.privacy_watch import PrivacyWatch
 from fedpeft.strategies.server_opt import ServerOptimizer
@@ -111,6 +112,10 @@ class RoundStats:
     accepted: list[int] = field(default_factory=list)
     train_loss: float | None = None
     aggregate_s: float = 0.0
+    #: ||Delta|| of the averaged tensors against the global the clients started from, and the
+    #: expected norm of the DP noise in it (update_noise.py); None when not measured
+    update_norm: float | None = None
+    dp_noise_norm: float | None = None
 
 
 class LowRankStrategy(Strategy):
@@ -545,7 +550,7 @@ class LowRankStrategy(Strategy):
         A sampled node that sent no reply (it timed out) counts as failed.
         """
         self.server_round = server_round
-        updates, weights, losses, deltas = [], [], [], []
+        updates, weights, losses, deltas, noise_stds = [], [], [], [], []
         by_node = {}
         for msg in replies:
             node = self._sender(msg)
@@ -593,6 +598,7 @@ class LowRankStrategy(Strategy):
             weights.append(weight)
             self.stats.accepted.append(member)
             losses.append(self.stats.client_loss.get(member))
+            noise_stds.append(self._noise_std(metrics))
         self.stats.replied = len(updates)
         if len(updates) < self.min_clients:
             log(
@@ -605,6 +611,7 @@ class LowRankStrategy(Strategy):
             return None, None
         started = time.perf_counter()
         p = lowrank.normalize_weights(weights)
+        self._measure_noise(updates, p, noise_stds)
         previous = (
             {k: self.global_adapter[k].clone() for k in self.server_opt_keys()}
             if self.server_opt is not None
@@ -623,6 +630,25 @@ class LowRankStrategy(Strategy):
             else {"train-loss": self.stats.train_loss, "num-replies": len(updates)}
         )
         return self.global_record(), metrics
+
+    def _noise_std(self, metrics: Mapping[str, Any]) -> float | None:
+        """Per-coordinate DP noise std in a reply's tensors (None: not private or not plain SGD)."""
+        dp, train = self.task.get("dp") or {}, self.task.get("train") or {}
+        if not dp.get("enabled") or train.get("optimizer") != "sgd" or train.get("momentum"):
+            return None
+        return update_noise.client_noise_std(
+            metrics, float(train["lr"]), float(dp["max_grad_norm"])
+        )
+
+    def _measure_noise(
+        self, updates: list[dict[str, torch.Tensor]], p: torch.Tensor, stds: list[float | None]
+    ) -> None:
+        """Record the round's ||Delta|| and, for private SGD replies, its expected noise norm."""
+        before = {k: self.global_adapter[k] for k in self.up_keys() if k in self.global_adapter}
+        norms = update_noise.update_and_noise_norms(before, updates, p, [s or 0.0 for s in stds])
+        if norms is not None:
+            self.stats.update_norm = norms[0]
+            self.stats.dp_noise_norm = norms[1] if None not in stds else None
 
     def _watch_ledger(self, member: int, msg: Message) -> None:
         """Record the reply's reported epsilon (rejected or not) and reject a ledger that reset.

@@ -14,6 +14,10 @@ def _runs(name, *extra):
 def test_packaged_studies():
     assert study_names() == [
         "comm_efficiency",
+        "dp_recipe",
+        "dp_recipe_head",
+        "fedsvd_dp_cpu",
+        "fedsvd_dp_gpu",
         "fedsvd_table2_small",
         "hetero_rank",
         "label_skew",
@@ -53,6 +57,36 @@ def test_fedsvd_table2_small_is_the_papers_setting():
     assert cfg.strategy.params.ranks is None and cfg.adapter.rank == 8
     assert cfg.federation.num_clients == 6 and cfg.federation.fraction == 0.5
     assert (cfg.model.name, cfg.dataset.name, cfg.partition.alpha) == ("minilm", "sst2", 0.5)
+
+
+@pytest.mark.parametrize("name", ["dp_recipe", "dp_recipe_head"])
+def test_dp_recipe_sweeps_the_quickstart_at_epsilon_3(name):
+    runs = _runs(name)
+    assert len(runs) == 2
+    for run in runs:
+        cfg = compose_config(list(run.overrides))
+        assert (cfg.dataset.name, cfg.strategy.name, cfg.federation.num_clients) == (
+            "spamassassin",
+            "fedavg",
+            4,
+        )
+        assert cfg.dp.target_epsilon == 3 and cfg.train.optimizer == "sgd"
+        assert cfg.adapter.train_head is (name == "dp_recipe_head")
+
+
+@pytest.mark.parametrize(("name", "rounds"), [("fedsvd_dp_cpu", 4), ("fedsvd_dp_gpu", 100)])
+def test_fedsvd_dp_studies_are_the_papers_federation(name, rounds):
+    runs = _runs(name)
+    assert len(runs) == 3 * 2 * 2 * 3
+    assert {r.values["strategy"] for r in runs} == {"fedavg", "ffa_lora", "fedsvd"}
+    assert {r.values["dp"] for r in runs} == {"eps3", "eps6"}
+    for run in runs[:12]:
+        cfg = compose_config(list(run.overrides))
+        alpha = cfg.strategy.alpha or cfg.adapter.alpha
+        assert alpha == 8 and cfg.adapter.rank == 8 and cfg.train.batch_size == 128
+        assert cfg.federation.num_clients == 6 and cfg.federation.fraction == 0.5
+        assert cfg.partition.alpha == 0.5 and cfg.federation.rounds == rounds
+        assert cfg.adapter.train_head is False and cfg.train.optimizer == "sgd"
 
 
 def test_hetero_rank_gives_both_methods_the_same_ranks():

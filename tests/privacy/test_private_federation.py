@@ -28,6 +28,8 @@ def test_each_method_runs_two_private_rounds(strategy, tmp_path, data_dir):
     for stats in rounds:
         assert stats["replied"] == 2 and not stats["rejected"]
         assert not stats["client_loss"]  # a private reply carries no training loss
+        if strategy in ("fedavg", "ffa_lora", "fedsvd"):  # the DP study's noise-to-signal
+            assert stats["update_norm"] > 0 and stats["dp_noise_norm"] > 0
     eps = [r["client_epsilon"] for r in rounds]
     # Each client is calibrated to end at eps 3 after its planned rounds (every round here).
     assert len(eps[0]) == 2 and set(eps[0]) == set(eps[1])

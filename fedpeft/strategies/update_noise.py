@@ -1,0 +1,67 @@
+"""How much of a private round's aggregated update is DP noise: its norm beside the noise's.
+
+A DP-SGD client with plain SGD (no momentum) at learning rate lr adds, every step, Gaussian noise
+of std sigma_k C / B_k to each coordinate's mean gradient (B_k = round(q_k n_k), Opacus' expected
+batch), so after T_k steps its tensors carry noise of std lr sigma_k C sqrt(T_k) / B_k per
+coordinate. The weighted average of K replies (weights p_k) then carries per-coordinate noise of
+variance sum_k p_k^2 (lr sigma_k C)^2 T_k / B_k^2: over d coordinates its expected squared norm is
+d times that. The signal's norm is estimated as sqrt(max(||Delta||^2 - E||noise||^2, 0)), Delta the
+average minus the global the clients started from. Everything here comes from the replies'
+data-independent metrics (sigma, q, n, steps) and the round's tensors, so the server can log it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedpeft.records import NUM_EXAMPLES
+
+
+def client_noise_std(
+    metrics: Mapping[str, float | int], lr: float, max_grad_norm: float
+) -> float | None:
+    """Per-coordinate std of the DP noise in one client's trained tensors after its round.
+
+    None when the reply carries no DP ledger (a non-private reply).
+    """
+    keys = ("noise-multiplier", "sample-rate", "steps", NUM_EXAMPLES)
+    if any(k not in metrics for k in keys):
+        return None
+    sigma, q = float(metrics["noise-multiplier"]), float(metrics["sample-rate"])
+    steps, n = int(metrics["steps"]), int(metrics[NUM_EXAMPLES])
+    batch = max(1, round(q * n))
+    return lr * sigma * max_grad_norm * math.sqrt(steps) / batch
+
+
+def update_and_noise_norms(
+    before: Mapping[str, torch.Tensor],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    noise_stds: Sequence[float],
+) -> tuple[float, float] | None:
+    """(||Delta||, expected ||noise||) of the weighted average of `updates` against `before`.
+
+    `before` holds the global tensors the clients started from; only keys every update holds with
+    the global's shape count (per-client ranks have no common Delta: None then).
+    weights: (K,) summing to 1; noise_stds: (K,) from `client_noise_std`.
+    """
+    keys = [k for k in before if all(k in u and u[k].shape == before[k].shape for u in updates)]
+    if not keys or len(keys) < len(before):
+        return None
+    p = weights.to(torch.float64)
+    update_sq, coords = 0.0, 0
+    for key in keys:
+        stacked = torch.stack([u[key].to(torch.float64) for u in updates])  # (K, *shape)
+        mean = torch.tensordot(p, stacked, dims=1)
+        update_sq += float((mean - before[key].to(torch.float64)).pow(2).sum())
+        coords += before[key].numel()
+    variance = float(sum(pk**2 * s**2 for pk, s in zip(p.tolist(), noise_stds, strict=True)))
+    return math.sqrt(update_sq), math.sqrt(coords * variance)
+
+
+def signal_norm(update_norm: float, noise_norm: float) -> float:
+    """The estimated norm of the update without its noise: sqrt(max(||Delta||^2 - noise^2, 0))."""
+    return math.sqrt(max(update_norm**2 - noise_norm**2, 0.0))
