@@ -24,6 +24,7 @@ import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedpeft.errors import ConfigError, ModelError
+from fedpeft.pooling import POOLINGS, use_mean_pooling
 
 MODEL_NAMES = ("minilm", "tiny_bert", "tiny_llama", "smollm2", "hf")
 TASKS = ("classification", "causal_lm")
@@ -60,6 +61,7 @@ class ModelSpec:
     quantization: str = "none"
     compute_dtype: str = "float32"
     device_map: str | tuple[tuple[str, str], ...] | None = None
+    pooling: str = "cls"
 
     @property
     def causal(self) -> bool:
@@ -115,6 +117,13 @@ class ModelSpec:
         quantization = str(cfg.get("quantization") or "none")
         compute_dtype = cfg.get("compute_dtype") or "float32"
         _check_quantization(quantization, compute_dtype, task)
+        pooling = str(cfg.get("pooling") or "cls")
+        if pooling not in POOLINGS:
+            raise ConfigError(
+                f"model.pooling={pooling!r} is unknown: choose one of {', '.join(POOLINGS)}"
+            )
+        if pooling != "cls" and task != "classification":
+            raise ConfigError("model.pooling applies to classifiers: drop it for a causal LM")
         return cls(
             name,
             cfg.get("name_or_path"),
@@ -127,6 +136,7 @@ class ModelSpec:
             quantization,
             compute_dtype,
             _device_map(cfg.get("device_map"), task),
+            pooling,
         )
 
 
@@ -300,6 +310,8 @@ def load_model(
                 raise ModelError(_not_found(spec, source, exc)) from exc
     if model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(spec).pad_token_id
+    if spec.pooling == "mean":
+        use_mean_pooling(model)
     return model
 
 

@@ -88,17 +88,28 @@ class NodeList:
         return self.nodes
 
 
-def in_process_rounds(fed, rounds: int, state_dir: Path, nodes: int = 2) -> list[dict]:
+def in_process_rounds(
+    fed, rounds: int, state_dir: Path, nodes: int = 2, simulated: bool = False
+) -> list[dict]:
     """Drive `fed.strategy` through `rounds` rounds against the real ClientApp train handler.
 
     No Ray and no SuperLink: node n (1-based) is partition n - 1 with its own Context and its
     state directory under `state_dir`. Returns each round's RoundStats fields; a client error fails
-    the round's assertion with the clients' reasons.
+    the round's assertion with the clients' reasons. `simulated`: the simulation's handler instead
+    (the run's own `dp` group as every node's policy, and the seeded per-round torch RNG).
     """
     from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedpeft.clients.client_app import train
+    from fedpeft.clients.client_app import train, train_round
+    from fedpeft.clients.simulation import seeded_rng
+    from fedpeft.privacy.policy import NodePolicy
+
+    if simulated:
+        policy = NodePolicy.for_simulation(fed.cfg.dp, Path(state_dir))
+
+        def train(msg, context):  # noqa: F811
+            return seeded_rng(msg, context, lambda m, c: train_round(m, c, policy))
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     config = {"num-partitions": nodes, "state-dir": str(state_dir)}
