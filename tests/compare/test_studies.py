@@ -25,12 +25,14 @@ def test_packaged_studies():
     ]
 
 
-def test_label_skew_sweeps_the_drift_options_on_unseen_data():
+def test_label_skew_sweeps_the_rates_on_unseen_data():
     runs = _runs("label_skew")
-    assert len(runs) == 3 * 3 * 3 * 2
-    assert {r.values["dataset"] for r in runs} == {"sst2", "trec", "banking77"}
+    assert len(runs) == 2 * 2 * 3
+    assert {r.values["dataset"] for r in runs} == {"sst2", "trec"}
     cfg = compose_config(list(runs[-1].overrides))
-    assert cfg.server_opt.name == "fedadam" and cfg.client_opt.proximal_mu == 0.1
+    assert (cfg.train.lr, cfg.train.head_lr) == (6e-3, 3e-3)
+    assert cfg.federation.num_clients == 4 and cfg.federation.rounds == 3
+    assert cfg.partition.alpha == 0.5 and cfg.server_opt.name == "none"
 
 
 def test_methods11_runs_every_method_at_its_defaults():
@@ -80,7 +82,7 @@ def test_fedsvd_dp_studies_are_the_papers_federation(name, rounds):
     assert len(runs) == 3 * 2 * 2 * 3
     assert {r.values["strategy"] for r in runs} == {"fedavg", "ffa_lora", "fedsvd"}
     assert {r.values["dp"] for r in runs} == {"eps3", "eps6"}
-    for run in runs[:12]:
+    for run in [next(r for r in runs if r.values["strategy"] == s) for s in ("fedavg", "ffa_lora")]:
         cfg = compose_config(list(run.overrides))
         alpha = cfg.strategy.alpha or cfg.adapter.alpha
         assert alpha == 8 and cfg.adapter.rank == 8 and cfg.train.batch_size == 128

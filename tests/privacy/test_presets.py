@@ -16,22 +16,30 @@ from tests.conftest import FAST_RUN
 def test_each_preset_reaches_the_task(preset, epsilon, strategy, data_dir):
     task = build_task(compose_config([*FAST_RUN, f"dp={preset}", f"strategy={strategy}"]), 2)
     assert task["dp"]["enabled"] and task["dp"]["target_epsilon"] == epsilon
-    assert task["dp"]["max_grad_norm"] == 2.0 and task["dp"]["max_physical_batch_size"] == 64
+    assert task["dp"]["max_grad_norm"] == 1.0 and task["dp"]["max_physical_batch_size"] == 64
     train = task["train"]
-    assert (train["optimizer"], train["lr"], train["batch_size"]) == ("sgd", 0.5, 128)
-    assert train["head_lr"] is None and train["momentum"] == 0.0
-    assert task["adapter"]["train_head"] is False
+    assert (train["optimizer"], train["lr"], train["batch_size"]) == ("sgd", 0.05, 128)
+    assert train["head_lr"] == 2.0 and train["momentum"] == 0.0
+    assert task["model"]["pooling"] == "mean"
+    # The head is trained on the mean-pooled embedding; FedSVD keeps the paper's frozen head.
+    assert task["adapter"]["train_head"] is (strategy != "fedsvd")
     # FFA-LoRA keeps its own alpha; the others take the preset's alpha = rank.
     assert task["adapter"]["alpha"] == (16.0 if strategy == "ffa_lora" else 8)
 
 
+def test_the_preset_sets_its_own_local_steps_and_the_command_line_still_wins():
+    assert compose_config(["dp=eps3"]).federation.local_steps == 10
+    assert compose_config(["dp=eps3", "federation.local_steps=4"]).federation.local_steps == 4
+    assert compose_config([]).federation.local_steps == 30
+
+
 def test_command_line_overrides_the_preset(data_dir):
     cfg = compose_config(
-        [*FAST_RUN, "dp=eps3", "adapter.train_head=true", "train.optimizer=adamw",
-         "train.lr=1e-3", "strategy=ffa_lora", "strategy.lr=0.2"]
+        [*FAST_RUN, "dp=eps3", "adapter.train_head=false", "train.optimizer=adamw",
+         "train.lr=1e-3", "strategy=ffa_lora", "strategy.lr=0.2", "model.pooling=cls"]
     )  # fmt: skip
     task = build_task(cfg, 2)
-    assert task["adapter"]["train_head"] is True
+    assert task["adapter"]["train_head"] is False and task["model"]["pooling"] == "cls"
     assert task["train"]["optimizer"] == "adamw" and task["train"]["lr"] == 0.2
 
 
@@ -40,12 +48,15 @@ def test_without_dp_nothing_changes(data_dir):
     assert not task["dp"]["enabled"]
     assert (task["train"]["optimizer"], task["train"]["batch_size"]) == ("adamw", 16)
     assert task["adapter"]["train_head"] is True and task["adapter"]["alpha"] == 16
+    assert task["model"]["pooling"] == "cls"
     custom = build_task(compose_config([*FAST_RUN, "dp=custom", "dp.target_epsilon=2"]), 2)
     assert custom["train"]["optimizer"] == "adamw" and custom["dp"]["max_grad_norm"] == 1.0
 
 
-def test_a_private_run_keeps_the_seeded_head_and_trains_the_adapter(tmp_path, data_dir):
-    overrides = [*FAST_RUN, "dp=eps3", f"run_dir={tmp_path}"]
+def test_a_private_run_with_the_head_frozen_keeps_it_seeded_and_trains_the_adapter(
+    tmp_path, data_dir
+):
+    overrides = [*FAST_RUN, "dp=eps3", "adapter.train_head=false", f"run_dir={tmp_path}"]
     summary = simulate(overrides)
     assert summary["rounds_completed"] == 2 and 2.9 <= summary["max_epsilon"] <= 3.0
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")

@@ -13,7 +13,7 @@ from fedpeft.strategies.update_noise import client_noise_std, signal_norm, updat
 @pytest.mark.parametrize(("lr", "sigma", "clip", "steps"), [(0.5, 1.1, 2.0, 3), (20, 0.7, 0.05, 5)])
 def test_the_client_noise_std_is_what_opacus_adds_over_a_round(lr, sigma, clip, steps):
     torch.manual_seed(0)
-    d, n, q = 200_000, 1000, 0.128
+    d, n, q = 60_000, 1000, 0.128
     p = torch.nn.Parameter(torch.zeros(d))
     dp = make_dp_optimizer(
         torch.optim.SGD([p], lr=lr),
@@ -28,7 +28,7 @@ def test_the_client_noise_std_is_what_opacus_adds_over_a_round(lr, sigma, clip, 
         dp.zero_grad()
     metrics = {"noise-multiplier": sigma, "sample-rate": q, "steps": steps, NUM_EXAMPLES: n}
     expected = client_noise_std(metrics, lr, clip)
-    assert float(p.detach().std()) == pytest.approx(expected, rel=0.01)
+    assert float(p.detach().std()) == pytest.approx(expected, rel=0.015)  # sd error ~0.3%
     assert client_noise_std({"steps": 3}, lr, clip) is None  # a non-private reply
 
 
