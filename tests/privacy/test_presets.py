@@ -4,11 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedpeft.cli import simulate
 from fedpeft.config import compose_config
-from fedpeft.federation import build_task
+from fedpeft.federation import build_task, prepare
 from fedpeft.runtime import model_runtime
-from tests.conftest import FAST_RUN
+from tests.conftest import FAST_RUN, in_process_rounds
 
 
 @pytest.mark.parametrize("preset,epsilon", [("eps1", 1), ("eps3", 3), ("eps6", 6)])
@@ -56,9 +55,11 @@ def test_without_dp_nothing_changes(data_dir):
 def test_a_private_run_with_the_head_frozen_keeps_it_seeded_and_trains_the_adapter(
     tmp_path, data_dir
 ):
-    overrides = [*FAST_RUN, "dp=eps3", "adapter.train_head=false", f"run_dir={tmp_path}"]
-    summary = simulate(overrides)
-    assert summary["rounds_completed"] == 2 and 2.9 <= summary["max_epsilon"] <= 3.0
+    overrides = [*FAST_RUN, "dp=eps3", "adapter.train_head=false"]
+    fed = prepare(compose_config(overrides))
+    in_process_rounds(fed, 2, tmp_path, simulated=True)
+    assert 2.9 <= fed.strategy.privacy.max_epsilon() <= 3.0
+    fed.save_adapter(tmp_path / "adapter")
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     runtime = model_runtime(build_task(compose_config(overrides), 2))
     runtime.reset({})

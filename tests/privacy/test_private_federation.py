@@ -2,7 +2,7 @@
 
 Every method runs two private rounds in process (the strategy drives the real ClientApp train
 handler, no Ray); Flower's simulation engine runs the private path end to end here (the budget
-test) and in tests/privacy/test_presets.py and tests/strategies/test_drift.py.
+test) and in tests/strategies/test_drift.py.
 """
 
 import csv
