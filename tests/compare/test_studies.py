@@ -33,6 +33,7 @@ def test_label_skew_sweeps_the_rates_on_unseen_data():
     assert (cfg.train.lr, cfg.train.head_lr) == (6e-3, 3e-3)
     assert cfg.federation.num_clients == 4 and cfg.federation.rounds == 3
     assert cfg.partition.alpha == 0.5 and cfg.server_opt.name == "none"
+    assert cfg.model.pooling == "cls"
 
 
 def test_methods11_runs_every_method_at_its_defaults():
