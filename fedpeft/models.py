@@ -122,8 +122,8 @@ class ModelSpec:
             raise ConfigError(
                 f"model.pooling={pooling!r} is unknown: choose one of {', '.join(POOLINGS)}"
             )
-        if pooling != "cls" and task != "classification":
-            raise ConfigError("model.pooling applies to classifiers: drop it for a causal LM")
+        if task != "classification":
+            pooling = "cls"  # a causal LM has no pooled vector (the dp presets set mean for all)
         return cls(
             name,
             cfg.get("name_or_path"),

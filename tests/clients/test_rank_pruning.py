@@ -113,7 +113,9 @@ def test_a_private_client_round_prunes_through_the_regulariser(tmp_path, data_di
     cuts it (8 -> 4), keeps rank 4 and reports it in a private reply; sent 8 again, it trains at 4.
     """
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    cfg = compose_config([*FAST_RUN, "dp=eps3", "federation.local_steps=2"])
+    cfg = compose_config(
+        [*FAST_RUN, "dp=eps3", "adapter.train_head=false", "federation.local_steps=2"]
+    )
     task = build_task(cfg, 2, ["negative", "positive"])
     g = torch.Generator().manual_seed(0)
     payload = {}

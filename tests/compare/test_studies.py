@@ -90,6 +90,7 @@ def test_fedsvd_dp_studies_are_the_papers_federation(name, rounds):
         assert cfg.federation.num_clients == 6 and cfg.federation.fraction == 0.5
         assert cfg.partition.alpha == 0.5 and cfg.federation.rounds == rounds
         assert cfg.adapter.train_head is False and cfg.train.optimizer == "sgd"
+        assert cfg.model.pooling == ("cls" if name == "fedsvd_dp_gpu" else "mean")
 
 
 def test_hetero_rank_gives_both_methods_the_same_ranks():
