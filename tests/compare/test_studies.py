@@ -75,6 +75,7 @@ def test_dp_recipe_sweeps_the_quickstart_at_epsilon_3(name):
         )
         assert cfg.dp.target_epsilon == 3 and cfg.train.optimizer == "sgd"
         assert cfg.adapter.train_head is (name == "dp_recipe_head")
+        assert cfg.model.pooling == "cls"  # the sweeps ran on the [CLS] pooler
 
 
 @pytest.mark.parametrize(("name", "rounds"), [("fedsvd_dp_cpu", 4), ("fedsvd_dp_gpu", 100)])
