@@ -200,11 +200,17 @@ def test_methods_with_their_options_through_the_client_app(data_dir, method, ext
 
 def test_simulation_with_dp_scaffold_fedprox_and_fedadam(tmp_path, data_dir):
     """FedAvg under DP (eps 3) with all three options: 2 rounds, bytes doubled, reloadable."""
-    run = [*DRIFT_RUN, "dp=eps3", "server_opt.name=fedadam", f"run_dir={tmp_path}"]
+    run = [
+        *DRIFT_RUN,
+        "dp=eps3",
+        "adapter.train_head=false",
+        "server_opt.name=fedadam",
+        f"run_dir={tmp_path}",
+    ]
     summary = simulate(run)
     assert summary["rounds_completed"] == 2 and summary["max_epsilon"] is not None
     layers, hidden, r = 4, 64, 8
-    pair = layers * r * 2 * hidden  # the dp preset freezes the head: A and B only
+    pair = layers * r * 2 * hidden  # the head frozen: A and B only
     assert summary["bytes_up"] == summary["bytes_down"] == 2 * 2 * 2 * pair * 4  # + c / delta c_k
     ckpt = torch.load(next((tmp_path / "checkpoint").glob("tensors-*.pt")))
     assert any(k.startswith("server_opt.m.") for k in ckpt)
