@@ -636,16 +636,20 @@ class LowRankStrategy(Strategy):
         dp, train = self.task.get("dp") or {}, self.task.get("train") or {}
         if not dp.get("enabled") or train.get("optimizer") != "sgd" or train.get("momentum"):
             return None
-        return update_noise.client_noise_std(
-            metrics, float(train["lr"]), float(dp["max_grad_norm"])
-        )
+        return update_noise.client_noise_std(metrics, 1.0, float(dp["max_grad_norm"]))
 
     def _measure_noise(
         self, updates: list[dict[str, torch.Tensor]], p: torch.Tensor, stds: list[float | None]
     ) -> None:
         """Record the round's ||Delta|| and, for private SGD replies, its expected noise norm."""
         before = {k: self.global_adapter[k] for k in self.up_keys() if k in self.global_adapter}
-        norms = update_noise.update_and_noise_norms(before, updates, p, [s or 0.0 for s in stds])
+        train = self.task.get("train") or {}
+        lr, head_lr = float(train.get("lr") or 0.0), train.get("head_lr")
+        heads = set(self.head_keys())
+        rates = {k: float(head_lr) if k in heads and head_lr is not None else lr for k in before}
+        norms = update_noise.update_and_noise_norms(
+            before, updates, p, [s or 0.0 for s in stds], rates
+        )
         if norms is not None:
             self.stats.update_norm = norms[0]
             self.stats.dp_noise_norm = norms[1] if None not in stds else None

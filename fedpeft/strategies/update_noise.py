@@ -41,23 +41,25 @@ def update_and_noise_norms(
     updates: Sequence[Mapping[str, torch.Tensor]],
     weights: torch.Tensor,
     noise_stds: Sequence[float],
+    lr_by_key: Mapping[str, float] | None = None,
 ) -> tuple[float, float] | None:
     """(||Delta||, expected ||noise||) of the weighted average of `updates` against `before`.
 
     `before` holds the global tensors the clients started from; only keys every update holds with
     the global's shape count (per-client ranks have no common Delta: None then).
-    weights: (K,) summing to 1; noise_stds: (K,) from `client_noise_std`.
+    weights: (K,) summing to 1; noise_stds: (K,) from `client_noise_std`; lr_by_key scales a key's
+    noise by its own rate when the stds were computed at lr 1 (the head trains at train.head_lr).
     """
     keys = [k for k in before if all(k in u and u[k].shape == before[k].shape for u in updates)]
     if not keys or len(keys) < len(before):
         return None
     p = weights.to(torch.float64)
-    update_sq, coords = 0.0, 0
+    update_sq, coords = 0.0, 0.0
     for key in keys:
         stacked = torch.stack([u[key].to(torch.float64) for u in updates])  # (K, *shape)
         mean = torch.tensordot(p, stacked, dims=1)
         update_sq += float((mean - before[key].to(torch.float64)).pow(2).sum())
-        coords += before[key].numel()
+        coords += before[key].numel() * (lr_by_key or {}).get(key, 1.0) ** 2
     variance = float(sum(pk**2 * s**2 for pk, s in zip(p.tolist(), noise_stds, strict=True)))
     return math.sqrt(update_sq), math.sqrt(coords * variance)
 
