@@ -3,7 +3,7 @@
 The table has a row per configuration (the swept values other than the seed): mean and 95%
 confidence half-width over its seeds (Student t, n - 1 degrees of freedom) of the final and best
 held-out accuracy, the rounds to a target accuracy, the total bytes moved, the wall time and the
-final epsilon.
+final epsilon; for private SGD runs also the signal-to-noise ratio of the rounds' averaged updates.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from scipy import stats
 
 from fedpeft.compare.cells import LOG_NAME, is_done
 from fedpeft.compare.grid import Run
+from fedpeft.strategies.update_noise import signal_norm
 
 DEFAULT_TARGET = 0.8
 SEED = "seed"
@@ -57,6 +58,24 @@ class RunResult:
     def best_accuracy(self) -> float | None:
         """The best accuracy over the evaluated rounds."""
         return max((a for a in self.accuracy() if not math.isnan(a)), default=None)
+
+    def signal_to_noise(self) -> list[float]:
+        """Per round with a DP noise norm: the averaged update's estimated signal over its noise.
+
+        From history.csv's update_norm and dp_noise_norm (strategies/update_noise.py): 0 means the
+        update is no larger than its noise, i.e. nothing but noise reached the global adapter.
+        """
+        ratios = []
+        for row in self.history:
+            update, noise = row.get("update_norm"), row.get("dp_noise_norm")
+            if update and noise and float(noise) > 0:
+                ratios.append(signal_norm(float(update), float(noise)) / float(noise))
+        return ratios
+
+    def mean_signal_to_noise(self) -> float | None:
+        """The mean of `signal_to_noise` over the run's rounds (None for a non-private run)."""
+        ratios = self.signal_to_noise()
+        return statistics.fmean(ratios) if ratios else None
 
     def cumulative_bytes(self) -> list[float]:
         """Bytes moved up and down until the end of each round, round 0 first."""
@@ -116,6 +135,7 @@ def run_row(result: RunResult, target: float) -> dict[str, Any]:
         total_bytes=s["bytes_up"] + s["bytes_down"] if s else None,
         wall_time_s=s.get("wall_time_s"),
         max_epsilon=s.get("max_epsilon"),
+        signal_to_noise=result.mean_signal_to_noise(),
         run_dir=str(result.folder),
     )
     return row
@@ -172,8 +192,13 @@ def _rounds_cell(group: Sequence[RunResult], target: float) -> str:
 
 
 def table_rows(results: Sequence[RunResult], target: float) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the summary table, a row per configuration."""
+    """Header and rows of the summary table, a row per configuration.
+
+    A "signal / noise" column (mean over rounds, then over seeds) is added when any run logged
+    a DP noise norm.
+    """
     groups = group_by_config(results)
+    noisy = any(r.mean_signal_to_noise() is not None for g in groups.values() for r in g)
     keys = [k for k, _ in next(iter(groups))] if groups else []
     header = [
         *keys,
@@ -184,10 +209,12 @@ def table_rows(results: Sequence[RunResult], target: float) -> tuple[list[str], 
         "total MB",
         "wall time (s)",
         "final ε",
+        *(["signal / noise"] if noisy else []),
     ]
     rows = []
     for config, group in groups.items():
         eps = [r.summary["max_epsilon"] for r in group if r.summary["max_epsilon"] is not None]
+        snr = [v for v in (r.mean_signal_to_noise() for r in group) if v is not None]
         rows.append(
             [
                 *(v for _, v in config),
@@ -200,6 +227,7 @@ def table_rows(results: Sequence[RunResult], target: float) -> tuple[list[str], 
                 _fmt([(r.summary["bytes_up"] + r.summary["bytes_down"]) / 1e6 for r in group], 2),
                 _fmt([r.summary["wall_time_s"] for r in group], 1),
                 _fmt(eps, 2) if eps else "—",
+                *([_fmt(snr, 2) if snr else "—"] if noisy else []),
             ]
         )
     return header, rows
@@ -230,7 +258,10 @@ def write_table(
     parts.append(
         "Mean ± 95% confidence half-width over seeds (Student t); a single seed shows its value. "
         f"Rounds to {target:g}: the first round whose held-out accuracy reaches it. Total MB: "
-        "adapter bytes moved up and down over the run. Final ε: the largest client epsilon.\n"
+        "adapter bytes moved up and down over the run. Final ε: the largest client epsilon. "
+        "Signal / noise (private SGD runs): per round, sqrt(||update||^2 - E||noise||^2) / "
+        "E||noise|| of the averaged update (history.csv's update_norm, dp_noise_norm), averaged "
+        "over the rounds; 0 means the rounds moved the global adapter by noise alone.\n"
     )
     parts.append(markdown_table(header, rows))
     failed = [r for r in results if not r.done]

@@ -87,3 +87,25 @@ def test_rounds_not_evaluated_are_skipped_not_counted():
     assert math.isnan(results[0].accuracy()[1]) and results[0].best_accuracy() == 0.9
     _, (row,) = table_rows(results, 0.8)
     assert row[2] == "0.8500" and row[3] == "0.9000" and row[4] == "2.0"
+
+
+def test_signal_to_noise_column_from_the_histories_noise_norms():
+    def private(seed, rounds):
+        result = _result("fedsvd", seed, [0.5] * (len(rounds) + 1), eps=3.0)
+        result.history = [{"round": "0", "update_norm": "", "dp_noise_norm": ""}] + [
+            {"round": str(i + 1), "update_norm": repr(u), "dp_noise_norm": repr(n)}
+            for i, (u, n) in enumerate(rounds)
+        ]
+        return result
+
+    # update 5 against noise 3: signal 4, ratio 4/3; an update smaller than its noise: 0.
+    a, b = private(0, [(5.0, 3.0), (2.0, 3.0)]), private(1, [(13.0, 5.0)])
+    assert a.signal_to_noise() == pytest.approx([4 / 3, 0.0])
+    assert a.mean_signal_to_noise() == pytest.approx(2 / 3)
+    assert b.mean_signal_to_noise() == pytest.approx(12 / 5)
+    plain = _result("fedavg", 0, [0.5, 0.9])
+    header, rows = table_rows([plain, a, b], 0.8)
+    assert header[-1] == "signal / noise"
+    mean, half = mean_ci([2 / 3, 12 / 5])
+    assert rows[0][-1] == "—" and rows[1][-1] == f"{mean:.2f} ± {half:.2f}"
+    assert table_rows([plain], 0.8)[0][-1] == "final ε"  # no column without DP noise
