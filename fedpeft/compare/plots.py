@@ -28,11 +28,16 @@ def _layout(configs: Sequence[tuple]) -> tuple[str | None, list[tuple]]:
 
 
 def _band(series: Sequence[Sequence[float]]) -> tuple[list[float], list[float], list[float]]:
-    """Per-point mean and CI bounds over runs, on the points every run has."""
+    """Per-point mean and CI bounds over runs, on the points every run has.
+
+    A point some run did not evaluate (NaN: eval.every skips rounds) is NaN, not averaged.
+    """
     length = min(len(s) for s in series)
     means, lows, highs = [], [], []
     for i in range(length):
-        mean, half = mean_ci([s[i] for s in series])
+        values = [s[i] for s in series]
+        skipped = any(math.isnan(v) for v in values)
+        mean, half = (math.nan, None) if skipped else mean_ci(values)
         means.append(mean)
         lows.append(mean - (half or 0.0))
         highs.append(mean + (half or 0.0))

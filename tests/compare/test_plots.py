@@ -4,6 +4,7 @@ import pytest
 from matplotlib.image import imread
 
 from fedpeft.compare import plots
+from tests.compare.test_aggregate import _result
 
 
 def test_both_plots_are_written(grid_dir):
@@ -37,3 +38,12 @@ def test_rounds_not_evaluated_are_left_out_of_the_lines():
     nan = math.nan
     xs, ys, lows = plots._evaluated([0.0, 1.0, 2.0, 3.0], [0.5, nan, 0.7, nan], [0.4, nan, 0.6, 0])
     assert (xs, ys, lows) == ([0.0, 2.0], [0.5, 0.7], [0.4, 0.6])
+
+
+def test_seeds_with_rounds_not_evaluated_plot(tmp_path):
+    # eval.every=3 over 3 seeds: rounds 1 and 2 are NaN in every run (this crashed the plot once).
+    results = [_result("fedsvd", s, [0.5, None, None, 0.6 + 0.01 * s]) for s in range(3)]
+    means, _, _ = plots._band([r.accuracy() for r in results])
+    assert math.isnan(means[1]) and means[3] == pytest.approx(0.61)
+    image = imread(plots.accuracy_by_round(results, tmp_path / "a.png"))
+    assert image.shape[0] > 200
