@@ -198,7 +198,11 @@ def table_rows(results: Sequence[RunResult], target: float) -> tuple[list[str], 
     a DP noise norm.
     """
     groups = group_by_config(results)
-    noisy = any(r.mean_signal_to_noise() is not None for g in groups.values() for r in g)
+    snrs = {
+        config: [v for v in (r.mean_signal_to_noise() for r in group) if v is not None]
+        for config, group in groups.items()
+    }
+    noisy = any(snrs.values())
     keys = [k for k, _ in next(iter(groups))] if groups else []
     header = [
         *keys,
@@ -214,7 +218,7 @@ def table_rows(results: Sequence[RunResult], target: float) -> tuple[list[str], 
     rows = []
     for config, group in groups.items():
         eps = [r.summary["max_epsilon"] for r in group if r.summary["max_epsilon"] is not None]
-        snr = [v for v in (r.mean_signal_to_noise() for r in group) if v is not None]
+        snr = snrs[config]
         rows.append(
             [
                 *(v for _, v in config),
