@@ -9,6 +9,7 @@ method, decides which of them a client trains.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -16,23 +17,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
-from peft.tuners.lora import bnb as lora_bnb
 from peft.utils.other import ModulesToSaveWrapper
 from transformers import PreTrainedModel
 
 from fedpeft.errors import ConfigError
 
 ADAPTER = "default"
-#: peft's LoRA layers on Linear bases: plain, and bitsandbytes 8-bit / 4-bit (when installed)
-LINEAR_LORA = tuple(
-    c
-    for c in (
-        LoraLinear,
-        getattr(lora_bnb, "Linear8bitLt", None),
-        getattr(lora_bnb, "Linear4bit", None),
-    )
-    if c is not None
-)
 #: kind -> the LoRA factors a client trains and sends up (ALGORITHMS.md, "Adapter kinds").
 KIND_FACTORS: dict[str, tuple[str, ...]] = {
     "lora": ("lora_A", "lora_B"),
@@ -50,6 +40,28 @@ STACK_PREFIX = "stack."
 FROZEN_PREFIX = "frozen."
 #: SCAFFOLD control variates: the server's c down, a client's delta c_k up (clients/drift.py)
 CONTROL_PREFIX = "control."
+
+
+def linear_lora_types() -> tuple[type, ...]:
+    """The LoRA layer types on Linear bases: peft's plain one, and bitsandbytes 8-bit / 4-bit ones.
+
+    peft's `tuners.lora.bnb` imports bitsandbytes unconditionally, and bitsandbytes is an optional
+    extra (`fedpeft[quant]`). A quantised layer can only exist once bitsandbytes has been imported
+    (transformers does so when it loads a quantised base), so its module is read only then.
+    """
+    if sys.modules.get("bitsandbytes") is None:
+        return (LoraLinear,)
+    from peft.tuners.lora import bnb as lora_bnb
+
+    return tuple(
+        c
+        for c in (
+            LoraLinear,
+            getattr(lora_bnb, "Linear8bitLt", None),
+            getattr(lora_bnb, "Linear4bit", None),
+        )
+        if c is not None
+    )
 
 
 class SBDown(torch.nn.Sequential):
@@ -131,7 +143,7 @@ def inject(model: PreTrainedModel, spec: AdapterSpec) -> PeftModel:
             "[q_proj,v_proj] for Llama"
         ) from exc
     for name, layer in lora_layers(peft_model).items():
-        if not isinstance(layer, LINEAR_LORA):
+        if not isinstance(layer, linear_lora_types()):
             raise ConfigError(
                 f"adapter on {type(layer).__name__} module {name!r} is not supported: fedpeft "
                 "exchanges LoRA factors of Linear layers (and under DP-SGD Opacus computes no "

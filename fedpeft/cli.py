@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Sequence
 
 from fedpeft import certs
-from fedpeft.errors import FedPeftError
+from fedpeft.errors import FedPeftError, RunFailed
 
 
 def _quiet(verbose: bool) -> None:
@@ -112,7 +112,20 @@ def simulate(overrides: Sequence[str]) -> dict:
         f"in {result['wall_time_s']:.1f} s; {result['bytes_up'] / 1e6:.2f} MB up, "
         f"{result['bytes_down'] / 1e6:.2f} MB down; run folder {result['run_dir']}"
     )
+    _fail_without_replies(result)
     return result
+
+
+def _fail_without_replies(result: dict) -> None:
+    """A run in which no round had a single valid reply trained nothing: that is a failure."""
+    rounds = result["rounds_completed"]
+    if rounds == 0 or result["rounds_with_replies"] > 0:
+        return
+    raise RunFailed(
+        f"every reply failed in all {rounds} rounds ({result['failed_replies']} failed, "
+        f"{result['rejected_replies']} rejected), so nothing was trained; the first reason: "
+        f"{result['first_failure']}; every reason is in {result['run_dir']}/history.csv"
+    )
 
 
 def compare(args: Sequence[str]) -> int:
@@ -195,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             evaluate(args.run_dir, args.options)
         elif args.command == "certs":
             certs.run_subcommand(args)
+    except RunFailed as exc:
+        print(f"fedpeft: error: {exc}", file=sys.stderr)
+        return 1
     except FedPeftError as exc:
         print(f"fedpeft: error: {exc}", file=sys.stderr)
         return 2

@@ -15,3 +15,7 @@ class DataError(FedPeftError, ValueError):
 
 class ModelError(FedPeftError, ValueError):
     """A model cannot be found or loaded: the message names what to install or set."""
+
+
+class RunFailed(FedPeftError):
+    """A federation ran but produced nothing: every reply of every round failed (CLI exit 1)."""

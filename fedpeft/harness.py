@@ -24,6 +24,7 @@ import yaml
 
 from fedpeft.causal.answers import final_number
 from fedpeft.errors import ConfigError
+from fedpeft.extras import require
 
 FEDPEFT_GSM8K = "gsm8k_fedpeft"
 #: the lm-eval task whose definition (and local data folder) a fedpeft task borrows
@@ -339,6 +340,7 @@ def load_run_model(run_dir: Path, device_name: str | None = None) -> tuple[Any, 
 
 def evaluate_run(run_dir: str | Path, args: Sequence[str]) -> dict[str, Any]:
     """`fedpeft evaluate <run_dir> tasks=...`: lm-eval on the run's adapter, JSON in the folder."""
+    require("lm_eval", "fedpeft evaluate (lm-evaluation-harness)")
     run_dir = Path(run_dir)
     options = parse_options(args)
     tasks = [t.strip() for t in options["tasks"].split(",") if t.strip()]

@@ -271,6 +271,10 @@ def run_federation(
         **personalised_summary(strategy, folder.rows),
         "failed_replies": sum(r["failed"] for r in folder.rows),
         "rejected_replies": sum(r["rejected"] for r in folder.rows),
+        "rounds_with_replies": sum(1 for r in folder.rows[1:] if r["replied"] > 0),
+        "first_failure": next(
+            (reason for r in folder.rows[1:] for reason in r["failures"].values()), None
+        ),
     }
     folder.plot_accuracy(f"{cfg.strategy.name} on {cfg.dataset.name}")
     folder.write_summary(summary)

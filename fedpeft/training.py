@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from fedpeft.errors import ConfigError
+from fedpeft.models import warn_slow_bf16
 from fedpeft.tasks import collate
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -118,6 +119,8 @@ def prepare_round(model: torch.nn.Module, hp: Mapping[str, Any]) -> None:
             f"train.precision={precision!r} is unknown: choose one of {', '.join(PRECISIONS)}"
         )
     setattr(model, PRECISION_ATTR, precision)
+    if precision == "bf16" and next(model.parameters()).device.type == "cpu":
+        warn_slow_bf16("train.precision")
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(causal, "supports_gradient_checkpointing", False):
         if hp.get("gradient_checkpointing"):

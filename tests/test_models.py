@@ -57,3 +57,43 @@ def test_bad_names_and_devices():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             models.resolve_device("cuda")
         assert models.resolve_device("auto").type == "cpu"
+
+
+EPYC_NO_BF16 = frozenset({"sse2", "avx2", "avx512f", "fma"})
+
+
+@pytest.mark.parametrize(
+    ("flags", "slow"),
+    [
+        (EPYC_NO_BF16, True),
+        (frozenset({"sse2", "avx2"}), True),
+        (EPYC_NO_BF16 | {"avx512_bf16"}, False),
+        (frozenset({"avx2", "amx_bf16", "amx_tile"}), False),
+        (frozenset({"fp", "asimd", "bf16"}), False),  # an ARM CPU: no claim
+        (None, False),  # no /proc/cpuinfo (macOS): no claim
+    ],
+)
+def test_bf16_is_called_slow_only_on_an_x86_cpu_without_native_bf16(flags, slow):
+    reason = models.slow_bf16_reason(flags)
+    assert (reason is not None) == slow
+    if slow:
+        assert "avx512_bf16 or amx_bf16" in reason
+
+
+def test_bf16_on_a_cpu_without_it_warns_once_naming_the_flag_and_the_fix(monkeypatch, caplog):
+    monkeypatch.setattr(models, "cpu_flags", lambda: EPYC_NO_BF16)
+    models.warn_slow_bf16.cache_clear()
+    cpu = torch.device("cpu")
+    with caplog.at_level("WARNING", logger="fedpeft.models"):
+        for _ in range(3):
+            models.check_compute_dtype("bfloat16", cpu, "train.precision")
+        models.check_compute_dtype("float32", cpu, "train.precision")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fedpeft.models"]
+    assert len(warnings) == 1
+    assert "no native bfloat16" in warnings[0] and "set train.precision=fp32" in warnings[0]
+    models.warn_slow_bf16.cache_clear()
+    monkeypatch.setattr(models, "cpu_flags", lambda: EPYC_NO_BF16 | {"avx512_bf16"})
+    caplog.clear()
+    models.check_compute_dtype("bfloat16", cpu, "train.precision")
+    assert not [r for r in caplog.records if r.name == "fedpeft.models"]
+    models.warn_slow_bf16.cache_clear()

@@ -10,7 +10,7 @@ import time
 import pytest
 from flwr.app import Context, RecordDict
 
-from fedpeft.cli import simulate
+from fedpeft.cli import main, simulate
 from fedpeft.clients import faults
 from tests.conftest import FAST_RUN
 
@@ -84,3 +84,13 @@ def test_federation_completes_with_crashing_and_stalling_clients(tmp_path, data_
         assert int(row["replied"]) >= 1 and float(row["accuracy"]) > 0
         total += int(row["failed"])
     assert summary["failed_replies"] == total >= 5
+
+
+def test_a_federation_whose_every_reply_failed_exits_1_with_one_line(tmp_path, data_dir, capsys):
+    overrides = [*FAST_RUN, "federation.rounds=1", "faults.crash_prob=1.0", f"run_dir={tmp_path}"]
+    assert main(["simulate", *overrides]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fedpeft: error: every reply failed in all 1 rounds (2 failed, 0 ")
+    assert "injected crash" in err[-1] and "history.csv" in err[-1]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rounds_with_replies"] == 0 and summary["failed_replies"] == 2
