@@ -6,14 +6,16 @@ example count, see fedpeft/identity.py). Simulations add their own mods (simulat
 
 from __future__ import annotations
 
-import json
+import logging
+from collections.abc import Callable
+from typing import Any
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft import adapters, privacy, training
-from fedpeft.clients import client_state, drift, local_factors, rank_pruning
-from fedpeft.clients.client_data import client_example_count, client_examples
+from fedpeft.clients import client_state, drift, local_factors, rank_pruning, task_guard
+from fedpeft.clients.client_data import client_example_count, client_examples, data_fingerprint
 from fedpeft.clients.node_config import node_task
 from fedpeft.identity import CLIENT_ID, member
 from fedpeft.records import (
@@ -30,18 +32,75 @@ from fedpeft.records import (
 )
 from fedpeft.runtime import adapter_spec, model_runtime
 
-app = ClientApp()
+logger = logging.getLogger(__name__)
+#: errors whose text depends only on the task, the node's config and its ledger, never on its data
+#: (the example count the node declares anyway aside): a deployed node sends them whole
+DATA_INDEPENDENT = (
+    task_guard.TaskRefused,
+    privacy.PolicyViolation,
+    privacy.BudgetExhausted,
+    privacy.PrivateRoundFailed,
+    privacy.LedgerCorrupt,
+    client_state.StateMismatch,
+)
+
+
+class NodeFailed(RuntimeError):
+    """A deployed node's round failed; the reason stays in the node's log."""
+
+
+def generic_errors(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
+    """Flower mod of a deployed node: any other error reaches the server as its type only.
+
+    Flower sends `str(exception)` to the server, and a data error's text can quote the node's
+    labels, columns, row counts or rows. The node's log keeps the whole text.
+    """
+    try:
+        return call_next(msg, context)
+    except DATA_INDEPENDENT:
+        raise
+    except Exception as exc:
+        logger.exception("this node's %s handler failed", msg.metadata.message_type)
+        raise NodeFailed(
+            f"the node could not run the {msg.metadata.message_type} message "
+            f"({type(exc).__name__}); its reason stays in the node's log, since it could "
+            "describe the node's data"
+        ) from None
+
+
+app = ClientApp(mods=[generic_errors])
+
+
+def read_task(
+    msg: Message, context: Context, policy: privacy.NodePolicy
+) -> tuple[dict[str, Any], privacy.DPSettings]:
+    """The message's task, parsed and checked by this node (task_guard), with its DP settings.
+
+    A deployed node (policy.deployed) also refuses task paths it did not allow and trains its
+    own `model-path`; the node's `device` and `dtype` replace the server's.
+    """
+    config = msg.content[CONFIG_KEY]
+    task = task_guard.parse_task(str(config[TASK_KEY]))
+    dp = task_guard.check_task(task, context.node_config, deployed=policy.deployed)
+    task_guard.check_round(config, context.node_config)
+    if policy.deployed:
+        task = task_guard.pin_model(task, context.node_config)
+    return node_task(task, context.node_config), dp
 
 
 @app.query(IDENTITY_ACTION)
 def identity(msg: Message, context: Context) -> Message:
+    """A deployed node's identity reply (identity_reply), under the policy in its node config."""
+    return identity_reply(msg, context, privacy.NodePolicy.from_node_config(context.node_config))
+
+
+def identity_reply(msg: Message, context: Context, policy: privacy.NodePolicy) -> Message:
     """Reply with this node's stable name and the number of examples it trains on.
 
     The query carries the task, which says how to read this node's data; the count is what this
     node's replies may claim (their FedAvg weight) for the rest of the run.
     """
-    config = msg.content[CONFIG_KEY]
-    task = node_task(json.loads(str(config[TASK_KEY])), context.node_config)
+    task, _ = read_task(msg, context, policy)
     count = client_example_count(task, context.node_config)
     metrics = MetricRecord({CLIENT_ID: member(context), NUM_EXAMPLES: count})
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
@@ -65,10 +124,11 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
     proximal term and SCAFFOLD's correction (drift.py).
     """
     config = msg.content[CONFIG_KEY]
-    task = node_task(json.loads(str(config[TASK_KEY])), context.node_config)
+    task, dp = read_task(msg, context, policy)
     server_round = int(config["server-round"])
-    dp = privacy.DPSettings.from_task(task)
-    store = privacy.LedgerFile(policy.state_dir, context.run_id, member(context))
+    store = privacy.LedgerFile(
+        policy.state_dir, context.run_id, data_fingerprint(task, context.node_config)
+    )
     policy.check(dp, has_ledger=store.exists())
     if "adapter-rank" in config:
         task["adapter"]["rank"] = int(config["adapter-rank"])
@@ -180,9 +240,11 @@ def evaluate_round(msg: Message, context: Context, policy: privacy.NodePolicy) -
     the accuracy of its own data is released unaccounted otherwise.
     """
     config = msg.content[CONFIG_KEY]
-    task = node_task(json.loads(str(config[TASK_KEY])), context.node_config)
-    store = privacy.LedgerFile(policy.state_dir, context.run_id, member(context))
-    local_factors.check_release(privacy.DPSettings.from_task(task), policy, store.exists())
+    task, dp = read_task(msg, context, policy)
+    store = privacy.LedgerFile(
+        policy.state_dir, context.run_id, data_fingerprint(task, context.node_config)
+    )
+    local_factors.check_release(dp, policy, store.exists())
     runtime = model_runtime(task)
     _, held_out = local_factors.split(
         client_examples(task, context.node_config), config, int(task["seed"]), member(context)

@@ -13,6 +13,7 @@ simulation a node can instead take its partition of the task's dataset (`partiti
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -187,3 +188,29 @@ def client_examples(task: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
     return _partition_examples(
         key, int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])
     )
+
+
+def data_fingerprint(task: Mapping[str, Any], node_config: Mapping[str, Any]) -> str:
+    """A name for the data this node trains on, which keys its privacy ledger across runs.
+
+    A node's own file: the SHA-256 of its bytes, so any run (any run id, any task) that trains
+    on the same file spends from the same ledger; a changed file is new data with a new ledger.
+    A partition: the SHA-256 of what selects it (the task's dataset and partition settings, the
+    seed and the partition's index and count), since that is what decides its examples.
+    """
+    digest = hashlib.sha256()
+    if DATA_PATH in node_config:
+        digest.update(b"file\0")
+        with Path(str(node_config[DATA_PATH])).expanduser().open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    else:
+        selection = {
+            "dataset": task.get("dataset"),
+            "partition": task.get("partition"),
+            "seed": task.get("seed"),
+            PARTITION_ID: node_config.get(PARTITION_ID),
+            NUM_PARTITIONS: node_config.get(NUM_PARTITIONS),
+        }
+        digest.update(b"partition\0" + json.dumps(selection, sort_keys=True).encode())
+    return digest.hexdigest()[:32]

@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
 from fedpeft.clients import faults
-from fedpeft.clients.client_app import evaluate_round, identity, train_round
+from fedpeft.clients.client_app import evaluate_round, identity_reply, train_round
 from fedpeft.identity import member
 from fedpeft.privacy.policy import NodePolicy
 from fedpeft.records import CONFIG_KEY, IDENTITY_ACTION, TASK_KEY
@@ -72,6 +72,10 @@ def simulation_app(policy: NodePolicy) -> ClientApp:
 
     app = ClientApp()
     app.train(mods=[ray_node_log, faults.fault_mod, seeded_rng])(train)
+
+    def identity(msg: Message, context: Context) -> Message:
+        return identity_reply(msg, context, policy)
+
     app.query(IDENTITY_ACTION)(identity)
 
     def evaluate(msg: Message, context: Context) -> Message:

@@ -42,7 +42,10 @@ def private_round(
 
     Raises PolicyViolation or BudgetExhausted before touching the model if the calibrated delta or
     noise is weaker than the node's policy or the round would exceed the budget (the smaller of
-    the ledger's target and the policy's epsilon). The ledger file is written before the first
+    the ledger's target and the policy's epsilon), or would take the node's spending on this
+    data over all runs past the policy's lifetime cap. The ledger's lock is held from the budget
+    check to the last write, so rounds handled at once spend in turn. The ledger file is written
+    before the first
     step and after every step, so a crash part-way loses no spending. The Poisson sampler and the
     noise draw from fresh OS entropy, never from `seed` (which the server knows: it could
     regenerate and subtract the noise), unless `settings.reproducible` asks for it and the
@@ -52,12 +55,45 @@ def private_round(
     """
     if not settings.reproducible:
         seed = secrets.randbits(62)
+    with store.lock():  # from the budget check to the last write: concurrent rounds queue here
+        return _locked_round(
+            model,
+            examples,
+            optimizer,
+            store=store,
+            policy=policy,
+            settings=settings,
+            steps=steps,
+            batch_size=batch_size,
+            pad_token_id=pad_token_id,
+            device=device,
+            seed=seed,
+            penalty=penalty,
+        )
+
+
+def _locked_round(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    optimizer: torch.optim.Optimizer,
+    *,
+    store: LedgerFile,
+    policy: NodePolicy,
+    settings: DPSettings,
+    steps: int,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    seed: int,
+    penalty: Callable[[], torch.Tensor] | None,
+) -> tuple[TrainResult, dict[str, float]]:
     ledger = PrivacyLedger.open(store, settings, len(examples), batch_size, steps)
     policy.check_delta(ledger.delta)
     policy.check_noise(ledger.noise_multiplier)
     if policy.epsilon is not None:
         ledger.target_epsilon = min(ledger.target_epsilon, policy.epsilon)
     ledger.check_budget(steps)
+    ledger.check_lifetime(steps, policy.lifetime_epsilon)
     ledger.save(store)
     accountant = ledger.accountant()
 

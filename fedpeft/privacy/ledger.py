@@ -2,8 +2,10 @@
 
 The ledger lives in a file the node owns (ledger_file.py), so a client's spending accumulates
 over every round it trains in, across restarts of its process (a fresh accountant per round, or
-per process, would forget earlier rounds). It is calibrated once, at the client's first private
-round, and refuses a round that would exceed the budget.
+per process, would forget earlier rounds). It is calibrated once per run, at the client's first
+private round in it, and refuses a round that would take the run past its target epsilon, or the
+node's spending on the same data over all runs (the earlier runs' histories composed with this
+one's, by the same accountant) past the node's lifetime cap.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class PrivacyLedger:
     accountant_name: str
     num_examples: int
     history: list[tuple[float, float, int]] = field(default_factory=list)
+    #: the (sigma, q, steps) histories of every other run on the same data, in run order
+    earlier: tuple[tuple[float, float, int], ...] = ()
 
     @classmethod
     def open(
@@ -51,9 +55,17 @@ class PrivacyLedger:
 
         A new ledger is not written until `save`: a round refused before training spends nothing.
         """
-        saved = store.load()
+        runs = store.runs()
+        earlier = tuple(
+            (float(sig), float(q), int(n))
+            for run_id, fields in sorted(runs.items())
+            if run_id != store.run_id
+            for sig, q, n in fields["history"]
+        )
+        saved = runs.get(store.run_id)
         if saved is not None:
             ledger = cls._load(saved)
+            ledger.earlier = earlier
             if ledger.num_examples != num_examples:
                 raise FedPeftError(
                     f"this client's data changed from {ledger.num_examples} to {num_examples} "
@@ -86,6 +98,7 @@ class PrivacyLedger:
             float(settings.target_epsilon),
             settings.accountant,
             num_examples,
+            earlier=earlier,
         )
 
     @classmethod
@@ -140,10 +153,38 @@ class PrivacyLedger:
             return math.inf
         return spent_epsilon(self.accountant_name, tuple(history), self.delta)
 
+    def lifetime_epsilon(self, extra_steps: int = 0) -> float:
+        """Epsilon spent on this data over every run so far (or after `extra_steps` more)."""
+        history = list(self.history)
+        if extra_steps:
+            history = _extend(history, self.noise_multiplier, self.sample_rate, extra_steps)
+        combined = (*self.earlier, *history)
+        if not combined:
+            return 0.0
+        if any(sigma == 0 for sigma, _, _ in combined):
+            return math.inf
+        return spent_epsilon(self.accountant_name, combined, self.delta)
+
+    def check_lifetime(self, steps: int, cap: float | None) -> None:
+        """Raise BudgetExhausted if `steps` more steps would take this data's spending past `cap`.
+
+        The earlier runs' histories and this run's are composed by this run's accountant, at this
+        run's delta.
+        """
+        if cap is None:
+            return
+        after = self.lifetime_epsilon(steps)
+        if not after <= cap * (1 + 1e-9):
+            raise BudgetExhausted(
+                f"{BUDGET_EXHAUSTED}: this node's lifetime ε on its data would reach {after:.3f} > "
+                f"its dp-lifetime-epsilon {cap:g} (δ={self.delta:g}) over all runs; it trains no "
+                "more on this data"
+            )
+
     def check_budget(self, steps: int) -> None:
         """Raise BudgetExhausted if `steps` more steps would take epsilon past the target."""
         after = self.epsilon(steps)
-        if after > self.target_epsilon * (1 + 1e-9):
+        if not after <= self.target_epsilon * (1 + 1e-9):
             raise BudgetExhausted(
                 f"{BUDGET_EXHAUSTED}: ε would reach {after:.3f} > target {self.target_epsilon:g} "
                 f"(δ={self.delta:g}) after {self.steps + steps} steps; this client stops training"

@@ -1,25 +1,35 @@
-"""The file a node keeps its privacy ledger in, one per (run, node), written atomically.
+"""The file a node keeps its privacy ledger in: one per data set, every run in it, locked, atomic.
 
 A SuperNode keeps its Flower `Context.state` in memory only, so a ledger there would be forgotten
-at a restart and the node would spend its budget again. The file lives in the node's own state
-directory (node config `state-dir`), under `run-<run id>/client-<name>.json`; each write goes to a
-temporary file in the same directory, is flushed to disk, and replaces the old file in one
-`os.replace`, so a write killed part-way leaves the old ledger or the new one, never a broken one.
+at a restart and the node would spend its budget again. The ledger is a file in the node's own
+state directory (node config `state-dir`), `ledgers/<data>.json`, where `<data>` is a fingerprint
+of the data the node trains on (client_data.data_fingerprint), not the Flower run id: every run
+over the same data is recorded in the same file, so a new run, a new run id or a restart composes
+with what was spent before and never refills the budget (privacy.ledger: the lifetime cap).
+
+Each write goes to a temporary file in the same directory, is flushed to disk, and replaces the
+old file in one `os.replace`, so a write killed part-way leaves the old ledger or the new one,
+never a broken one. `lock()` takes an exclusive lock (flock on a sibling `.lock` file) that a
+private round holds from its budget check to its last write, so two messages handled at once,
+in two processes, spend one after the other and never more than the budget between them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from fedpeft.errors import FedPeftError
 
-FORMAT = "fedpeft-privacy-ledger/1"
+FORMAT = "fedpeft-privacy-ledger/2"
+_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 class LedgerCorrupt(FedPeftError):
@@ -27,18 +37,15 @@ class LedgerCorrupt(FedPeftError):
 
 
 class LedgerFile:
-    """One node's ledger for one run, on disk."""
+    """The ledger of one data set, on disk; `load`/`save` read and write one run's entry."""
 
-    def __init__(self, state_dir: str | os.PathLike, run_id: int, member: int) -> None:
-        self.run_id, self.member = int(run_id), int(member)
-        self.path = Path(state_dir) / f"run-{self.run_id}" / f"client-{self.member}.json"
+    def __init__(self, state_dir: str | os.PathLike, run_id: int, data: str | int) -> None:
+        self.run_id, self.data = int(run_id), str(data)
+        if not _KEY.match(self.data):
+            raise ValueError(f"a ledger's data key must match {_KEY.pattern}, got {self.data!r}")
+        self.path = Path(state_dir) / "ledgers" / f"{self.data}.json"
 
-    def exists(self) -> bool:
-        """Whether this node has spent budget in this run (its ledger file is there)."""
-        return self.path.exists()
-
-    def load(self) -> dict[str, Any] | None:
-        """The saved ledger fields, or None when the node has not trained privately in this run."""
+    def _record(self) -> dict[str, Any] | None:
         try:
             text = self.path.read_text()
         except FileNotFoundError:
@@ -46,27 +53,59 @@ class LedgerFile:
         except OSError as exc:
             raise LedgerCorrupt(f"cannot read the privacy ledger {self.path}: {exc}") from exc
         try:
-            record = json.loads(text)
+            record = json.loads(text, parse_constant=_refuse_constant)
             ok = (
-                record.get("format") == FORMAT
-                and record.get("run") == self.run_id
-                and record.get("client") == self.member
+                isinstance(record, dict)
+                and record.get("format") == FORMAT
+                and record.get("data") == self.data
+                and isinstance(record.get("runs"), dict)
+                and all(isinstance(run, dict) for run in record["runs"].values())
             )
-        except (json.JSONDecodeError, AttributeError):
+        except (json.JSONDecodeError, ValueError):
             ok = False
         if not ok:
             raise LedgerCorrupt(
-                f"the privacy ledger {self.path} is not a valid ledger of run {self.run_id}, "
-                f"client {self.member}: this node refuses to train rather than forget what it "
-                "spent; restore the file from a backup (deleting it resets the budget)"
+                f"the privacy ledger {self.path} is not a valid ledger of data {self.data}: this "
+                "node refuses to train rather than forget what it spent; restore the file from a "
+                "backup (deleting it resets the budget)"
             )
-        return record["ledger"]
+        return record
+
+    def runs(self) -> dict[int, dict[str, Any]]:
+        """Every run's saved ledger fields on this data, by run id (empty before any spending)."""
+        record = self._record()
+        return {} if record is None else {int(k): v for k, v in record["runs"].items()}
+
+    def exists(self) -> bool:
+        """Whether this node has spent budget on this data in this run."""
+        return self.run_id in self.runs()
+
+    def load(self) -> dict[str, Any] | None:
+        """This run's saved ledger fields, or None when the node has not trained privately in it."""
+        return self.runs().get(self.run_id)
 
     def save(self, fields: dict[str, Any]) -> None:
-        """Replace the ledger on disk atomically (temporary file, fsync, os.replace, fsync dir)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"format": FORMAT, "run": self.run_id, "client": self.member, "ledger": fields}
-        write_atomically(self.path, lambda f: json.dump(record, f), mode="w")
+        """Replace this run's entry, keeping every other run's (hold `lock()` around read+write)."""
+        runs = {str(k): v for k, v in self.runs().items()}
+        runs[str(self.run_id)] = fields
+        record = {"format": FORMAT, "data": self.data, "runs": runs}
+        write_atomically(self.path, lambda f: json.dump(record, f, allow_nan=False), mode="w")
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold this data set's ledger exclusively (across processes) for the block."""
+        lock_path = self.path.with_suffix(".lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"non-finite constant {name}")
 
 
 def write_atomically(path: Path, write: Callable[[IO], object], mode: str = "wb") -> None:

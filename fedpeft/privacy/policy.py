@@ -12,10 +12,15 @@ an error naming the policy field and the task's value, before anything is traine
 | `dp-delta` | the largest delta it accepts |
 | `dp-max-grad-norm` | the largest clipping bound C it accepts |
 | `dp-noise-multiplier` | the smallest noise multiplier sigma it accepts |
+| `dp-accountant` | the accountant that calibrates and counts its spending: prv (default) or rdp |
+| `dp-lifetime-epsilon` | the most epsilon it spends on its data in all runs (default dp-epsilon) |
 | `state-dir` | where its privacy ledgers live (default: `default_state_dir()`) |
 
-Whatever the policy says, a node that has a ledger for the run trains only under DP from then on,
-and a deployed node always refuses reproducible noise (its seed is known to the server).
+`dp-required` needs `dp-epsilon`: a node that requires DP but sets no epsilon would accept any
+epsilon up to the largest a task may name, so that is a configuration error. Whatever the policy
+says, a node that has spent budget in a run trains only under DP in it from then on, and a
+deployed node always refuses reproducible noise (its seed is known to the server). Every
+comparison fails closed: a value that is not a finite number is refused, never let through.
 """
 
 from __future__ import annotations
@@ -28,11 +33,21 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import ConfigError, FedPeftError
-from fedpeft.privacy.settings import DPSettings
+from fedpeft.privacy.settings import ACCOUNTANTS, DPSettings
 
 REQUIRED, EPSILON, DELTA = "dp-required", "dp-epsilon", "dp-delta"
 MAX_GRAD_NORM, NOISE_MULTIPLIER, STATE_DIR = "dp-max-grad-norm", "dp-noise-multiplier", "state-dir"
-POLICY_KEYS = (REQUIRED, EPSILON, DELTA, MAX_GRAD_NORM, NOISE_MULTIPLIER, STATE_DIR)
+ACCOUNTANT, LIFETIME_EPSILON = "dp-accountant", "dp-lifetime-epsilon"
+POLICY_KEYS = (
+    REQUIRED,
+    EPSILON,
+    DELTA,
+    MAX_GRAD_NORM,
+    NOISE_MULTIPLIER,
+    ACCOUNTANT,
+    LIFETIME_EPSILON,
+    STATE_DIR,
+)
 #: Relative slack when comparing the task's numbers with the policy's (JSON round trips).
 _SLACK = 1e-9
 
@@ -70,6 +85,10 @@ class NodePolicy:
     noise_multiplier: float | None = None
     state_dir: Path = Path()
     allow_reproducible: bool = False
+    accountant: str = "prv"
+    lifetime_epsilon: float | None = None
+    #: a SuperNode (reads only what its node config names) rather than a simulated node
+    deployed: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodePolicy:
@@ -79,9 +98,31 @@ class NodePolicy:
             raise ConfigError(f"node config {REQUIRED}={required!r} must be true or false")
         numbers = {
             key: _positive(key, node_config[key], 1.0 if key == DELTA else None)
-            for key in (EPSILON, DELTA, MAX_GRAD_NORM, NOISE_MULTIPLIER)
+            for key in (EPSILON, DELTA, MAX_GRAD_NORM, NOISE_MULTIPLIER, LIFETIME_EPSILON)
             if key in node_config
         }
+        if required and EPSILON not in numbers:
+            raise ConfigError(
+                f"node config {REQUIRED}=true without {EPSILON} sets no limit on epsilon: add "
+                f"{EPSILON}=<the most this node spends in a run>, e.g. {EPSILON}=3"
+            )
+        if LIFETIME_EPSILON in numbers and EPSILON not in numbers:
+            raise ConfigError(
+                f"node config {LIFETIME_EPSILON} needs {EPSILON} (the most one run may spend), "
+                f"e.g. {EPSILON}=3 {LIFETIME_EPSILON}=9"
+            )
+        lifetime = numbers.get(LIFETIME_EPSILON, numbers.get(EPSILON))
+        if lifetime is not None and lifetime < numbers[EPSILON]:
+            raise ConfigError(
+                f"node config {LIFETIME_EPSILON}={lifetime:g} is below {EPSILON}="
+                f"{numbers[EPSILON]:g}: the lifetime cap must allow at least one run"
+            )
+        accountant = node_config.get(ACCOUNTANT, "prv")
+        if accountant not in ACCOUNTANTS:
+            raise ConfigError(
+                f"node config {ACCOUNTANT}={accountant!r} is unknown: choose one of "
+                f"{', '.join(ACCOUNTANTS)}"
+            )
         state_dir = node_config.get(STATE_DIR)
         if state_dir is not None and (not isinstance(state_dir, str) or not state_dir.strip()):
             raise ConfigError(
@@ -95,6 +136,9 @@ class NodePolicy:
             max_grad_norm=numbers.get(MAX_GRAD_NORM),
             noise_multiplier=numbers.get(NOISE_MULTIPLIER),
             state_dir=Path(state_dir).expanduser() if state_dir else default_state_dir(),
+            accountant=accountant,
+            lifetime_epsilon=lifetime,
+            deployed=True,
         )
 
     @classmethod
@@ -112,6 +156,8 @@ class NodePolicy:
             ),
             state_dir=state_dir,
             allow_reproducible=bool(dp.get("reproducible", False)),
+            accountant=str(dp.get("accountant", "prv")),
+            lifetime_epsilon=float(dp["target_epsilon"]),
         )
 
     def check(self, settings: DPSettings, has_ledger: bool) -> None:
@@ -137,6 +183,12 @@ class NodePolicy:
                 "run's seed, which the server knows (it could regenerate and subtract the noise); "
                 "it exists for simulations only"
             )
+        if settings.accountant != self.accountant:
+            raise PolicyViolation(
+                f"node policy {ACCOUNTANT}={self.accountant} refuses the task's dp.accountant="
+                f"{settings.accountant}: this node calibrates and counts its spending with its own "
+                f"accountant; start the run with dp.accountant={self.accountant}"
+            )
         self._at_most(EPSILON, "dp.target_epsilon", settings.target_epsilon, self.epsilon)
         if settings.delta is not None:
             self._at_most(DELTA, "dp.delta", settings.delta, self.delta)
@@ -150,7 +202,9 @@ class NodePolicy:
 
     def check_noise(self, sigma: float, what: str = "the calibrated noise multiplier") -> None:
         """Refuse a noise multiplier below the policy's minimum."""
-        if self.noise_multiplier is not None and sigma < self.noise_multiplier * (1 - _SLACK):
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise PolicyViolation(f"this node refuses {what}={sigma!r}: noise must be above 0")
+        if self.noise_multiplier is not None and not sigma >= self.noise_multiplier * (1 - _SLACK):
             raise PolicyViolation(
                 f"node policy {NOISE_MULTIPLIER}={self.noise_multiplier:g} refuses {what}="
                 f"{sigma:.4g}: this node needs at least that much noise; lower the target "
@@ -159,7 +213,11 @@ class NodePolicy:
 
     @staticmethod
     def _at_most(key: str, task_field: str, value: float, limit: float | None) -> None:
-        if limit is not None and value > limit * (1 + _SLACK):
+        if not math.isfinite(value):
+            raise PolicyViolation(
+                f"this node refuses the task's {task_field}={value!r}: it must be a finite number"
+            )
+        if limit is not None and not value <= limit * (1 + _SLACK):
             raise PolicyViolation(
                 f"node policy {key}={limit:g} refuses the task's {task_field}={value:g}: this "
                 f"node accepts at most {limit:g}; start the run with {task_field}<={limit:g}"

@@ -7,13 +7,39 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedpeft.errors import ConfigError
 
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 MAX_DELTA = 1e-5
+
+
+#: Upper bounds a private task's numbers must stay within (beyond them DP means nothing, or a
+#: value is a typo or an attack): epsilon, clipping bound, noise multiplier, planned rounds.
+MAX_EPSILON = 100.0
+MAX_GRAD_NORM = 1e4
+MAX_NOISE_MULTIPLIER = 1e4
+MAX_PLANNED_ROUNDS = 1_000_000
+MAX_PHYSICAL_BATCH = 1_000_000
+
+
+def _finite(value: object) -> bool:
+    """A real number (not bool), finite: NaN and inf are refused everywhere."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _in(value: object, low: float, high: float, low_open: bool = True) -> bool:
+    """`value` a finite number with low < value <= high (low <= value when not low_open)."""
+    if not _finite(value):
+        return False
+    above = value > low if low_open else value >= low
+    return above and value <= high
+
+
+def _integer(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 @dataclass(frozen=True)
@@ -39,11 +65,86 @@ class DPSettings:
     reproducible: bool = False
 
     @classmethod
-    def from_task(cls, task: Mapping[str, Any]) -> DPSettings:
-        """The settings in a task dict (disabled when the task has none)."""
-        raw = task.get("dp") or {}
+    def parse(cls, raw: object, where: str = "dp") -> DPSettings:
+        """Validate a `dp` mapping into settings; fail closed on anything unexpected.
+
+        Unknown keys, wrong types, NaN or inf, values out of range, a noise multiplier of 0 and
+        accountants outside ACCOUNTANTS are refused with a ConfigError naming `<where>.<key>`.
+        A server's task and a user's config go through this same check.
+        """
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where} must be a mapping of DP settings, got {type(raw).__name__}")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        unknown = sorted(str(k) for k in raw if k not in known)
+        if unknown:
+            raise ConfigError(
+                f"{where} has unknown key(s) {', '.join(unknown)}: the DP settings are "
+                f"{', '.join(sorted(known))}"
+            )
+        enabled = raw.get("enabled", False)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"{where}.enabled={enabled} must be true or false")
+        if not enabled:
+            return cls()
+        values = {**{f.name: f.default for f in fields(cls)}, **raw}
+        checks = [
+            (
+                "target_epsilon",
+                _in(values["target_epsilon"], 0.0, MAX_EPSILON),
+                f"a finite number in (0, {MAX_EPSILON:g}], e.g. 3",
+            ),
+            (
+                "delta",
+                values["delta"] is None or _in(values["delta"], 0.0, 1.0) and values["delta"] < 1,
+                "a finite number in (0, 1), e.g. 1e-5 (or null for 1/n per client)",
+            ),
+            (
+                "max_grad_norm",
+                _in(values["max_grad_norm"], 0.0, MAX_GRAD_NORM),
+                f"a finite number in (0, {MAX_GRAD_NORM:g}], e.g. 1.0",
+            ),
+            (
+                "noise_multiplier",
+                values["noise_multiplier"] is None
+                or _in(values["noise_multiplier"], 0.0, MAX_NOISE_MULTIPLIER),
+                f"a finite number in (0, {MAX_NOISE_MULTIPLIER:g}] (or null to calibrate); "
+                "0 would be no noise at all",
+            ),
+            (
+                "accountant",
+                values["accountant"] in ACCOUNTANTS,
+                f"one of {', '.join(ACCOUNTANTS)}",
+            ),
+            (
+                "grad_sample_mode",
+                values["grad_sample_mode"] in GRAD_SAMPLE_MODES,
+                f"one of {', '.join(GRAD_SAMPLE_MODES)}",
+            ),
+            (
+                "max_physical_batch_size",
+                values["max_physical_batch_size"] is None
+                or _integer(values["max_physical_batch_size"], 1, MAX_PHYSICAL_BATCH),
+                "an integer >= 1 (or null for no cap)",
+            ),
+            (
+                "planned_rounds",
+                _integer(values["planned_rounds"], 1, MAX_PLANNED_ROUNDS),
+                "an integer >= 1 (or null: rounds x expected participation)",
+            ),
+            ("reproducible", isinstance(values["reproducible"], bool), "true or false"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"{where}.{key}={values[key]} must be {expected}")
+        numbers = ("target_epsilon", "delta", "max_grad_norm", "noise_multiplier")
+        return cls(
+            **{k: float(v) if k in numbers and v is not None else v for k, v in values.items()}
+        )
+
+    @classmethod
+    def from_task(cls, task: Mapping[str, Any]) -> DPSettings:
+        """The settings in a task dict (disabled when the task has none), checked by `parse`."""
+        return cls.parse(task.get("dp") or {}, "dp")
 
 
 def default_delta(num_examples: int) -> float:
@@ -51,10 +152,6 @@ def default_delta(num_examples: int) -> float:
     if num_examples < 1:
         raise ConfigError("a client with no training examples cannot run DP-SGD")
     return min(MAX_DELTA, 10.0 ** math.floor(-math.log10(num_examples)))
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def validate_dp(cfg: DictConfig) -> None:
@@ -67,50 +164,8 @@ def validate_dp(cfg: DictConfig) -> None:
             f"resume={cfg.resume} cannot continue a DP run: each client's privacy ledger lives in "
             "the run's node state and would restart at zero; start a new run instead"
         )
-    checks = [
-        (
-            _number(dp.target_epsilon) and dp.target_epsilon > 0,
-            f"dp.target_epsilon={dp.target_epsilon} must be positive, e.g. dp.target_epsilon=3",
-        ),
-        (
-            dp.delta is None or (_number(dp.delta) and 0 < dp.delta < 1),
-            f"dp.delta={dp.delta} must be in (0, 1), e.g. 1e-5 (or null for 1/n per client)",
-        ),
-        (
-            _number(dp.max_grad_norm) and dp.max_grad_norm > 0,
-            f"dp.max_grad_norm={dp.max_grad_norm} must be positive, e.g. 1.0",
-        ),
-        (
-            dp.noise_multiplier is None
-            or (_number(dp.noise_multiplier) and dp.noise_multiplier >= 0),
-            f"dp.noise_multiplier={dp.noise_multiplier} must be >= 0 (or null to calibrate)",
-        ),
-        (
-            dp.accountant in ACCOUNTANTS,
-            f"dp.accountant={dp.accountant} is unknown: one of {', '.join(ACCOUNTANTS)}",
-        ),
-        (
-            dp.grad_sample_mode in GRAD_SAMPLE_MODES,
-            f"dp.grad_sample_mode={dp.grad_sample_mode} is unknown: "
-            f"one of {', '.join(GRAD_SAMPLE_MODES)}",
-        ),
-        (
-            dp.max_physical_batch_size is None
-            or (isinstance(dp.max_physical_batch_size, int) and dp.max_physical_batch_size >= 1),
-            f"dp.max_physical_batch_size={dp.max_physical_batch_size} must be an integer >= 1 "
-            "(or null for no cap)",
-        ),
-        (
-            dp.planned_rounds is None
-            or (isinstance(dp.planned_rounds, int) and dp.planned_rounds >= 1),
-            f"dp.planned_rounds={dp.planned_rounds} must be an integer >= 1 "
-            "(or null: rounds x expected participation)",
-        ),
-        (
-            isinstance(dp.get("reproducible", False), bool),
-            f"dp.reproducible={dp.get('reproducible')} must be true or false",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    plain = OmegaConf.to_container(dp, resolve=True)
+    assert isinstance(plain, dict)
+    if plain.get("planned_rounds") is None:
+        plain["planned_rounds"] = 1  # derived from the federation when the task is built
+    DPSettings.parse(plain, "dp")

@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.clients.client_app import identity, train
+from fedpeft.clients.client_data import data_fingerprint
 from fedpeft.config import compose_config
 from fedpeft.errors import ConfigError
 from fedpeft.federation import build_task
@@ -96,7 +97,8 @@ def test_a_private_reply_carries_only_data_independent_metrics(private_task, tmp
     metrics = dict(reply.content.metric_records["metrics"])
     assert "train-loss" not in metrics and set(metrics) <= PRIVATE_REPLY_METRICS
     assert metrics["dp-steps"] == 2 and 0 < metrics["epsilon"] <= 3
-    assert LedgerFile(tmp_path, 1, 0).exists()
+    fingerprint = data_fingerprint(private_task, {"partition-id": 0, "num-partitions": 2})
+    assert LedgerFile(tmp_path, 1, fingerprint).exists()
     # Once the node has spent budget in the run, a task without DP is refused.
     with pytest.raises(PolicyViolation, match="already spent privacy budget in this run"):
         _train(build_task(compose_config(FAST_RUN), 2, ["negative", "positive"]), {}, tmp_path)
@@ -105,8 +107,8 @@ def test_a_private_reply_carries_only_data_independent_metrics(private_task, tmp
 def test_the_deployed_handler_holds_the_task_to_the_node_config_policy(
     task, private_task, tmp_path
 ):
-    with pytest.raises(PolicyViolation, match="node policy dp-required=true refuses"):
-        _train(task, {"dp-required": True}, tmp_path)
+    with pytest.raises(PolicyViolation, match="node policy dp-epsilon=3 refuses"):
+        _train(task, {"dp-required": True, "dp-epsilon": 3}, tmp_path)
     with pytest.raises(
         PolicyViolation, match="dp-epsilon=1 refuses the task's dp.target_epsilon=3"
     ):

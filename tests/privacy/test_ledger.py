@@ -12,7 +12,7 @@ SETTINGS = DPSettings(enabled=True, target_epsilon=3.0, planned_rounds=3)
 
 @pytest.fixture
 def state(tmp_path) -> LedgerFile:
-    return LedgerFile(tmp_path, run_id=7, member=0)
+    return LedgerFile(tmp_path, run_id=7, data=0)
 
 
 def test_first_open_calibrates_for_the_planned_steps(state):
@@ -32,7 +32,7 @@ def test_ledger_survives_in_its_file_and_keeps_its_calibration(state, tmp_path):
     ledger.record(accountant)
     ledger.save(state)
     # A later round with other settings in the task still uses the first calibration.
-    reopened = LedgerFile(tmp_path, run_id=7, member=0)  # as a restarted process would
+    reopened = LedgerFile(tmp_path, run_id=7, data=0)  # as a restarted process would
     again = PrivacyLedger.open(reopened, DPSettings(enabled=True, target_epsilon=9.0), 1000, 16, 5)
     assert again == ledger and again.steps == 20 and again.target_epsilon == 3.0
 

@@ -21,7 +21,7 @@ def test_a_write_that_fails_part_way_leaves_the_old_ledger(tmp_path, monkeypatch
     store = LedgerFile(tmp_path, 3, 1)
     store.save(_fields(5))
 
-    def dump_half(record, f):
+    def dump_half(record, f, **kwargs):
         f.write('{"format": "fedpeft-privacy-ledger/1", "ledger": {"hist')
         raise OSError("disk full")
 
@@ -76,6 +76,6 @@ def test_a_ledger_of_another_run_or_client_is_not_taken(tmp_path):
     LedgerFile(tmp_path, 3, 1).save(_fields(5))
     moved = LedgerFile(tmp_path, 3, 2)
     moved.path.write_bytes(LedgerFile(tmp_path, 3, 1).path.read_bytes())
-    with pytest.raises(LedgerCorrupt, match="not a valid ledger of run 3, client 2"):
+    with pytest.raises(LedgerCorrupt, match="not a valid ledger of data 2"):
         moved.load()
     assert LedgerFile(tmp_path, 4, 1).load() is None

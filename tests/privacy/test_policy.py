@@ -38,7 +38,6 @@ def test_the_default_state_dir_is_per_user(monkeypatch, tmp_path):
         {"delta": 1e-8},
         {"max_grad_norm": 0.5},
         {"noise_multiplier": 2.0},
-        {"accountant": "rdp"},
     ],
 )
 def test_an_equal_or_stricter_task_is_accepted(stricter):
@@ -54,6 +53,12 @@ def test_an_equal_or_stricter_task_is_accepted(stricter):
         ({"max_grad_norm": 2.0}, "dp-max-grad-norm=1 refuses the task's dp.max_grad_norm=2"),
         ({"noise_multiplier": 0.3}, "dp-noise-multiplier=0.5 refuses dp.noise_multiplier=0.3"),
         ({"reproducible": True}, "this node refuses dp.reproducible=true"),
+        ({"accountant": "rdp"}, "dp-accountant=prv refuses the task's dp.accountant=rdp"),
+        ({"target_epsilon": float("nan")}, "dp.target_epsilon=nan: it must be a finite number"),
+        ({"delta": float("nan")}, "dp.delta=nan: it must be a finite number"),
+        ({"max_grad_norm": float("inf")}, "dp.max_grad_norm=inf: it must be a finite number"),
+        ({"noise_multiplier": 0.0}, "dp.noise_multiplier=0.0: noise must be above 0"),
+        ({"noise_multiplier": float("nan")}, "dp.noise_multiplier=nan: noise must be above 0"),
     ],
 )
 def test_a_weaker_task_is_refused_naming_the_field_and_its_value(weaker, message):
@@ -69,9 +74,21 @@ def test_without_a_policy_a_node_still_refuses_seeded_noise_and_dropping_dp_mid_
         open_policy.check(DPSettings(enabled=False), has_ledger=True)
     with pytest.raises(PolicyViolation, match="reproducible"):
         open_policy.check(_with(reproducible=True), has_ledger=False)
-    required = NodePolicy.from_node_config({"dp-required": True})
+    required = NodePolicy(required=True)
     with pytest.raises(PolicyViolation, match="node policy dp-required=true refuses"):
         required.check(DPSettings(enabled=False), has_ledger=False)
+
+
+def test_the_node_fixes_its_accountant_and_a_policy_without_epsilon_is_refused():
+    rdp = NodePolicy.from_node_config({"dp-epsilon": 3, "dp-accountant": "rdp"})
+    rdp.check(_with(accountant="rdp"), has_ledger=False)
+    with pytest.raises(PolicyViolation, match="dp-accountant=rdp refuses the task's dp.accountant"):
+        rdp.check(_with(accountant="prv"), has_ledger=False)
+    with pytest.raises(ConfigError, match="dp-required=true without dp-epsilon sets no limit"):
+        NodePolicy.from_node_config({"dp-required": True})
+    assert POLICY.lifetime_epsilon == 3.0  # by default one run's cap is the lifetime cap
+    both = NodePolicy.from_node_config({"dp-epsilon": 3, "dp-lifetime-epsilon": 9})
+    assert both.epsilon == 3.0 and both.lifetime_epsilon == 9.0 and both.deployed
 
 
 def test_a_simulated_node_holds_the_runs_own_dp_group(tmp_path):
@@ -94,6 +111,10 @@ def test_a_simulated_node_holds_the_runs_own_dp_group(tmp_path):
         ({"dp-delta": 1.5}, r"dp-delta=1.5 must be a number above 0 and below 1"),
         ({"dp-max-grad-norm": "big"}, "dp-max-grad-norm='big'"),
         ({"state-dir": 3}, "state-dir=3 must be a directory path"),
+        ({"dp-epsilon": float("nan")}, "dp-epsilon=nan must be a number above 0"),
+        ({"dp-accountant": "gdp"}, "dp-accountant='gdp' is unknown: choose one of prv, rdp"),
+        ({"dp-lifetime-epsilon": 9}, "dp-lifetime-epsilon needs dp-epsilon"),
+        ({"dp-epsilon": 3, "dp-lifetime-epsilon": 1}, "dp-lifetime-epsilon=1 is below dp-epsilon"),
     ],
 )
 def test_a_bad_node_config_is_a_clear_error(config, message):
