@@ -14,6 +14,7 @@ import datetime
 import ipaddress
 import os
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,16 +42,28 @@ class KeyPair:
 
 
 def _write(path: Path, data: bytes, private: bool, force: bool) -> None:
-    if path.exists() and not force:
+    """Write a key or certificate: into a new O_EXCL temporary file, then `os.replace`.
+
+    The temporary file is created 0600 (a private key is never readable by others, not even for
+    a moment), refuses to follow a link, and replaces `path` in one step; a link planted at
+    `path` is replaced, never written through.
+    """
+    if (path.exists() or path.is_symlink()) and not force:
         raise ConfigError(f"{path} already exists: remove it or pass --force to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if private:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-        os.chmod(path, 0o600)
-    else:
-        path.write_bytes(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if not private:
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

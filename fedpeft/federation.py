@@ -315,6 +315,19 @@ def _warn_small_clients(task: Mapping[str, Any], sizes: Sequence[int]) -> None:
         logger.warning(message)
 
 
+#: replies.norm_bound of a deployment when the config leaves it null: far above any honest
+#: LoRA factor or head tensor (their Frobenius norms are of order 1 to 10), far below a poisoned
+#: or overflowing one
+DEPLOYED_NORM_BOUND = 100.0
+
+
+def reply_norm_bound(cfg: DictConfig, deployed: bool) -> float | None:
+    """The bound on every replied tensor's norm: the config's, else 100 in a deployment."""
+    if cfg.replies.norm_bound is not None:
+        return float(cfg.replies.norm_bound)
+    return DEPLOYED_NORM_BOUND if deployed else None
+
+
 def prepare(cfg: DictConfig, deployed: bool = False) -> Federation:
     """Load data and model and build the strategy; every bad input fails here, before any round.
 
@@ -341,7 +354,7 @@ def prepare(cfg: DictConfig, deployed: bool = False) -> Federation:
             min_clients=cfg.federation.min_clients,
             seed=cfg.seed,
             **example_bounds(cfg, sizes, deployed),
-            norm_bound=cfg.replies.norm_bound,
+            norm_bound=reply_norm_bound(cfg, deployed),
             server_opt=plain_group(cfg, "server_opt"),
             scaffold=bool((cfg.get("client_opt") or {}).get("scaffold", False)),
             num_clients=num_clients,

@@ -95,6 +95,21 @@ def test_private_keys_are_readable_by_their_owner_only(ca_dir, tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) & 0o044, path
 
 
+def test_a_planted_link_never_receives_a_key(tmp_path):
+    """An attacker who can write the output folder links the key's name to a file they read;
+    with --force the link is replaced, never written through, and the key is 0600 from birth."""
+    out, stolen = tmp_path / "keys", tmp_path / "attacker-readable"
+    out.mkdir()
+    stolen.write_text("")
+    (out / "node-1.key").symlink_to(stolen)
+    with pytest.raises(ConfigError, match="already exists"):
+        certs.make_node_keys(out, "node-1")  # a dangling or live link counts as existing
+    pair = certs.make_node_keys(out, "node-1", force=True)
+    assert stolen.read_text() == "" and not pair.private.is_symlink()
+    assert stat.S_IMODE(pair.private.stat().st_mode) == 0o600
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temp left
+
+
 def test_node_keys_are_what_flower_loads_and_belong_together(tmp_path):
     pair = certs.make_node_keys(tmp_path, "node-1")
     private = serialization.load_ssh_private_key(pair.private.read_bytes(), password=None)

@@ -5,7 +5,13 @@ import torch
 
 from fedpeft import adapters, tasks
 from fedpeft.config import compose_config
-from fedpeft.federation import build_task, gradient_groups, layer_gradients
+from fedpeft.federation import (
+    DEPLOYED_NORM_BOUND,
+    build_task,
+    gradient_groups,
+    layer_gradients,
+    reply_norm_bound,
+)
 from fedpeft.runtime import model_runtime
 from tests.conftest import FAST_RUN
 
@@ -60,3 +66,14 @@ def test_layer_gradients_are_the_full_gradients_in_few_passes(runtime_and_exampl
     batches = 3  # 10 examples in batches of 4
     assert len(calls) == batches * (len(expected) if budget == 1 else 1)
     assert all(not w.requires_grad for w in adapters.base_weights(runtime.model).values())
+
+
+def test_a_deployment_bounds_reply_norms_by_default_and_a_simulation_does_not(data_dir):
+    cfg = compose_config(FAST_RUN)
+    assert reply_norm_bound(cfg, deployed=False) is None
+    assert reply_norm_bound(cfg, deployed=True) == DEPLOYED_NORM_BOUND == 100.0
+    assert reply_norm_bound(compose_config([*FAST_RUN, "replies.norm_bound=5"]), True) == 5.0
+    # an honest deployed reply fits with room to spare: the initial tensors' largest norm
+    runtime = model_runtime(build_task(cfg, 2))
+    largest = max(float(t.norm()) for t in runtime.initial.values())
+    assert largest < DEPLOYED_NORM_BOUND / 10

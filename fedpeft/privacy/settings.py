@@ -68,8 +68,8 @@ class DPSettings:
     def parse(cls, raw: object, where: str = "dp") -> DPSettings:
         """Validate a `dp` mapping into settings; fail closed on anything unexpected.
 
-        Unknown keys, wrong types, NaN or inf, values out of range, a noise multiplier of 0 and
-        accountants outside ACCOUNTANTS are refused with a ConfigError naming `<where>.<key>`.
+        Unknown or missing keys, wrong types, NaN or inf, values out of range, a noise multiplier
+        of 0 and accountants outside ACCOUNTANTS are refused with a ConfigError naming the key.
         A server's task and a user's config go through this same check.
         """
         if not isinstance(raw, Mapping):
@@ -86,7 +86,13 @@ class DPSettings:
             raise ConfigError(f"{where}.enabled={enabled} must be true or false")
         if not enabled:
             return cls()
-        values = {**{f.name: f.default for f in fields(cls)}, **raw}
+        missing = sorted(known - set(raw))
+        if missing:
+            raise ConfigError(
+                f"{where} has enabled=true but no {', '.join(missing)}: a private task states "
+                "every DP setting (a missing one is refused, never defaulted)"
+            )
+        values = dict(raw)
         checks = [
             (
                 "target_epsilon",

@@ -8,10 +8,11 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedpeft.clients.client_app import identity, train
+from fedpeft.clients.client_app import NodeFailed, app, identity, train
 from fedpeft.clients.client_data import data_fingerprint
+from fedpeft.clients.task_guard import TaskRefused
 from fedpeft.config import compose_config
-from fedpeft.errors import ConfigError
+from fedpeft.errors import ConfigError, DataError
 from fedpeft.federation import build_task
 from fedpeft.identity import member
 from fedpeft.privacy import PRIVATE_REPLY_METRICS, LedgerFile, PolicyViolation
@@ -119,3 +120,50 @@ def test_the_deployed_handler_holds_the_task_to_the_node_config_policy(
     assert not any(tmp_path.iterdir())  # refused before a ledger was opened
     plain = dict(_train(task, {}, tmp_path).content.metric_records["metrics"])
     assert "train-loss" in plain and "epsilon" not in plain
+
+
+SECRETS = ("hiv-clinic", "oncology", "diagnosis_note", "ward", "patient 4711", "3 row")
+
+
+@pytest.mark.parametrize("handler", ["identity", "train"])
+def test_a_deployed_nodes_errors_carry_no_label_column_or_text_of_its_data(task, tmp_path, handler):
+    """Through the real ClientApp (its mods included), as Flower runs it on a SuperNode: the
+    error a server would read names the message type and the exception's type only."""
+    path = tmp_path / "mine.csv"
+    pd.DataFrame(
+        {"diagnosis_note": ["patient 4711 a", "b", "c"], "ward": ["hiv-clinic", "oncology", "x"]}
+    ).to_csv(path, index=False)
+    node = {"data-path": str(path), "text-column": "diagnosis_note", "label-column": "ward",
+            "state-dir": str(tmp_path / "state")}  # fmt: skip
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    if handler == "identity":
+        content = RecordDict({"config": ConfigRecord({"task": json.dumps(task)})})
+        kind = f"{MessageType.QUERY}.identity"
+    else:
+        config = ConfigRecord({"task": json.dumps(task), "server-round": 1})
+        content, kind = RecordDict({"arrays": ArrayRecord(), "config": config}), MessageType.TRAIN
+    msg = Message(content, dst_node_id=1, message_type=kind)
+    context = Context(run_id=1, node_id=NODE_ID, node_config=node, state=RecordDict(),
+                      run_config={})  # fmt: skip
+    with pytest.raises(NodeFailed) as raised:
+        app(message=msg, context=context)
+    text = str(raised.value)
+    assert "(DataError)" in text and "stays in the node's log" in text
+    assert not any(secret in text for secret in SECRETS), text
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+    # The node's own call (no mods: its log and tests) still names the problem in full.
+    with pytest.raises(DataError, match="hiv-clinic"):
+        (identity if handler == "identity" else train)(msg, context)
+
+
+def test_a_deployed_nodes_refusals_reach_the_server_whole(task, tmp_path):
+    """Refusals depend on the task and the node's config only: the server may read them."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    config = ConfigRecord({"task": json.dumps(task).replace('"seed": 0', '"seed": NaN'),
+                           "server-round": 1})  # fmt: skip
+    msg = Message(RecordDict({"arrays": ArrayRecord(), "config": config}), dst_node_id=1,
+                  message_type=MessageType.TRAIN)  # fmt: skip
+    context = Context(run_id=1, node_id=NODE_ID, node_config={"partition-id": 0,
+                      "num-partitions": 2}, state=RecordDict(), run_config={})  # fmt: skip
+    with pytest.raises(TaskRefused, match="JSON constant NaN"):
+        app(message=msg, context=context)
