@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from fedpeft import certs
 from fedpeft.errors import FedPeftError, RunFailed
+from fedpeft.node import command as node_command
 
 
 def _quiet(verbose: bool) -> None:
@@ -198,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_new_tokens=, data_dir=, chat=, device=",
     )
     certs.add_subcommand(sub)
+    node_command.add_subcommand(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "simulate":
@@ -208,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             evaluate(args.run_dir, args.options)
         elif args.command == "certs":
             certs.run_subcommand(args)
+        elif args.command == "node":
+            return node_command.run(args)
     except RunFailed as exc:
         print(f"fedpeft: error: {exc}", file=sys.stderr)
         return 1

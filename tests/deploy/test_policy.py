@@ -1,4 +1,4 @@
-"""A deployed node holds every task to its own privacy policy: node-3 (node config dp-required)
+"""A deployed node holds every task to its own privacy policy: node-3 (dp-required, dp-epsilon=3)
 refuses a run started with dp=off; the reason reaches history.csv and the run completes on the
 others. (That deployed nodes refuse dp.reproducible=true is shown on the same deployed train
 handler in tests/clients/test_client_app.py: a second deployed run here cost CI 45 s.)"""
@@ -17,7 +17,7 @@ def strict_node(deployment, tmp_path):
     keys = certs.make_node_keys(tmp_path, "node-3")
     node_id = deployment.register(keys.public)
     node_config = (
-        f'partition-id=0 num-partitions=2 dp-required=true state-dir="'
+        f'partition-id=0 num-partitions=2 dp-required=true dp-epsilon=3 state-dir="'
         f'{state_dir(deployment, "node-3")}"'
     )
     deployment.start_node("node-3", deployment.node_argv("node-3", keys.private, node_config))
@@ -46,8 +46,6 @@ def test_a_dp_requiring_node_refuses_a_run_without_dp_and_the_run_goes_on(
     failures = json.loads(rows[1]["failures"])
     print(f"dp=off with a DP-requiring node: {rows[1]}")
     assert rows[1]["sampled"] == 3 and rows[1]["replied"] == 2 and set(failures) == {"0"}
-    assert failures["0"].startswith(
-        "node policy dp-required=true refuses a task with dp.enabled=false"
-    )
+    assert failures["0"].startswith("node policy dp-epsilon=3 refuses a task with dp.enabled=false")
     assert set(json.loads(rows[1]["client_train_loss"])) == others
     assert not state_dir(deployment, "node-3").exists()  # refused before any ledger was opened

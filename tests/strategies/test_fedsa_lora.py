@@ -261,7 +261,7 @@ def test_evaluation_uses_the_nodes_own_b_and_head(rounds):
     with pytest.raises(PolicyViolation, match="refuses to release personalised"):
         evaluate(msg, contexts[1])
     required = _context(1, 3, rounds["state_dir"])
-    required.node_config["dp-required"] = True
+    required.node_config.update({"dp-required": True, "dp-epsilon": 3})
     with pytest.raises(PolicyViolation, match="refuses to release personalised"):
         evaluate(messages[0], required)
 
