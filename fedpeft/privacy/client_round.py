@@ -55,84 +55,54 @@ def private_round(
     """
     if not settings.reproducible:
         seed = secrets.randbits(62)
-    with store.lock():  # from the budget check to the last write: concurrent rounds queue here
-        return _locked_round(
-            model,
-            examples,
-            optimizer,
-            store=store,
-            policy=policy,
-            settings=settings,
-            steps=steps,
-            batch_size=batch_size,
-            pad_token_id=pad_token_id,
-            device=device,
-            seed=seed,
-            penalty=penalty,
-        )
-
-
-def _locked_round(
-    model: torch.nn.Module,
-    examples: Sequence[Example],
-    optimizer: torch.optim.Optimizer,
-    *,
-    store: LedgerFile,
-    policy: NodePolicy,
-    settings: DPSettings,
-    steps: int,
-    batch_size: int,
-    pad_token_id: int,
-    device: torch.device,
-    seed: int,
-    penalty: Callable[[], torch.Tensor] | None,
-) -> tuple[TrainResult, dict[str, float]]:
-    ledger = PrivacyLedger.open(store, settings, len(examples), batch_size, steps)
-    policy.check_delta(ledger.delta)
-    policy.check_noise(ledger.noise_multiplier)
-    if policy.epsilon is not None:
-        ledger.target_epsilon = min(ledger.target_epsilon, policy.epsilon)
-    ledger.check_budget(steps)
-    ledger.check_lifetime(steps, policy.lifetime_epsilon)
-    ledger.save(store)
-    accountant = ledger.accountant()
-
-    def persist() -> None:
-        ledger.record(accountant)
+    with store.lock():  # from the budget check to the last write: concurrent rounds queue
+        ledger = PrivacyLedger.open(store, settings, len(examples), batch_size, steps)
+        policy.check_delta(ledger.delta)
+        policy.check_noise(ledger.noise_multiplier)
+        if policy.epsilon is not None:
+            ledger.target_epsilon = min(ledger.target_epsilon, policy.epsilon)
+        ledger.check_budget(steps)
+        ledger.check_lifetime(steps, policy.lifetime_epsilon)
         ledger.save(store)
+        accountant = ledger.accountant()
 
-    try:
-        result = train_private(
-            model,
-            examples,
-            optimizer,
-            steps=steps,
-            sample_rate=ledger.sample_rate,
-            noise_multiplier=ledger.noise_multiplier,
-            max_grad_norm=settings.max_grad_norm,
-            pad_token_id=pad_token_id,
-            device=device,
-            seed=seed,
-            accountant=accountant,
-            grad_sample_mode=settings.grad_sample_mode,
-            max_physical_batch_size=settings.max_physical_batch_size,
-            on_step=persist,
-            penalty=penalty,
-        )
-    except FedPeftError:
-        raise
-    except Exception as exc:
-        logger.exception("private training failed after %d steps", ledger.steps)
-        raise PrivateRoundFailed(
-            f"private training failed ({type(exc).__name__}) after {ledger.steps} DP-SGD steps in "
-            "all; the message stays in this node's log, since it could describe private data"
-        ) from exc
-    finally:
-        persist()
-    return result, {
-        "epsilon": ledger.epsilon(),
-        "delta": ledger.delta,
-        "noise-multiplier": ledger.noise_multiplier,
-        "sample-rate": ledger.sample_rate,
-        "dp-steps": ledger.steps,
-    }
+        def persist() -> None:
+            ledger.record(accountant)
+            ledger.save(store)
+
+        try:
+            result = train_private(
+                model,
+                examples,
+                optimizer,
+                steps=steps,
+                sample_rate=ledger.sample_rate,
+                noise_multiplier=ledger.noise_multiplier,
+                max_grad_norm=settings.max_grad_norm,
+                pad_token_id=pad_token_id,
+                device=device,
+                seed=seed,
+                accountant=accountant,
+                grad_sample_mode=settings.grad_sample_mode,
+                max_physical_batch_size=settings.max_physical_batch_size,
+                on_step=persist,
+                penalty=penalty,
+            )
+        except FedPeftError:
+            raise
+        except Exception as exc:
+            logger.exception("private training failed after %d steps", ledger.steps)
+            raise PrivateRoundFailed(
+                f"private training failed ({type(exc).__name__}) after {ledger.steps} DP-SGD "
+                "steps in all; the message stays in this node's log, since it could describe "
+                "private data"
+            ) from exc
+        finally:
+            persist()
+        return result, {
+            "epsilon": ledger.epsilon(),
+            "delta": ledger.delta,
+            "noise-multiplier": ledger.noise_multiplier,
+            "sample-rate": ledger.sample_rate,
+            "dp-steps": ledger.steps,
+        }
