@@ -42,6 +42,7 @@ from fedpeft.records import (
     TASK_KEY,
     addressees,
     answered_node,
+    short_reason,
 )
 
 CLIENT_ID = "client-id"
@@ -110,8 +111,6 @@ def ask(
     `held`: the names of connected nodes identified before. A node that does not answer within
     `timeout`, or claims a taken name, keeps its node id as its name; the run goes on.
     """
-    from fedpeft.strategies.base import short_reason  # the strategies import this module
-
     query = f"{MessageType.QUERY}.{IDENTITY_ACTION}"
     messages = [
         Message(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -178,3 +179,26 @@ def check_norms(
     for key in keys:
         if (norm := float(tensors[key].norm())) > max_norm:
             raise UpdateRejected(f"{key}: norm {norm:.3g} exceeds bound {max_norm}")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TYPED_REASON = re.compile(r"^<class '[\w.]+'>:<'(.+)$", re.DOTALL)
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Crash|Mismatch|Interrupt|Exit)\b.*: .+")
+
+
+def short_reason(reason: str) -> str:
+    """The message of an error reply without its traceback (Flower sends a remote traceback).
+
+    The ClientApp's own message (after Flower's `Message:`), else the last exception line, else
+    the last line.
+    """
+    text = _ANSI.sub("", reason).strip().rstrip("'>").strip()
+    if "Message: " in text:
+        return text.rsplit("Message: ", 1)[1].strip()
+    if (typed := _TYPED_REASON.match(text)) is not None:  # a SuperNode's "<class 'E'>:<'msg'>"
+        return typed.group(1).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line):
+            return line
+    return lines[-1] if lines else "unknown error"

@@ -13,19 +13,22 @@ from fedpeft.strategies.hetlora import HetLoRA
 from fedpeft.strategies.lora_fair import LoRAFAIR
 from fedpeft.strategies.rolora import RoLoRA
 
-#: strategy config name -> class
+#: strategy config name -> class; each class declares its own `name`
 STRATEGIES: dict[str, type[LowRankStrategy]] = {
-    "fedavg": FedAvgLoRA,
-    "ffa_lora": FFALoRA,
-    "fedsvd": FedSVD,
-    "lora_fair": LoRAFAIR,
-    "flora": FLoRA,
-    "fed_sb": FedSB,
-    "fedex_lora": FedExLoRA,
-    "flexlora": FlexLoRA,
-    "rolora": RoLoRA,
-    "fedsa_lora": FedSALoRA,
-    "hetlora": HetLoRA,
+    cls.name: cls
+    for cls in (
+        FedAvgLoRA,
+        FFALoRA,
+        FedSVD,
+        LoRAFAIR,
+        FLoRA,
+        FedSB,
+        FedExLoRA,
+        FlexLoRA,
+        RoLoRA,
+        FedSALoRA,
+        HetLoRA,
+    )
 }
 
 __all__ = [

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import time
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -63,6 +62,7 @@ from fedpeft.records import (
     answered_node,
     check_norms,
     record_bytes,
+    short_reason,
     tensor_bytes,
     to_record,
     validate_update,
@@ -74,27 +74,6 @@ from fedpeft.strategies.server_opt import ServerOptimizer
 
 #: num-examples bound passed to reply validation when the server sets no cap.
 NO_CAP = 2**63 - 1
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_TYPED_REASON = re.compile(r"^<class '[\w.]+'>:<'(.+)$", re.DOTALL)
-_EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Crash|Mismatch|Interrupt|Exit)\b.*: .+")
-
-
-def short_reason(reason: str) -> str:
-    """The message of an error reply without its traceback (Flower sends a remote traceback).
-
-    The ClientApp's own message (after Flower's `Message:`), else the last exception line, else
-    the last line.
-    """
-    text = _ANSI.sub("", reason).strip().rstrip("'>").strip()
-    if "Message: " in text:
-        return text.rsplit("Message: ", 1)[1].strip()
-    if (typed := _TYPED_REASON.match(text)) is not None:  # a SuperNode's "<class 'E'>:<'msg'>"
-        return typed.group(1).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if _EXCEPTION_LINE.match(line):
-            return line
-    return lines[-1] if lines else "unknown error"
 
 
 @dataclass
@@ -155,6 +134,8 @@ class LowRankStrategy(Strategy):
         connected when the round was sampled.
     """
 
+    #: the method's config name (`strategy=<name>`), declared by each method's class
+    name: ClassVar[str] = ""
     kind: ClassVar[str] = "lora"
     #: reply metric with the version of per-node state a client holds (None: no such state)
     version_metric: ClassVar[str | None] = None
@@ -256,10 +237,8 @@ class LowRankStrategy(Strategy):
 
     @classmethod
     def method(cls) -> str:
-        """The strategy's config name (its STRATEGIES key), or the class name outside it."""
-        from fedpeft.strategies import STRATEGIES
-
-        return next((n for n, c in STRATEGIES.items() if c is cls), cls.__name__)
+        """The strategy's config name (`name`), or the class name of a class without one."""
+        return cls.name or cls.__name__
 
     def server_opt_keys(self) -> list[str]:
         """The global tensors the method sets to the weighted average of the replies each round."""

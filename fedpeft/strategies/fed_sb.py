@@ -80,6 +80,7 @@ class FedSB(LowRankStrategy):
     `state_dict` is the whole server state; on resume every node is sent B and A again.
     """
 
+    name = "fed_sb"
     kind = "sb"
     version_metric = "frozen-version"
 

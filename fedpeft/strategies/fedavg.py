@@ -48,6 +48,7 @@ class FedAvgLoRA(LowRankStrategy):
         See `LowRankStrategy`.
     """
 
+    name = "fedavg"
     kind = "lora"
 
     def __init__(

@@ -51,6 +51,7 @@ class FedExLoRA(FedAvgLoRA, VersionedBase):
     rank.
     """
 
+    name = "fedex_lora"
     kind = "lora"
 
     def __init__(self, *args, **kwargs) -> None:

@@ -52,9 +52,10 @@ from fedpeft.records import (
     NUM_EXAMPLES,
     TASK_KEY,
     record_bytes,
+    short_reason,
     to_record,
 )
-from fedpeft.strategies.base import LowRankStrategy, short_reason
+from fedpeft.strategies.base import LowRankStrategy
 
 #: round-config entries the client acts on (clients/local_factors.py)
 LOCAL_FACTORS, HOLDOUT_FRACTION = "local-factors", "holdout-fraction"
@@ -80,6 +81,7 @@ class FedSALoRA(LowRankStrategy):
         "only A is global; B and the head stay on the clients, so a server step or control "
         "variate would cover part of each personal model (not composed yet)"
     )
+    name = "fedsa_lora"
     kind = "lora"
     evaluation: ClassVar[str] = "personalised"
 

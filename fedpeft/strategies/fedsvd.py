@@ -36,6 +36,7 @@ class FedSVD(LowRankStrategy):
     change every round (and the head when trained). Up: B_k (and the head).
     """
 
+    name = "fedsvd"
     kind = "frozen_a"
 
     def __init__(self, *args, refactor_every: int = 1, **kwargs) -> None:

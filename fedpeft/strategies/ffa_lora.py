@@ -29,6 +29,7 @@ class FFALoRA(LowRankStrategy):
     Parameters: see `LowRankStrategy`.
     """
 
+    name = "ffa_lora"
     kind = "frozen_a"
 
     @classmethod

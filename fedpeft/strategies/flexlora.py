@@ -58,6 +58,7 @@ class FlexLoRA(LowRankStrategy):
     module of scaling 1 (merged into the evaluator's pristine base) and `export_lora` saves it.
     """
 
+    name = "flexlora"
     kind = "lora"
 
     def __init__(

@@ -122,6 +122,7 @@ class FLoRA(VersionedBase):
     and what `export_lora` saves as one plain LoRA (all modules concatenated along the rank).
     """
 
+    name = "flora"
     kind = "lora"
 
     def __init__(

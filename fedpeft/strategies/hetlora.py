@@ -92,6 +92,7 @@ class HetLoRA(LowRankStrategy):
         "its global is a sparsity-weighted average of zero-padded replies whose ranks shrink, "
         "not the p_k-weighted average a server optimiser or a control variate is defined on"
     )
+    name = "hetlora"
     kind = "lora"
 
     def __init__(

@@ -58,6 +58,8 @@ class LoRAFAIR(FedAvgLoRA):
     improved keeps B_bar (logged as a fallback).
     """
 
+    name = "lora_fair"
+
     def __init__(
         self,
         *args,

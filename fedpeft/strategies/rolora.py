@@ -67,6 +67,7 @@ class RoLoRA(LowRankStrategy):
         "the factor it averages alternates between A and B every round, so one optimiser state "
         "or control variate per tensor would mix its A and B rounds (not composed yet)"
     )
+    name = "rolora"
     kind = "frozen_a"
     version_metric = "frozen-version"
 

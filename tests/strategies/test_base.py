@@ -52,7 +52,7 @@ def test_an_error_the_superlink_makes_counts_against_the_node_it_answers_for():
 
 
 def test_a_supernodes_error_reason_is_cut_to_the_clients_message():
-    from fedpeft.strategies.base import short_reason
+    from fedpeft.records import short_reason
 
     reason = (
         "<class 'fedpeft.privacy.policy.PolicyViolation'>:<'node policy dp-required=true refuses "
