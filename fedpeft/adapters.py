@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from fedpeft.errors import ConfigError
 
 ADAPTER = "default"
-#: kind -> the LoRA factors a client trains and sends up (ALGORITHMS.md, "Adapter kinds").
+#: kind -> the LoRA factors a client trains and sends up (docs/algorithms.md, "Adapter kinds").
 KIND_FACTORS: dict[str, tuple[str, ...]] = {
     "lora": ("lora_A", "lora_B"),
     "frozen_a": ("lora_B",),

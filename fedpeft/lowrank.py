@@ -1,7 +1,7 @@
 """Server-side aggregation math of the six federated LoRA methods, on plain tensors.
 
 Pure torch, batched over a leading layer axis L (layers of one shape). peft layout throughout:
-A is (r, d_in), B is (d_out, r) and a layer's update is B @ A. See shared/ALGORITHMS.md for the
+A is (r, d_in), B is (d_out, r) and a layer's update is B @ A. See docs/algorithms.md for the
 methods. Nothing here forms a d_out x d_in matrix, except merge_into_base_ (which updates the base
 weight in place), lora_sb_init (which works on one layer's gradient by design) and stacked_svd
 when the stacked rank reaches min(d_out, d_in) (where the dense SVD is the cheaper one).
@@ -104,13 +104,13 @@ def merge_into_base_(weight: Tensor, b_stack: Tensor, a_stack: Tensor) -> Tensor
 def fedsvd_refactor(b_bar: Tensor, a: Tensor, a_orthonormal: bool = False) -> tuple[Tensor, Tensor]:
     """FedSVD: re-factor b_bar @ a as B @ A with A's rows orthonormal and the singular values in B.
 
-    b_bar (L, d_out, r), a (L, r, d_in) -> B = U S (L, d_out, r), columns orthogonal with norms
-    the singular values, descending, and A = V^T (L, r, d_in). Thin form of ALGORITHMS.md §4: QR
-    of b_bar and of a^T and an SVD of the r x r core (or, if a's rows are already orthonormal, a
-    thin SVD of b_bar alone), O((d_out + d_in) r^2) per layer; the d_out x d_in product is never
-    formed. Computed in float32 (float64 for float64 input), returned in the input dtypes. A
-    rank-deficient b_bar (b_bar = 0 at round 0) is fine: the SVD still returns a full orthogonal set
-    of right singular vectors for the zero singular values, so A keeps orthonormal rows.
+    b_bar (L, d_out, r), a (L, r, d_in) -> B = U S (L, d_out, r), columns orthogonal with norms the
+    singular values, descending, and A = V^T (L, r, d_in). Thin form of docs/algorithms.md §4: QR of
+    b_bar and of a^T and an SVD of the r x r core (or, if a's rows are already orthonormal, a thin
+    SVD of b_bar alone), O((d_out + d_in) r^2) per layer; the d_out x d_in product is never formed.
+    Computed in float32 (float64 for float64 input), returned in the input dtypes. A rank-deficient
+    b_bar (b_bar = 0 at round 0) is fine: the SVD still returns a full orthogonal set of right
+    singular vectors for the zero singular values, so A keeps orthonormal rows.
     """
     r = a.shape[-2]
     if b_bar.shape[-1] != r or r > min(b_bar.shape[-2], a.shape[-1]):
@@ -137,7 +137,7 @@ def fedex_aggregate(
     and (A_R (L, (K-1) r, d_in), B_R (L, d_out, (K-1) r)) with B_R = [B_1 - B_K ... B_{K-1} - B_K]
     and A_R = [s p_1 (A_1 - A_bar); ...; s p_{K-1} (A_{K-1} - A_bar)], so that
     B_R A_R = s sum_k p_k (B_k - B_K)(A_k - A_bar) = s (sum_k p_k B_k A_k - B_bar A_bar) exactly
-    (ALGORITHMS.md §7): a module of scaling 1 to merge into the base. None when K = 1 (R = 0).
+    (docs/algorithms.md §7): a module of scaling 1 to merge into the base. None when K = 1 (R = 0).
     Float32 (float64 for float64 input); the product R is never formed.
     """
     if weights.ndim != 1 or not (a_stack.shape[0] == b_stack.shape[0] == weights.shape[0]):
@@ -324,7 +324,7 @@ def lora_fair_residual_groups(
     ignore the scale of A. Without it the cosine's gradient grows like 1 / ||B'|| and its
     curvature like 1 / ||B'||^2, so a fixed lr diverges for small B (early rounds) and stalls for
     large B. Plain SGD with step lr (the paper's) runs on dB / ||B_bar|| for all layers together,
-    and one stopping rule watches the loss summed over all layers of all groups (ALGORITHMS.md
+    and one stopping rule watches the loss summed over all layers of all groups (docs/algorithms.md
     §5): stop after max_iter steps or once it has changed by less than tol for `patience` steps in
     a row. Each layer returns its best iterate, so no layer's loss ends above its start; a layer
     that no step improved keeps B_bar. Layers where dW* or B_bar A_bar is zero (round 0, all

@@ -1,4 +1,4 @@
-"""Rank self-pruning on a node, driven by round-config entries only (HetLoRA's, ALGORITHMS.md §10).
+"""Rank self-pruning on a node, driven by round-config entries only (HetLoRA's: algorithms.md §10).
 
 The config turns it on with `rank-min` (r_min) and sets `rank-prune-gamma` (gamma) and
 `rank-prune-lambda` (lambda); `adapter-rank` is the rank of the factors the server sent. With

@@ -154,7 +154,7 @@ class DPSettings:
 
 
 def default_delta(num_examples: int) -> float:
-    """1 / n rounded down to a power of ten, never above 1e-5 (ALGORITHMS.md, DP-SGD)."""
+    """1 / n rounded down to a power of ten, never above 1e-5 (docs/algorithms.md)."""
     if num_examples < 1:
         raise ConfigError("a client with no training examples cannot run DP-SGD")
     return min(MAX_DELTA, 10.0 ** math.floor(-math.log10(num_examples)))

@@ -1,6 +1,6 @@
 """Fed-SB: B and A frozen and shared, only the r x r matrix R trained and averaged.
 
-Implements ALGORITHMS.md §6, after Singhal et al., "Fed-SB: A Silver Bullet for Extreme
+Implements docs/algorithms.md §6, after Singhal et al., "Fed-SB: A Silver Bullet for Extreme
 Communication Efficiency and Performance in (Private) Federated LoRA Fine-Tuning" (2025), built on
 LoRA-SB (Ponkshe et al., "Initialization using update approximation is a silver bullet for extreme
 efficient low-rank fine-tuning", 2024). A layer's update is B R A with scaling 1; B and A are

@@ -1,6 +1,6 @@
 """FedAvg on LoRA (FedIT): clients train A and B, the server averages each factor.
 
-Implements ALGORITHMS.md §1, following Zhang et al., "Towards Building the Federated GPT:
+Implements docs/algorithms.md §1, following Zhang et al., "Towards Building the Federated GPT:
 Federated Instruction Tuning" (ICASSP 2024), which applies FedAvg (McMahan et al., AISTATS 2017)
 to LoRA factors. Averaging A and B separately is inexact by design (the mean of B_k A_k is not
 mean(B) mean(A)); it is the baseline the other methods improve on.

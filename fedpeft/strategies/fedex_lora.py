@@ -1,17 +1,17 @@
 """FedEx-LoRA: FedAvg on LoRA plus the averaging residual folded into the base, so it is exact.
 
-Implements ALGORITHMS.md §7, after Singhal, Ponkshe and Vepakomma, "FedEx-LoRA: Exact Aggregation
-for Federated and Efficient Fine-Tuning of Foundation Models" (ACL 2025). Clients train plain LoRA
-(kind `lora`), warm-started from the global (A_bar, B_bar) on the current base. The server averages
-A and B as FedAvg does and adds the residual s R, R = sum p_k B_k A_k - B_bar A_bar, to the base:
-W0 + s R + s B_bar A_bar = sum_k p_k (W0 + s B_k A_k), the weighted average of the clients'
-effective weights, exactly. R = sum_{k<K} p_k (B_k - B_K)(A_k - A_bar) has rank <= (K-1) r and
-goes down as fp32 factors of scaling 1 (lowrank.fedex_aggregate), never as a d_out x d_in matrix,
-through FLoRA's versioned base (flora.VersionedBase): one residual module per round, merged in
-order, in place and in W0's own (nn.Linear) layout, by every party including clients that missed
-rounds or restarted, and by the server's evaluator. Decisions of §7: p_k weights (the paper and
-its code use 1/K with all clients in every round); the official code's transpose of R (right
-only for GPT-2's Conv1D) is not copied; a round with one valid reply has R = 0 and adds no module.
+Implements docs/algorithms.md §7, after Singhal, Ponkshe and Vepakomma, "FedEx-LoRA: Exact
+Aggregation for Federated and Efficient Fine-Tuning of Foundation Models" (ACL 2025). Clients train
+plain LoRA (kind `lora`), warm-started from the global (A_bar, B_bar) on the current base. The
+server averages A and B as FedAvg does and adds the residual s R, R = sum p_k B_k A_k - B_bar A_bar,
+to the base: W0 + s R + s B_bar A_bar = sum_k p_k (W0 + s B_k A_k), the weighted average of the
+clients' effective weights, exactly. R = sum_{k<K} p_k (B_k - B_K)(A_k - A_bar) has rank <= (K-1) r
+and goes down as fp32 factors of scaling 1 (lowrank.fedex_aggregate), never as a d_out x d_in
+matrix, through FLoRA's versioned base (flora.VersionedBase): one residual module per round, merged
+in order, in place and in W0's own (nn.Linear) layout, by every party including clients that missed
+rounds or restarted, and by the server's evaluator. Decisions of §7: p_k weights (the paper and its
+code use 1/K with all clients in every round); the official code's transpose of R (right only for
+GPT-2's Conv1D) is not copied; a round with one valid reply has R = 0 and adds no module.
 """
 
 from __future__ import annotations

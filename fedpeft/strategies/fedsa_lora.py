@@ -1,13 +1,13 @@
 """FedSA-LoRA: only A is shared and averaged; each client keeps its own B and head.
 
-Implements ALGORITHMS.md §11, after Guo et al., "Selective Aggregation for Low-Rank Adaptation in
-Federated Learning" (ICLR 2025; Pengxin-Guo/FedSA-LoRA@fc276b5). Clients train plain LoRA (kind
+Implements docs/algorithms.md §11, after Guo et al., "Selective Aggregation for Low-Rank Adaptation
+in Federated Learning" (ICLR 2025; Pengxin-Guo/FedSA-LoRA@fc276b5). Clients train plain LoRA (kind
 `lora`: A, B and the head, all under DP-SGD when the run is private, since B shapes later A
-uploads). Every round the server sends A_bar, a client loads it over the B_k and head_k it kept
-from its last round (B_k = 0 and the seeded head before its first), trains, and sends back A_k
-only; the server sets A_bar = sum p_k A_k with p_k proportional to n_k. B_k and head_k never leave
-the node (round config `local-factors`, clients/local_factors.py: Flower `Context.state` and an
-atomic file in the node's state directory, so a restarted node resumes its own factors).
+uploads). Every round the server sends A_bar, a client loads it over the B_k and head_k it kept from
+its last round (B_k = 0 and the seeded head before its first), trains, and sends back A_k only; the
+server sets A_bar = sum p_k A_k with p_k proportional to n_k. B_k and head_k never leave the node
+(round config `local-factors`, clients/local_factors.py: Flower `Context.state` and an atomic file
+in the node's state directory, so a restarted node resumes its own factors).
 
 The server holds A_bar only: no B, no head, so no global model. Client k's model is
 W0 + s B_k A_bar with its own head; the method is evaluated per client (`configure_evaluate`):

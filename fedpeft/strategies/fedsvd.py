@@ -1,6 +1,6 @@
 """FedSVD: clients train B only; the server refactorises B_bar A by SVD and replaces A.
 
-Implements ALGORITHMS.md §4, after Lee et al., "FedSVD: Adaptive Orthogonalization for Private
+Implements docs/algorithms.md §4, after Lee et al., "FedSVD: Adaptive Orthogonalization for Private
 Federated Learning with LoRA" (2025). After averaging B, the server takes the SVD of the product
 B_bar A = U S V^T and sets B = U S, A = V^T (rank r). The product is unchanged, A gets orthonormal
 rows, and the singular values all sit in B. The SVD is computed from the thin factors (QR of B_bar

@@ -1,6 +1,6 @@
 """FFA-LoRA: A frozen at a shared random init, only B trained and averaged.
 
-Implements ALGORITHMS.md §2, after Sun et al., "Improving LoRA in Privacy-preserving Federated
+Implements docs/algorithms.md §2, after Sun et al., "Improving LoRA in Privacy-preserving Federated
 Learning" (ICLR 2024). Because A is identical on every client and never trained, averaging B is
 exact: (sum p_k B_k) A = sum p_k B_k A.
 """
@@ -18,15 +18,14 @@ from fedpeft.strategies.base import LowRankStrategy
 class FFALoRA(LowRankStrategy):
     """Federated Freeze-A LoRA.
 
-    A is Kaiming-uniform from the run's adapter seed. It never crosses the network: the task
-    carries the seed (`adapter_seed`) and every party expands it identically
-    (adapters.initial_adapter),
-    which ALGORITHMS.md allows in place of sending A once. Down: B (and the head when trained).
-    Up: B_k (and the head). Server: B = sum p_k B_k. The method's own alpha and learning rate are
-    set in its config (strategy.alpha, default 16, and strategy.lr, 5e-3; published settings use
-    about 10x LoRA's lr). strategy.alpha is required: it never falls back to adapter.alpha,
-    because under DP alpha scales B's per-example gradient before clipping (ALGORITHMS.md §2).
-    Parameters: see `LowRankStrategy`.
+    A is Kaiming-uniform from the run's adapter seed. It never crosses the network: the task carries
+    the seed (`adapter_seed`) and every party expands it identically (adapters.initial_adapter),
+    which docs/algorithms.md §2 takes in place of sending A once. Down: B (and the head when
+    trained). Up: B_k (and the head). Server: B = sum p_k B_k. The method's own alpha and learning
+    rate are set in its config (strategy.alpha, default 16, and strategy.lr, 5e-3; published
+    settings use about 10x LoRA's lr). strategy.alpha is required: it never falls back to
+    adapter.alpha, because under DP alpha scales B's per-example gradient before clipping
+    (docs/algorithms.md §2). Parameters: see `LowRankStrategy`.
     """
 
     name = "ffa_lora"

@@ -1,6 +1,6 @@
 """FlexLoRA: heterogeneous ranks; the server SVDs the average of products and truncates per client.
 
-Implements ALGORITHMS.md §9, after Bai et al., "Federated Fine-tuning of Large Language Models
+Implements docs/algorithms.md §9, after Bai et al., "Federated Fine-tuning of Large Language Models
 under Heterogeneous Tasks and Client Resources" (NeurIPS 2024; alibaba/FederatedScope, branch
 FlexLoRA). Client k trains a LoRA of its own rank r_k at alpha_k (kind `lora`, ranks and alphas
 from strategies/ranks.py). The server forms dW = sum_k p_k s_k B_k A_k as FLoRA's stack (s_k p_k

@@ -1,12 +1,13 @@
 """FLoRA: clients train a fresh LoRA each round; the server stacks them; everyone merges the stack.
 
-Implements ALGORITHMS.md §3, after Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models
-with Heterogeneous Low-Rank Adaptations" (NeurIPS 2024). Client k trains a fresh LoRA of its own
-rank r_k at its own alpha_k (strategies/ranks.py: by default alpha_k = 2 r_k as in the FLoRA code,
-generally alpha / adapter.rank * r_k). The server stacks the replies into one module of scaling 1,
-B_stack = [B_1 ... B_K], A_stack = [s_1 p_1 A_1; ...; s_K p_K A_K] (s_k = alpha_k / r_k folded into
-A, lowrank.flora_stack), so that B_stack A_stack = sum_k p_k s_k B_k A_k exactly. Every party merges
-it into its base weights, W0 <- W0 + B_stack A_stack (float32, in place), and starts a fresh LoRA.
+Implements docs/algorithms.md §3, after Wang et al., "FLoRA: Federated Fine-Tuning Large Language
+Models with Heterogeneous Low-Rank Adaptations" (NeurIPS 2024). Client k trains a fresh LoRA of its
+own rank r_k at its own alpha_k (strategies/ranks.py: by default alpha_k = 2 r_k as in the FLoRA
+code, generally alpha / adapter.rank * r_k). The server stacks the replies into one module of
+scaling 1, B_stack = [B_1 ... B_K], A_stack = [s_1 p_1 A_1; ...; s_K p_K A_K] (s_k = alpha_k / r_k
+folded into A, lowrank.flora_stack), so that B_stack A_stack = sum_k p_k s_k B_k A_k exactly. Every
+party merges it into its base weights, W0 <- W0 + B_stack A_stack (float32, in place), and starts a
+fresh LoRA.
 
 The global base is versioned: version t is the pristine base plus the stacked modules of rounds
 1..t, merged in order. The server keeps every module; a node it knows at version v receives

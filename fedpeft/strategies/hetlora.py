@@ -1,15 +1,15 @@
 """HetLoRA: heterogeneous ranks by truncation, sparsity-weighted padded averaging, self-pruning.
 
-Implements ALGORITHMS.md §10, after Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of
-On-Device Foundation Models" (EMNLP 2024). There is no official code; what §10 could read of the
+Implements docs/algorithms.md §10, after Cho et al., "Heterogeneous LoRA for Federated Fine-tuning
+of On-Device Foundation Models" (EMNLP 2024). There is no official code; what §10 could read of the
 paper is its Figure 2 caption and summaries. Client k trains a LoRA of its own rank r_k <= r_max
-(kind `lora`). The server holds the global (B_g, A_g) at r_max = adapter.rank and sends client k
-the truncation B_g[:, :r_k], A_g[:r_k, :]. It zero-pads each reply to r_max (B~_k = [B_k, 0],
-A~_k = [A_k; 0], strategies/ranks.py), weighs client k by its sparsity S_k = ||B_k A_k||_F,
-w_k = S_k / sum_j S_j, and sets B_g = sum w_k B~_k, A_g = sum w_k A~_k. Clients prune their own
-rank (clients/rank_pruning.py): local loss + lambda ||B_k[:, t:]||_F ||A_k[t:, :]||_F with
-t = floor(gamma r_k), and after training, if that tail score fell below the received module's,
-r_k <- max(r_min, t) and the tail is cut from the reply.
+(kind `lora`). The server holds the global (B_g, A_g) at r_max = adapter.rank and sends client k the
+truncation B_g[:, :r_k], A_g[:r_k, :]. It zero-pads each reply to r_max (B~_k = [B_k, 0], A~_k =
+[A_k; 0], strategies/ranks.py), weighs client k by its sparsity S_k = ||B_k A_k||_F, w_k = S_k /
+sum_j S_j, and sets B_g = sum w_k B~_k, A_g = sum w_k A~_k. Clients prune their own rank
+(clients/rank_pruning.py): local loss + lambda ||B_k[:, t:]||_F ||A_k[t:, :]||_F with t =
+floor(gamma r_k), and after training, if that tail score fell below the received module's, r_k <-
+max(r_min, t) and the tail is cut from the reply.
 
 From the paper (through its Figure 2 caption and summaries, §10's [2nd]): truncation down,
 zero-padding up, w_k = S_k / sum S_j with S_k = ||B_k A_k||_F, and rank self-pruning with a tail

@@ -1,6 +1,6 @@
 """LoRA-FAIR: average A and B, then correct B with a residual that restores the ideal update.
 
-Implements ALGORITHMS.md §5, after Bian et al., "LoRA-FAIR: Federated LoRA Fine-Tuning with
+Implements docs/algorithms.md §5, after Bian et al., "LoRA-FAIR: Federated LoRA Fine-Tuning with
 Aggregation and Initialization Refinement" (ICCV 2025). Averaging A and B separately gives
 B_bar A_bar, not the ideal dW* = sum p_k B_k A_k. The server finds dB minimising
 1 - cos(dW*, (B_bar + dB) A_bar) + lambda ||dB||_F^2 / ||B_bar||_F^2 (whole-matrix cosine, dB

@@ -7,7 +7,7 @@ A method that lets client k train a LoRA of its own rank r_k needs four things, 
   * "per_rank": alpha_k = c r_k with c = alpha / R (R = adapter.rank, alpha = the method's
     alpha), so every client trains at the same scaling s_k = c. With fedpeft's defaults
     (alpha 16, rank 8) c = 2: the FLoRA code's alpha_k = 2 r_k (ATP-1010/FederatedLLM main.py,
-    both for stacking and for its zero-padding baseline) and HetLoRA's fixed s (ALGORITHMS.md
+    both for stacking and for its zero-padding baseline) and HetLoRA's fixed s (docs/algorithms.md
     §10).
   * "shared": alpha_k = alpha for every client, so s_k = alpha / r_k (FlexLoRA's alpha = 16,
     §9). Low-rank clients then train at a larger scaling.

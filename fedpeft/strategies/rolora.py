@@ -1,6 +1,6 @@
 """RoLoRA: alternating LoRA, B trained in odd rounds and A in even ones, each averaged exactly.
 
-Implements ALGORITHMS.md §8, after Chen et al., "Robust Federated Finetuning of LLMs via
+Implements docs/algorithms.md §8, after Chen et al., "Robust Federated Finetuning of LLMs via
 Alternating Optimization of LoRA" (NeurIPS 2025; workshop version arXiv 2409.02346). In a B-round
 every client trains B on the same frozen A, so (sum p_k B_k) A = sum p_k B_k A; in an A-round every
 client trains A under the same frozen B, so B (sum p_k A_k) = sum p_k B A_k. Both need every

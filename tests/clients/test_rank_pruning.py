@@ -1,5 +1,6 @@
-"""Rank self-pruning on a node (clients/rank_pruning.py, ALGORITHMS.md §10): the tail regulariser,
-the prune rule on constructed tails, the held rank, and a private ClientApp round that prunes."""
+"""Rank self-pruning on a node (clients/rank_pruning.py, docs/algorithms.md §10): the tail
+regulariser, the prune rule on constructed tails, the held rank, and a private ClientApp round that
+prunes."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""FedEx-LoRA (ALGORITHMS.md §7): exact effective weight, residual factors, bytes, catch-up."""
+"""FedEx-LoRA (docs/algorithms.md §7): exact effective weight, residual factors, bytes, catch-up."""
 
 import json
 

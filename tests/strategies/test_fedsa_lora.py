@@ -1,4 +1,5 @@
-"""FedSA-LoRA (ALGORITHMS.md §11): A shared and averaged, B_k and head_k kept by each client."""
+"""FedSA-LoRA (docs/algorithms.md §11): A shared and averaged, B_k and head_k kept by each
+client."""
 
 import csv
 import json

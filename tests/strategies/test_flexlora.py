@@ -1,4 +1,5 @@
-"""FlexLoRA (ALGORITHMS.md §9): SVD truncation against the dense float64 reference, bytes, a run."""
+"""FlexLoRA (docs/algorithms.md §9): SVD truncation against the dense float64 reference, bytes, a
+run."""
 
 import numpy as np
 import pytest

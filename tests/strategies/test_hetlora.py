@@ -1,4 +1,4 @@
-"""HetLoRA (ALGORITHMS.md §10): trace norms, pad/truncate, sparsity weights, FedIT, rank table,
+"""HetLoRA (docs/algorithms.md §10): trace norms, pad/truncate, sparsity weights, FedIT, rank table,
 bytes, and a private run whose saved adapter reloads in plain peft."""
 
 import csv

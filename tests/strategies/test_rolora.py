@@ -1,4 +1,5 @@
-"""RoLoRA (ALGORITHMS.md §8): exact alternating averages, phase, bytes, stale clients, DP run."""
+"""RoLoRA (docs/algorithms.md §8): exact alternating averages, phase, bytes, stale clients, DP
+run."""
 
 import pytest
 import torch
