@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,22 +59,10 @@ def _default_strategy() -> str:
 
 
 def strategy_options(name: str) -> set[str]:
-    """What strategy.params may set for a method: its own constructor keywords, up its classes.
+    """What strategy.params may set for a method (its class says: `options()`)."""
+    from fedpeft.strategies import STRATEGIES
 
-    Keywords of the shared base (fraction, seed, ...) come from other config groups, not params.
-    """
-    from fedpeft.strategies import STRATEGIES, LowRankStrategy
-
-    options: set[str] = set()
-    for klass in STRATEGIES[name].__mro__:
-        if klass is LowRankStrategy or not issubclass(klass, LowRankStrategy):
-            break
-        params = inspect.signature(klass.__init__).parameters.values()
-        named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        options |= {p.name for p in params if p.kind in named} - {"self", "global_adapter", "task"}
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-            break
-    return options
+    return STRATEGIES[name].options()
 
 
 def unknown_param_message(name: str, key: str) -> str:
@@ -94,48 +81,21 @@ def unknown_param_message(name: str, key: str) -> str:
 
 
 def _validate_strategy_params(cfg: DictConfig) -> None:
-    """The method's own options: keys, client ranks, scaling, Fed-SB's step, FFA-LoRA's alpha."""
-    from fedpeft.strategies.ranks import RankPruning, check_ranks, check_scaling
+    """The method's own options: known keys, then the method's own checks (`check_params`)."""
+    from fedpeft.strategies import STRATEGIES
 
     name, raw = cfg.strategy.name, cfg.strategy.get("params")
-    _require(
-        name != "ffa_lora" or cfg.strategy.alpha is not None,
-        "strategy.alpha=null: FFA-LoRA has its own alpha, not adapter.alpha (under DP it scales "
-        "B's per-example gradient before clipping): set strategy.alpha, e.g. strategy.alpha=16",
-    )
     params = {} if raw is None else OmegaConf.to_container(raw, resolve=True)
     assert isinstance(params, dict)
     unknown = sorted(set(params) - strategy_options(name))
     if unknown:
         raise ConfigError(unknown_param_message(name, unknown[0]))
+    strategy = OmegaConf.to_container(cfg.strategy, resolve=True)
+    assert isinstance(strategy, dict)
     try:
-        if params.get("ranks") is not None:
-            ranks = params["ranks"]
-            check_ranks(ranks if isinstance(ranks, list) else [ranks])
-        if "scaling" in params:
-            check_scaling(params["scaling"])
-        if "min_rank" in strategy_options(name):
-            ranks = params.get("ranks") or [cfg.adapter.rank]
-            RankPruning.build(
-                params.get("min_rank"),
-                params.get("prune_gamma", 0.99),
-                params.get("prune_lambda", 1e-3),
-                ranks if isinstance(ranks, list) else [ranks],
-            )
+        STRATEGIES[name].check_params(params, strategy, int(cfg.adapter.rank))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    eta = params.get("calibration_lr")
-    _require(
-        eta is None or (_is_number(eta) and eta > 0),
-        f"strategy.params.calibration_lr={eta} must be positive, or null to derive it from "
-        "the run's lr, warm-up ratio and steps",
-    )
-    if "warmup_ratio" in params:
-        ratio = params["warmup_ratio"]
-        _require(
-            _is_number(ratio) and 0 < ratio <= 1,
-            f"strategy.params.warmup_ratio={ratio} must be in (0, 1], e.g. 0.02",
-        )
 
 
 def _require(ok: bool, message: str) -> None:
@@ -352,20 +312,7 @@ def _validate_scale(cfg: DictConfig) -> None:
     quantization = model.get("quantization") or "none"
     if quantization != "none":
         check_compute_dtype(model.get("compute_dtype") or "float32", device, "model.compute_dtype")
-        _require(
-            cfg.strategy.name not in ("flora", "fedex_lora"),
-            f"strategy={cfg.strategy.name} merges each round's module into the base weights, "
-            f"which a {quantization} base cannot take exactly: use model.quantization=none with "
-            f"{cfg.strategy.name}, or another strategy (fedavg, ffa_lora, fedsvd, lora_fair, "
-            "fed_sb, flexlora, rolora, hetlora) on this base",
-        )
-        init = (cfg.strategy.get("params") or {}).get("init", "lora_sb")
-        _require(
-            cfg.strategy.name != "fed_sb" or init != "lora_sb",
-            f"strategy=fed_sb's LoRA-SB start needs gradients of the base weights, which a "
-            f"{quantization} base does not have: set strategy.params.init=orthonormal "
-            "or model.quantization=none",
-        )
+        _refuse_on_quantised(cfg, quantization)
     if cfg.dp.get("enabled"):
         _require(
             not checkpointing,
@@ -387,6 +334,21 @@ def _validate_scale(cfg: DictConfig) -> None:
             "factors over several: drop model.device_map (model.quantization=4bit fits larger "
             "bases on one GPU) or use dp=off",
         )
+
+
+def _refuse_on_quantised(cfg: DictConfig, quantization: str) -> None:
+    """The method's own word on a quantised base (`base_refusal`); name those that train on one."""
+    from fedpeft.strategies import STRATEGIES
+
+    raw = cfg.strategy.get("params")
+    params = {} if raw is None else OmegaConf.to_container(raw, resolve=True)
+    reason = STRATEGIES[cfg.strategy.name].base_refusal(quantization, params)
+    others = sorted(n for n, k in STRATEGIES.items() if k.base_refusal(quantization, {}) is None)
+    _require(
+        reason is None,
+        f"strategy={cfg.strategy.name} on a {quantization} base: {reason}; use "
+        f"model.quantization=none with it, or another strategy ({', '.join(others)})",
+    )
 
 
 def _validate_robustness(cfg: DictConfig) -> None:
@@ -432,12 +394,11 @@ def _validate_robustness(cfg: DictConfig) -> None:
         cfg.resume is None or (isinstance(cfg.resume, str) and Path(cfg.resume).is_dir()),
         f"resume={cfg.resume} is not a run folder: pass resume=<run_dir> of an earlier run",
     )
-    _require(
-        cfg.resume is None or cfg.strategy.name != "fedsa_lora",
-        "resume= with strategy=fedsa_lora: each client keeps its B and head per Flower run, and "
-        "a resumed run is a new Flower run whose clients would start again from B = 0 under a "
-        "trained A; rerun it from the start without resume=",
-    )
+    if cfg.resume is not None:
+        from fedpeft.strategies import STRATEGIES
+
+        reason = STRATEGIES[cfg.strategy.name].resume_refusal()
+        _require(reason is None, f"resume= with strategy={cfg.strategy.name}: {reason}")
     scaffold = bool((cfg.get("client_opt") or {}).get("scaffold", False))
     _require(
         cfg.resume is None or not scaffold,

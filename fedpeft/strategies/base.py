@@ -32,6 +32,7 @@ for it with `drift_refusal`; the base refuses both, so a method opts in by overr
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 import time
@@ -70,6 +71,7 @@ from fedpeft.records import (
 from fedpeft.strategies import update_noise
 from fedpeft.strategies.declared import claim_refusal
 from fedpeft.strategies.privacy_watch import PrivacyWatch
+from fedpeft.strategies.ranks import check_ranks, check_scaling
 from fedpeft.strategies.server_opt import ServerOptimizer
 
 #: num-examples bound passed to reply validation when the server sets no cap.
@@ -225,6 +227,52 @@ class LowRankStrategy(Strategy):
             "it does not keep its global as the weighted average of its clients' replies, which "
             "is what a server optimiser steps from and SCAFFOLD's control variates live on"
         )
+
+    @classmethod
+    def options(cls) -> set[str]:
+        """What strategy.params may set: the constructor keywords of this method's own classes.
+
+        Keywords of the shared base (fraction, seed, ...) come from other config groups.
+        """
+        options: set[str] = set()
+        for klass in cls.__mro__:
+            if klass is LowRankStrategy or not issubclass(klass, LowRankStrategy):
+                break
+            params = inspect.signature(klass.__init__).parameters.values()
+            named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            options |= {p.name for p in params if p.kind in named} - {
+                "self",
+                "global_adapter",
+                "task",
+            }
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+                break
+        return options
+
+    @classmethod
+    def check_params(
+        cls, params: Mapping[str, Any], strategy: Mapping[str, Any], adapter_rank: int
+    ) -> None:
+        """Raise ValueError, naming the key and a fix, for options this method cannot run with.
+
+        `params` are strategy.params, `strategy` the whole strategy group. The base checks
+        per-client ranks and their scaling; a method with options of its own adds to this.
+        """
+        if params.get("ranks") is not None:
+            ranks = params["ranks"]
+            check_ranks(ranks if isinstance(ranks, list) else [ranks])
+        if "scaling" in params:
+            check_scaling(params["scaling"])
+
+    @classmethod
+    def base_refusal(cls, quantization: str, params: Mapping[str, Any]) -> str | None:
+        """Why this method cannot train on a `quantization` (4bit, 8bit) base, or None."""
+        return None
+
+    @classmethod
+    def resume_refusal(cls) -> str | None:
+        """Why a run of this method cannot be resumed from its checkpoint, or None."""
+        return None
 
     def _refuse(self, option: str, value: str) -> None:
         reason = self.drift_refusal(option, {})

@@ -127,6 +127,32 @@ class FedSB(LowRankStrategy):
             self._orthonormal()
 
     @classmethod
+    def check_params(
+        cls, params: Mapping[str, Any], strategy: Mapping[str, Any], adapter_rank: int
+    ) -> None:
+        """The calibration step's rate (positive, or null to derive it) and warm-up ratio."""
+        super().check_params(params, strategy, adapter_rank)
+        eta = params.get("calibration_lr")
+        if eta is not None and not (_number(eta) and eta > 0):
+            raise ValueError(
+                f"strategy.params.calibration_lr={eta} must be positive, or null to derive it "
+                "from the run's lr, warm-up ratio and steps"
+            )
+        ratio = params.get("warmup_ratio", 0.02)
+        if not (_number(ratio) and 0 < ratio <= 1):
+            raise ValueError(f"strategy.params.warmup_ratio={ratio} must be in (0, 1], e.g. 0.02")
+
+    @classmethod
+    def base_refusal(cls, quantization: str, params: Mapping[str, Any]) -> str | None:
+        """LoRA-SB's start needs base-weight gradients, which a quantised base does not have."""
+        if params.get("init", "lora_sb") != "lora_sb":
+            return None
+        return (
+            f"its LoRA-SB start needs gradients of the base weights, which a {quantization} base "
+            "does not have: set strategy.params.init=orthonormal"
+        )
+
+    @classmethod
     def drift_refusal(cls, option: str, params: Mapping[str, Any]) -> str | None:
         """Both compose: R (and the head) is a plain weighted average with B and A fixed."""
         return None
@@ -193,3 +219,7 @@ class FedSB(LowRankStrategy):
         head = {k: v for k, v in self.global_adapter.items() if k.startswith("head.")}
         rank = self.global_adapter[f"{self.layers[0]}.lora_R"].shape[0]
         return {**tensors, **head}, rank
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -77,6 +77,15 @@ class FedSALoRA(LowRankStrategy):
     is rejected (`up_specs` names A only). Evaluate (not under DP): A_bar to every connected node.
     """
 
+    @classmethod
+    def resume_refusal(cls) -> str | None:
+        """Each client keeps its B and head per Flower run, which a resumed run is not."""
+        return (
+            "each client keeps its B and head per Flower run, and a resumed run is a new Flower "
+            "run whose clients would start again from B = 0 under a trained A; rerun it from the "
+            "start without resume="
+        )
+
     drift_note = (
         "only A is global; B and the head stay on the clients, so a server step or control "
         "variate would cover part of each personal model (not composed yet)"

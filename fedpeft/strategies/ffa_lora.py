@@ -32,6 +32,19 @@ class FFALoRA(LowRankStrategy):
     kind = "frozen_a"
 
     @classmethod
+    def check_params(
+        cls, params: Mapping[str, Any], strategy: Mapping[str, Any], adapter_rank: int
+    ) -> None:
+        """FFA-LoRA's own alpha is required: it never falls back to adapter.alpha."""
+        super().check_params(params, strategy, adapter_rank)
+        if strategy.get("alpha") is None:
+            raise ValueError(
+                "strategy.alpha=null: FFA-LoRA has its own alpha, not adapter.alpha (under DP it "
+                "scales B's per-example gradient before clipping): set strategy.alpha, e.g. "
+                "strategy.alpha=16"
+            )
+
+    @classmethod
     def drift_refusal(cls, option: str, params: Mapping[str, Any]) -> str | None:
         """Both compose: B (and the head) is a plain weighted average with A fixed for the run."""
         return None

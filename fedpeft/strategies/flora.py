@@ -44,6 +44,14 @@ class VersionedBase(LowRankStrategy):
 
     version_metric = "base-version"
 
+    @classmethod
+    def base_refusal(cls, quantization: str, params: Mapping[str, Any]) -> str | None:
+        """Each round's module is merged into the base, which a quantised base cannot take."""
+        return (
+            f"it merges each round's module into the base weights, which a {quantization} base "
+            "cannot take exactly"
+        )
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.stacks: list[dict[str, torch.Tensor]] = []

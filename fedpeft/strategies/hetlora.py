@@ -88,6 +88,20 @@ class HetLoRA(LowRankStrategy):
     adapter is a plain LoRA at r_max with scaling alpha / r_max, saved as is.
     """
 
+    @classmethod
+    def check_params(
+        cls, params: Mapping[str, Any], strategy: Mapping[str, Any], adapter_rank: int
+    ) -> None:
+        """The ranks and HetLoRA's pruning settings (min_rank required, gamma, lambda)."""
+        super().check_params(params, strategy, adapter_rank)
+        ranks = params.get("ranks") or [adapter_rank]
+        RankPruning.build(
+            params.get("min_rank"),
+            params.get("prune_gamma", 0.99),
+            params.get("prune_lambda", 1e-3),
+            ranks if isinstance(ranks, list) else [ranks],
+        )
+
     drift_note = (
         "its global is a sparsity-weighted average of zero-padded replies whose ranks shrink, "
         "not the p_k-weighted average a server optimiser or a control variate is defined on"

@@ -82,8 +82,9 @@ def test_bf16_autocasts_the_forward_and_keeps_float32_factors(lora_model, exampl
         (["++train.gradient_checkpointing=yes"], r"train.gradient_checkpointing=yes must be"),
         (["dp=eps3", "++train.gradient_checkpointing=true"], r"dp with train.gradient_checkp"),
         (["dp=eps3", "++train.precision=bf16"], r"dp with train.precision=bf16"),
-        (["model.quantization=4bit", "strategy=flora"], r"strategy=flora merges .* a 4bit base"),
-        (["model.quantization=8bit", "strategy=fed_sb"], r"fed_sb's LoRA-SB start .* 8bit"),
+        (["model.quantization=4bit", "strategy=flora"], r"flora on a 4bit base: it merges"),
+        (["model.quantization=4bit", "strategy=fedex_lora"], r"fedex_lora on a 4bit base: it"),
+        (["model.quantization=8bit", "strategy=fed_sb"], r"fed_sb on a 8bit base: its LoRA-SB"),
         (["model.quantization=4bit", "model.compute_dtype=float16"], r"model.compute_dtype"),
     ],
 )
