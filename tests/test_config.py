@@ -27,7 +27,7 @@ def test_every_group_has_its_documented_options():
 
 def test_overrides_apply():
     cfg = compose_config(["strategy=ffa_lora", "federation.rounds=7", "partition.alpha=0.1"])
-    assert cfg.strategy.kind == "frozen_a" and cfg.federation.rounds == 7
+    assert cfg.strategy.name == "ffa_lora" and cfg.federation.rounds == 7
     assert cfg.partition.alpha == 0.1
 
 
