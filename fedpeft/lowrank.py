@@ -1,4 +1,4 @@
-"""Server-side aggregation math of the six federated LoRA methods, on plain tensors.
+"""Server-side aggregation math of fedpeft's federated LoRA methods, on plain tensors.
 
 Pure torch, batched over a leading layer axis L (layers of one shape). peft layout throughout:
 A is (r, d_in), B is (d_out, r) and a layer's update is B @ A. See docs/algorithms.md for the
@@ -17,6 +17,8 @@ from torch import Tensor
 
 __all__ = [
     "fedex_aggregate",
+    "fedrot_align",
+    "procrustes_rotation",
     "fedsvd_refactor",
     "flexlora_truncate",
     "flora_stack",
@@ -126,6 +128,65 @@ def fedsvd_refactor(b_bar: Tensor, a: Tensor, a_orthonormal: bool = False) -> tu
         uc, s, vch = torch.linalg.svd(rb @ ra.mT)
         new_b, new_a = (qb @ uc) * s.unsqueeze(-2), vch @ qa.mT
     return new_b.to(b_bar.dtype), new_a.to(a.dtype)
+
+
+def procrustes_rotation(m: Tensor, strength: float = 1.0, allow_reflection: bool = False) -> Tensor:
+    """FedRot-LoRA's r x r rotation: m (L, r, r) -> R (L, r, r), orthogonal, in m's dtype.
+
+    R* = U V^T for m = U S V^T maximises tr(R^T m) over orthogonal R: with m = A A_ref^T it
+    minimises ||R^T A - A_ref||_F, with m = B^T B_ref it minimises ||B R - B_ref||_F (orthogonal
+    Procrustes). Unless `allow_reflection`, R* is kept in SO(r) by flipping the last singular
+    direction where det(U V^T) < 0 (Kabsch). `strength` in [0, 1] interpolates from the identity
+    (0: FedAvg) to R* (1) as R = polar((1 - strength) I + strength R*), the polar factor U_x V_x^T
+    of X = U_x S_x V_x^T. Computed in float64 whatever the input dtype.
+    """
+    if m.ndim != 3 or m.shape[-1] != m.shape[-2]:
+        raise ValueError(f"m must be (L, r, r), got {tuple(m.shape)}")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    m64 = m.to(torch.float64)
+    u, _, vh = torch.linalg.svd(m64)
+    if not allow_reflection:
+        flip = torch.linalg.det(u @ vh) < 0
+        vh = vh.clone()
+        vh[flip, -1, :] = -vh[flip, -1, :]
+    best = u @ vh
+    if strength < 1.0:
+        eye = torch.eye(m.shape[-1], dtype=torch.float64, device=m.device).expand_as(best)
+        ux, _, vxh = torch.linalg.svd((1.0 - strength) * eye + strength * best)
+        best = ux @ vxh
+    return best.to(m.dtype)
+
+
+def fedrot_align(
+    a: Tensor,
+    b: Tensor,
+    a_ref: Tensor,
+    b_ref: Tensor,
+    factor: str,
+    strength: float = 1.0,
+    allow_reflection: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Rotate one client's LoRA pair towards a reference: (R^T A, B R), the product B A unchanged.
+
+    a (L, r, d_in), b (L, d_out, r) are the client's factors, a_ref and b_ref the reference (the
+    global pair the clients started the round from), all of one shape. `factor` ("A" or "B")
+    names the factor the rotation is fitted on (procrustes_rotation with m = A A_ref^T, or
+    m = B^T B_ref); one R per layer rotates both. Computed in float64, returned in the inputs'
+    dtypes.
+    """
+    if factor not in ("A", "B"):
+        raise ValueError(f"factor must be 'A' or 'B', got {factor!r}")
+    if a.shape != a_ref.shape or b.shape != b_ref.shape or a.shape[-2] != b.shape[-1]:
+        raise ValueError(
+            f"need matching (L, r, d_in) and (L, d_out, r) pairs, got {tuple(a.shape)}, "
+            f"{tuple(b.shape)}, {tuple(a_ref.shape)}, {tuple(b_ref.shape)}"
+        )
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    ref = (a_ref if factor == "A" else b_ref).to(torch.float64)
+    m = a64 @ ref.mT if factor == "A" else b64.mT @ ref
+    rot = procrustes_rotation(m, strength, allow_reflection)
+    return (rot.mT @ a64).to(a.dtype), (b64 @ rot).to(b.dtype)
 
 
 def fedex_aggregate(

@@ -4,6 +4,7 @@ from fedpeft.strategies.base import LowRankStrategy, RoundStats
 from fedpeft.strategies.fed_sb import FedSB
 from fedpeft.strategies.fedavg import FedAvgLoRA
 from fedpeft.strategies.fedex_lora import FedExLoRA
+from fedpeft.strategies.fedrot_lora import FedRotLoRA
 from fedpeft.strategies.fedsa_lora import FedSALoRA
 from fedpeft.strategies.fedsvd import FedSVD
 from fedpeft.strategies.ffa_lora import FFALoRA
@@ -28,6 +29,7 @@ STRATEGIES: dict[str, type[LowRankStrategy]] = {
         RoLoRA,
         FedSALoRA,
         HetLoRA,
+        FedRotLoRA,
     )
 }
 
@@ -39,6 +41,7 @@ __all__ = [
     "FedSB",
     "FedAvgLoRA",
     "FedExLoRA",
+    "FedRotLoRA",
     "FedSALoRA",
     "FedSVD",
     "HetLoRA",
