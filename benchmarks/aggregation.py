@@ -15,7 +15,8 @@ row's error is that of the K x L table of norms), RoLoRA's A round (the average 
 kept B against the dense sum p_k B A_k; its B rounds are FFA-LoRA's row) and FedSA-LoRA's average
 of A alone against a loop over layers and clients (the official aggregator's; there is no product
 to compare, each client keeps its own B), and FedRot-LoRA's A round (every reply rotated towards the
-global pair, then averaged) against the official per-client, per-layer loop of r x r fits.
+global pair, then averaged) against the official per-client, per-layer loop of r x r fits, and
+FedMomentum's top-r pair against the dense dW and its full SVD (the re-implementation's form).
 With --dense-layers N the dense forms run on the first N layers only and their time is
 extrapolated linearly to all layers.
 """
@@ -209,6 +210,19 @@ def build_methods(
                 sum_b[layer] += pw[i] * (b[i, layer] @ rot)
         return sum_a, sum_b
 
+    def momentum_fast() -> tuple[Tensor, Tensor]:
+        """FedMomentum: stack, thin SVD, the top-r pair split evenly (the tail's extent beside)."""
+        a_st, b_st = lowrank.flora_stack(a.unbind(0), b.unbind(0), w, [FLORA_SCALING] * k)
+        us, vh = lowrank.stacked_svd(a_st, b_st)
+        new_a, new_b, _, _ = lowrank.fedmomentum_split(us, vh, r, FLORA_SCALING, 0.9999)
+        return new_a, new_b
+
+    def momentum_dense(n: int) -> tuple[Tensor, Tensor]:
+        """The re-implementation's form: the dense dW and its SVD, the top r split evenly."""
+        u, sig, vh = torch.linalg.svd(dense_sum(n, lambda i: b[i], lambda i: a[i], FLORA_SCALING))
+        root = torch.sqrt(sig[..., :r] / FLORA_SCALING)
+        return root.unsqueeze(-1) * vh[..., :r, :], u[..., :r] * root.unsqueeze(-2)
+
     def fair_fast() -> tuple[Tensor, Tensor, dict]:
         return lowrank.lora_fair_residual(a, b, w, FAIR_LAM, FAIR_LR, args.fair_iters, tol=0.0)
 
@@ -302,6 +316,14 @@ def build_methods(
             lambda out, n: out[1][:n] @ out[0][:n],
             lambda out: out[1] @ out[0],
             f"A round, lambda {ROT_LAMBDA}: batched fits vs a loop over clients and layers",
+        ),
+        Method(
+            "fedmomentum",
+            momentum_fast,
+            momentum_dense,
+            lambda out, n: FLORA_SCALING * out[1][:n] @ out[0][:n],
+            lambda out: FLORA_SCALING * out[1] @ out[0],
+            "stack + thin SVD, top r vs dense dW + full SVD (the re-implementation's)",
         ),
         Method(
             "fed_sb",

@@ -17,6 +17,7 @@ from torch import Tensor
 
 __all__ = [
     "fedex_aggregate",
+    "fedmomentum_split",
     "fedrot_align",
     "procrustes_rotation",
     "fedsvd_refactor",
@@ -265,6 +266,41 @@ def flexlora_truncate(
         a = torch.cat([a, extra.mT.to(vh.dtype)], dim=-2)
         b = torch.nn.functional.pad(b, (0, rank - q))
     return a.contiguous(), b.contiguous()
+
+
+def fedmomentum_split(
+    us: Tensor, vh: Tensor, rank: int, scaling: float, energy: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """FedMomentum's split of the aggregate U S V^T into the next LoRA and a residual's extent.
+
+    us (L, d_out, q), vh (L, q, d_in) from `stacked_svd` (singular values descending, in U S) ->
+    A (L, r, d_in) = diag(sqrt(sigma / s)) V_r^T and B (L, d_out, r) = U_r diag(sqrt(sigma / s)),
+    so that s B A = U_r S_r V_r^T (the best rank-r part, split evenly between the factors);
+    r_eff (L,), the fewest leading components holding `energy` of sum sigma_i^2 (0 for a zero
+    aggregate); and `dead` (L, r), the slots whose sigma_i <= 1e-12 sigma_1, where A's row and B's
+    column are 0 (the caller re-seeds A's row: a zero row and column never train). Components
+    r+1..r_eff are the residual the caller merges into the base; those past max(r, r_eff) are
+    dropped. Float32 (float64 in, out).
+    """
+    q = vh.shape[-2]
+    if not 1 <= rank <= q or scaling <= 0 or not 0 < energy <= 1:
+        raise ValueError(
+            f"need 1 <= rank <= {q}, scaling > 0 and energy in (0, 1], got {rank}, {scaling}, "
+            f"{energy}"
+        )
+    sigma = torch.linalg.vector_norm(us, dim=-2)  # (L, q), descending
+    power = sigma.double().square()
+    total = power.sum(-1, keepdim=True)
+    cumulative = power.cumsum(-1)
+    r_eff = (cumulative < energy * total * (1 - 1e-12)).sum(-1) + 1
+    r_eff = torch.where(total.squeeze(-1) > 0, r_eff.clamp(max=q), torch.zeros_like(r_eff))
+    top = sigma[..., :rank]
+    dead = top <= 1e-12 * sigma[..., :1]
+    root = torch.sqrt(top / scaling)
+    safe = torch.where(dead, torch.ones_like(top), top)
+    a = vh[..., :rank, :] * torch.where(dead, 0.0, root).unsqueeze(-1)
+    b = us[..., :rank] * torch.where(dead, 0.0, 1.0 / torch.sqrt(safe * scaling)).unsqueeze(-2)
+    return a.contiguous(), b.contiguous(), r_eff, dead
 
 
 def lora_product_norms(a: Tensor, b: Tensor) -> Tensor:

@@ -706,3 +706,67 @@ def test_fedrot_bad_input_is_refused():
     with pytest.raises(ValueError, match="factor must be"):
         lowrank.fedrot_align(torch.zeros(1, 2, 4), torch.zeros(1, 3, 2), torch.zeros(1, 2, 4),
                              torch.zeros(1, 3, 2), "C")  # fmt: skip
+
+
+# --- FedMomentum: top-r part as the next LoRA, the tail into the base --------------------------
+
+
+def _clients(k, layers, r, d_in, d_out, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = [scale * torch.randn(layers, r, d_in, generator=g, dtype=torch.float64) for _ in range(k)]
+    b = [scale * torch.randn(layers, d_out, r, generator=g, dtype=torch.float64) for _ in range(k)]
+    w = lowrank.normalize_weights(torch.randint(10, 100, (k,), generator=g))
+    return a, b, w
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e2])
+@pytest.mark.parametrize(
+    ("k", "r", "d_in", "d_out"), [(3, 4, 20, 16), (5, 2, 12, 30), (2, 8, 40, 40)]
+)
+def test_fedmomentum_keeps_the_best_rank_r_part_and_the_tail_exactly(scale, k, r, d_in, d_out):
+    """Against the dense float64 aggregate: s B A is its truncated SVD (Eckart-Young), and with
+    energy 1 the LoRA plus the residual components reproduce it exactly."""
+    layers, s = 3, 2.0
+    a, b, w = _clients(k, layers, r, d_in, d_out, scale, seed=k * 100 + r)
+    dense = sum(float(w[i]) * s * b[i] @ a[i] for i in range(k))
+    us, vh = lowrank.stacked_svd(*lowrank.flora_stack(a, b, w, [s] * k))
+    new_a, new_b, r_eff, dead = lowrank.fedmomentum_split(us, vh, r, s, energy=1.0)
+    u, sig, vt = torch.linalg.svd(dense)
+    best = u[..., :r] * sig[..., None, :r] @ vt[..., :r, :]
+    norm = torch.linalg.norm(dense, dim=(-2, -1), keepdim=True)
+    assert torch.all(
+        torch.linalg.norm(s * new_b @ new_a - best, dim=(-2, -1)) <= 1e-10 * norm[..., 0, 0]
+    )
+    assert not bool(dead.any())
+    for layer in range(layers):
+        tail = int(r_eff[layer])
+        assert tail == min(k * r, d_in, d_out)  # energy 1: every nonzero component
+        whole = s * new_b[layer] @ new_a[layer] + us[layer, :, r:tail] @ vh[layer, r:tail]
+        assert torch.allclose(whole, dense[layer], rtol=0, atol=1e-10 * float(norm[layer]))
+    # the split is balanced: B's column norms equal A's row norms, sqrt(sigma_i / s)
+    assert torch.allclose(new_b.norm(dim=-2), new_a.norm(dim=-1), rtol=1e-10)
+    assert torch.allclose(new_a.norm(dim=-1), torch.sqrt(sig[..., :r] / s), rtol=1e-8)
+
+
+def test_fedmomentum_energy_drops_only_the_smallest_components():
+    """With energy < 1, r_eff is the fewest components holding that share of ||dW||_F^2."""
+    sig = torch.tensor([[8.0, 4.0, 2.0, 1.0, 0.5, 0.0]], dtype=torch.float64)
+    us = torch.diag_embed(sig)  # U = I: columns of U S have norms sig
+    vh = torch.eye(6, dtype=torch.float64).unsqueeze(0)
+    power = sig.square().cumsum(-1) / sig.square().sum()
+    for energy, expected in [(1.0, 5), (float(power[0, 3]), 4), (0.9, 2), (0.5, 1)]:
+        *_, r_eff, _ = lowrank.fedmomentum_split(us, vh, 2, 1.0, energy)
+        assert int(r_eff[0]) == expected, (energy, int(r_eff[0]))
+
+
+def test_fedmomentum_marks_dead_slots_with_zero_factors():
+    """A layer whose aggregate has rank < r: the empty slots have zero A rows and B columns."""
+    a, b, w = _clients(1, 2, 2, 10, 10, 1.0, seed=3)  # one client of rank 2: aggregate rank 2
+    us, vh = lowrank.stacked_svd(*lowrank.flora_stack(a, b, w, [1.0]))
+    us = torch.nn.functional.pad(us, (0, 2))  # as if q = 4 with two zero components
+    vh = torch.cat([vh, torch.zeros(2, 2, 10, dtype=torch.float64)], dim=-2)
+    new_a, new_b, r_eff, dead = lowrank.fedmomentum_split(us, vh, 4, 1.0, 0.9999)
+    assert dead[:, 2:].all() and not dead[:, :2].any()
+    assert torch.all(new_a[:, 2:] == 0) and torch.all(new_b[..., 2:] == 0)
+    zero = lowrank.fedmomentum_split(torch.zeros(1, 5, 3), torch.zeros(1, 3, 4), 2, 1.0, 0.9)
+    assert int(zero[2][0]) == 0 and zero[3].all() and torch.all(zero[0] == 0)

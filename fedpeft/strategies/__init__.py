@@ -4,6 +4,7 @@ from fedpeft.strategies.base import LowRankStrategy, RoundStats
 from fedpeft.strategies.fed_sb import FedSB
 from fedpeft.strategies.fedavg import FedAvgLoRA
 from fedpeft.strategies.fedex_lora import FedExLoRA
+from fedpeft.strategies.fedmomentum import FedMomentum
 from fedpeft.strategies.fedrot_lora import FedRotLoRA
 from fedpeft.strategies.fedsa_lora import FedSALoRA
 from fedpeft.strategies.fedsvd import FedSVD
@@ -30,6 +31,7 @@ STRATEGIES: dict[str, type[LowRankStrategy]] = {
         FedSALoRA,
         HetLoRA,
         FedRotLoRA,
+        FedMomentum,
     )
 }
 
@@ -41,6 +43,7 @@ __all__ = [
     "FedSB",
     "FedAvgLoRA",
     "FedExLoRA",
+    "FedMomentum",
     "FedRotLoRA",
     "FedSALoRA",
     "FedSVD",
