@@ -22,6 +22,7 @@ def test_packaged_studies():
         "hetero_rank",
         "label_skew",
         "methods11",
+        "methods13",
     ]
 
 
@@ -36,11 +37,22 @@ def test_label_skew_sweeps_the_rates_on_unseen_data():
     assert cfg.model.pooling == "cls"
 
 
-def test_methods11_runs_every_method_at_its_defaults():
+ELEVEN = ["fedavg", "ffa_lora", "flora", "fedsvd", "lora_fair", "fed_sb", "fedex_lora", "rolora",
+          "flexlora", "hetlora", "fedsa_lora"]  # fmt: skip
+
+
+def test_methods13_runs_every_registered_method_in_methods11s_federation():
     from fedpeft.strategies import STRATEGIES
 
-    runs = _runs("methods11", "seed=0")
+    runs = _runs("methods13", "seed=0")
     assert sorted(r.values["strategy"] for r in runs) == sorted(STRATEGIES)
+    eleven = {tuple(sorted(r.overrides)) for r in _runs("methods11", "seed=0")}
+    assert eleven <= {tuple(sorted(r.overrides)) for r in runs}
+
+
+def test_methods11_runs_the_first_eleven_methods_at_their_defaults():
+    runs = _runs("methods11", "seed=0")
+    assert sorted(r.values["strategy"] for r in runs) == sorted(ELEVEN)
     for run in runs:
         cfg = compose_config(list(run.overrides))
         shape = (cfg.model.name, cfg.dataset.name, cfg.federation.num_clients)
