@@ -15,8 +15,8 @@ from tests.conftest import FAST_RUN
         (
             ["strategy=nope"],
             "strategy=nope is unknown: choose one of "
-            "fed_sb, fedavg, fedex_lora, fedsa_lora, fedsvd, ffa_lora, flexlora, flora, hetlora, "
-            "lora_fair, rolora",
+            "fed_sb, fedavg, fedex_lora, fedmomentum, fedrot_lora, fedsa_lora, fedsvd, ffa_lora, "
+            "flexlora, flora, hetlora, lora_fair, rolora",
         ),
         (["model=gpt9"], "model=gpt9 is unknown"),
         (["dataset=nope"], "dataset=nope is unknown"),

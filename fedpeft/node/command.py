@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -114,12 +113,12 @@ def node_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parse_extra(text: str) -> dict[str, Any]:
-    """`key=value` pairs as Flower's --node-config writes them (TOML values)."""
-    import tomllib
+    """`key=value` pairs, parsed by the function Flower's --node-config goes through."""
+    from flwr.common.config import parse_config_args
 
     try:
-        return dict(tomllib.loads("\n".join(text.split())))
-    except tomllib.TOMLDecodeError as exc:
+        return dict(parse_config_args([text]))
+    except ValueError as exc:
         raise ConfigError(
             f"--node-config {text!r} is not key=value pairs ({exc}): quote strings, e.g. "
             'max-batch-size=64 device="cpu"'
@@ -127,15 +126,26 @@ def _parse_extra(text: str) -> dict[str, Any]:
 
 
 def render_node_config(config: Mapping[str, Any]) -> str:
-    """A node config as Flower's --node-config string (space-separated TOML key=value pairs)."""
+    """A node config as Flower's --node-config string: space-separated TOML key=value pairs.
+
+    Flower's parser takes a quoted value up to the next quote of its kind, without escapes, so a
+    string is written as a TOML literal ('...'), or basic ("...") when it holds a single quote.
+    """
     parts = []
     for key, value in config.items():
         if isinstance(value, bool):
             rendered = "true" if value else "false"
         elif isinstance(value, int | float):
             rendered = repr(value)
+        elif "'" not in str(value):
+            rendered = f"'{value}'"
+        elif '"' not in str(value) and "\\" not in str(value):
+            rendered = f'"{value}"'
         else:
-            rendered = json.dumps(str(value))  # a TOML basic string is a JSON string
+            raise ConfigError(
+                f"node config {key}={value!r} holds both kinds of quote, which Flower's "
+                "--node-config cannot carry: rename the path"
+            )
         parts.append(f"{key}={rendered}")
     return " ".join(parts)
 

@@ -138,6 +138,8 @@ class LowRankStrategy(Strategy):
 
     #: the method's config name (`strategy=<name>`), declared by each method's class
     name: ClassVar[str] = ""
+    #: options a parent class takes that this method does not (they are unknown params here)
+    refused_options: ClassVar[frozenset[str]] = frozenset()
     kind: ClassVar[str] = "lora"
     #: reply metric with the version of per-node state a client holds (None: no such state)
     version_metric: ClassVar[str | None] = None
@@ -247,7 +249,7 @@ class LowRankStrategy(Strategy):
             }
             if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
                 break
-        return options
+        return options - cls.refused_options
 
     @classmethod
     def check_params(

@@ -47,6 +47,8 @@ class FedMomentum(FedAvgLoRA, VersionedBase):
 
     name = "fedmomentum"
     kind = "lora"
+    #: FedAvg's per-client ranks: one frame (one base) for every client here
+    refused_options = frozenset({"ranks", "scaling"})
 
     def __init__(self, *args, energy: float = 0.9999, **kwargs) -> None:
         self.check_params({"energy": energy, "ranks": kwargs.get("ranks")}, {}, 0)

@@ -55,6 +55,8 @@ class FedRotLoRA(FedAvgLoRA):
 
     name = "fedrot_lora"
     kind = "lora"
+    #: FedAvg's per-client ranks: one frame (one base) for every client here
+    refused_options = frozenset({"ranks", "scaling"})
 
     def __init__(
         self,

@@ -1,9 +1,9 @@
 """`fedpeft node` against a hostile bundle: a real SuperLink (TLS, node authentication) and two
 nodes started the way docs/deploy.md teaches. A run whose bundle carries a modified ClientApp
-trains on both nodes with the nodes' own code (the bundle's never runs), and a bundle at a
-version the nodes did not approve gets a refusal from each. (A stock `flower-supernode` runs the
-same modified bundle's code: the issue-26 note shows it; tests/deploy/test_end_to_end.py runs
-honest bundles on stock nodes.)"""
+trains on both nodes with the nodes' own code (the bundle's never runs). (A stock
+`flower-supernode` runs the same modified bundle's code: the issue-26 note shows it;
+tests/deploy/test_end_to_end.py runs honest bundles on stock nodes; the pin that refuses other
+bundles is tested in tests/node/test_approval.py.)"""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ MARKER = (
 )
 
 
-def _bundle(tmp: Path, root: Path, version: str | None = None) -> Path:
+def _bundle(tmp: Path, root: Path) -> Path:
     """A copy of the repository whose ClientApp module writes a marker when imported."""
-    out = tmp / f"bundle-{version or 'same'}"
+    out = tmp / "bundle"
     files = subprocess.run(
         ["git", "ls-files", "fedpeft", "pyproject.toml", "README.md"],
         cwd=REPO, capture_output=True, text=True, check=True,
@@ -50,11 +50,6 @@ def _bundle(tmp: Path, root: Path, version: str | None = None) -> Path:
         shutil.copy2(REPO / name, out / name)
     app = out / "fedpeft" / "clients" / "client_app.py"
     app.write_text(MARKER.format(root=str(root)) + app.read_text())
-    if version is not None:
-        project = out / "pyproject.toml"
-        project.write_text(
-            project.read_text().replace('version = "0.1.0"', f'version = "{version}"')
-        )
     return out
 
 
@@ -139,13 +134,3 @@ def test_a_bundle_with_its_own_client_code_never_runs_it_on_a_fedpeft_node(
     for name in node_deployment.node_ids:
         log = node_deployment.processes.log(name)
         assert "the installed fedpeft ClientApp handles run" in log
-
-
-def test_a_bundle_at_a_version_the_node_did_not_approve_is_refused(node_deployment, tmp_path):
-    bundle = _bundle(tmp_path, node_deployment.root, version="9.9.9")
-    rows = _run(node_deployment, bundle, tmp_path / "run")
-    failures = json.loads(rows[1]["failures"])
-    assert rows[1]["replied"] == 0 and len(failures) == 2
-    expected = f"this node runs fedpeft/fedpeft {Approval().version} only"
-    assert all(expected in reason for reason in failures.values()), failures
-    assert not list(node_deployment.root.glob("bundle-ran-node-*"))

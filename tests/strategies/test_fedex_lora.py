@@ -198,5 +198,5 @@ def test_a_quantised_base_is_refused():
     from fedpeft.errors import ConfigError
     from tests.causal.test_precision import GSM8K
 
-    with pytest.raises(ConfigError, match=r"strategy=fedex_lora merges .* a 4bit base"):
+    with pytest.raises(ConfigError, match=r"strategy=fedex_lora on a 4bit base: it merges"):
         compose_config([*GSM8K, "device=cpu", "model.quantization=4bit", "strategy=fedex_lora"])

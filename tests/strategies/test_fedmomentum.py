@@ -103,7 +103,7 @@ def test_the_exported_lora_is_the_whole_model():
     ("overrides", "message"),
     [
         (["strategy.params.energy=0"], "energy=0 must be in \\(0, 1\\]"),
-        (["+strategy.params.ranks=[4,8]"], "FedMomentum merges one residual"),
+        (["+strategy.params.ranks=[4,8]"], "fedmomentum cannot train clients at different ranks"),
         (["server_opt.name=fedadam"], "server_opt.name=fedadam with strategy=fedmomentum"),
     ],
 )

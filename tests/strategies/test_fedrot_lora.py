@@ -86,7 +86,7 @@ def test_rotation_adds_no_bytes():
     [
         (["strategy.params.rotate_lambda=1.5"], "rotate_lambda=1.5 must be in \\[0, 1\\]"),
         (["strategy.params.align_factor=C"], "align_factor=C is unknown"),
-        (["+strategy.params.ranks=[4,8]"], "FedRot-LoRA rotates every client's factors in one"),
+        (["+strategy.params.ranks=[4,8]"], "fedrot_lora cannot train clients at different ranks"),
         (["client_opt.scaffold=true", "train.optimizer=sgd"], "scaffold=true with strategy"),
     ],
 )

@@ -2,6 +2,7 @@
 client."""
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -18,6 +19,7 @@ from fedpeft.clients import local_factors
 from fedpeft.clients.client_app import evaluate, evaluate_round, train, train_round
 from fedpeft.clients.client_data import client_examples
 from fedpeft.config import compose_config
+from fedpeft.privacy import DPSettings
 from fedpeft.federation import prepare
 from fedpeft.privacy import NodePolicy, PolicyViolation
 from fedpeft.records import from_record
@@ -252,7 +254,7 @@ def test_evaluation_uses_the_nodes_own_b_and_head(rounds):
     )
     # the node's privacy rule: a private task, or a node that requires DP, gets a refusal
     private = json.loads(str(messages[0].content["config"]["task"]))
-    private["dp"] = {"enabled": True}
+    private["dp"] = dataclasses.asdict(DPSettings(enabled=True))  # every key: the node parses it
     config = ConfigRecord({**messages[0].content["config"], "task": json.dumps(private)})
     msg = Message(
         RecordDict({"arrays": messages[0].content["arrays"], "config": config}),
