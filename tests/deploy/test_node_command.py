@@ -7,7 +7,6 @@ bundles is tested in tests/node/test_approval.py.)"""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -16,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from fedpeft import certs
-from fedpeft.node.approval import Approval
 from tests.deploy.conftest import (
     BIN,
     CONNECTION,

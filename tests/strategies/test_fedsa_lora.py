@@ -19,9 +19,8 @@ from fedpeft.clients import local_factors
 from fedpeft.clients.client_app import evaluate, evaluate_round, train, train_round
 from fedpeft.clients.client_data import client_examples
 from fedpeft.config import compose_config
-from fedpeft.privacy import DPSettings
 from fedpeft.federation import prepare
-from fedpeft.privacy import NodePolicy, PolicyViolation
+from fedpeft.privacy import DPSettings, NodePolicy, PolicyViolation
 from fedpeft.records import from_record
 from fedpeft.runtime import model_runtime
 from fedpeft.strategies import FedSALoRA
