@@ -92,26 +92,32 @@ WORKER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(("messages", "fit"), [(2, 1), (5, 2)])
-def test_concurrent_messages_to_one_node_spend_at_most_its_cap(task, tmp_path, messages, fit):
-    cap = _cap_for(fit)
-    task = _asking(task, cap)
-    node = {**NODE, "state-dir": str(tmp_path / "state"), "dp-epsilon": cap}
+def test_concurrent_messages_to_one_node_spend_at_most_its_cap(task, tmp_path):
+    """Two nodes at once, in real processes: one gets 2 messages and admits 1 round, the other 5
+    and admits 2 (one launch for both: the processes' imports dominate the time)."""
     go = tmp_path / "go"
-    script = WORKER.format(repo=str(REPO), task=json.dumps(task), node=json.dumps(node), go=str(go))
-    procs = [
-        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-        for _ in range(messages)
-    ]
+    launched = []
+    for messages, fit in ((2, 1), (5, 2)):
+        cap = _cap_for(fit)
+        node = {**NODE, "state-dir": str(tmp_path / f"state-{messages}"), "dp-epsilon": cap}
+        script = WORKER.format(
+            repo=str(REPO), task=json.dumps(_asking(task, cap)), node=json.dumps(node), go=str(go)
+        )
+        procs = [
+            subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+            for _ in range(messages)
+        ]
+        launched.append((messages, fit, cap, node, procs))
     time.sleep(1.0)
     go.touch()  # all at once: every process is past its imports or close to it
-    outcomes = [p.communicate(timeout=600)[0].strip().splitlines()[-1] for p in procs]
-    assert all(p.returncode == 0 for p in procs)
-    assert outcomes.count("trained") == fit and outcomes.count("refused") == messages - fit
-    saved = LedgerFile(node["state-dir"], 1, data_fingerprint(task, NODE)).load()
-    ledger = PrivacyLedger._load(saved)
-    assert ledger.steps == fit * STEPS
-    assert ledger.epsilon() <= cap
+    for messages, fit, cap, node, procs in launched:
+        outcomes = [p.communicate(timeout=600)[0].strip().splitlines()[-1] for p in procs]
+        assert all(p.returncode == 0 for p in procs)
+        assert outcomes.count("trained") == fit and outcomes.count("refused") == messages - fit
+        saved = LedgerFile(node["state-dir"], 1, data_fingerprint(task, NODE)).load()
+        ledger = PrivacyLedger._load(saved)
+        assert ledger.steps == fit * STEPS
+        assert ledger.epsilon() <= cap
 
 
 def test_new_run_ids_over_the_same_data_stop_at_the_lifetime_cap(task, tmp_path):
