@@ -260,6 +260,12 @@ class LowRankStrategy(Strategy):
         `params` are strategy.params, `strategy` the whole strategy group. The base checks
         per-client ranks and their scaling; a method with options of its own adds to this.
         """
+        refused = sorted(k for k in cls.refused_options if params.get(k) is not None)
+        if refused:
+            raise ValueError(
+                f"strategy.params.{refused[0]} is not an option of {cls.method()}: every client "
+                "trains at adapter.rank here; drop it"
+            )
         if params.get("ranks") is not None:
             ranks = params["ranks"]
             check_ranks(ranks if isinstance(ranks, list) else [ranks])

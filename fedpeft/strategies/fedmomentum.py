@@ -20,12 +20,14 @@ from typing import Any
 import torch
 
 from fedpeft import lowrank
-from fedpeft.strategies.fedavg import FedAvgLoRA
-from fedpeft.strategies.flora import VersionedBase
+from fedpeft.strategies.fedex_lora import FedExLoRA
 
 
-class FedMomentum(FedAvgLoRA, VersionedBase):
+class FedMomentum(FedExLoRA):
     """FedMomentum: SVD re-factorisation of the aggregate, the tail merged into the base.
+
+    FedEx-LoRA's exchange (warm-started clients, a versioned base of residual modules sent to
+    each node once) with another server step.
 
     Down: the global A and B (the previous round's top-r part), the head when trained, and the
     residual modules the node lacks (rho_t (d_in + d_out) per layer, rho_t = max(0, r_eff - r)
@@ -54,20 +56,14 @@ class FedMomentum(FedAvgLoRA, VersionedBase):
         self.check_params({"energy": energy, "ranks": kwargs.get("ranks")}, {}, 0)
         super().__init__(*args, **kwargs)
         self.energy = float(energy)
-        self.alpha = float(self.task.get("adapter", {}).get("alpha", 16))
-        self.layers = [k.removesuffix(".lora_A") for k in self.factor_keys("lora_A")]
         self.reseeded = 0
 
     @classmethod
     def check_params(
         cls, params: Mapping[str, Any], strategy: Mapping[str, Any], adapter_rank: int
     ) -> None:
-        """One rank for every client; energy in (0, 1]."""
-        if params.get("ranks") is not None:
-            raise ValueError(
-                "strategy.params.ranks: FedMomentum merges one residual into a base every client "
-                "shares, so every client must train at adapter.rank: drop strategy.params.ranks"
-            )
+        """One rank for every client (one base takes one residual); energy in (0, 1]."""
+        super().check_params(params, strategy, adapter_rank)
         energy = params.get("energy", 0.9999)
         if isinstance(energy, bool) or not isinstance(energy, int | float) or not 0 < energy <= 1:
             raise ValueError(
@@ -83,17 +79,6 @@ class FedMomentum(FedAvgLoRA, VersionedBase):
             "in a new basis every round, not a persistent average a server optimiser or a "
             "control variate could live on"
         )
-
-    @property
-    def scale(self) -> float:
-        """The global adapter's scaling s = alpha / r."""
-        return self.alpha / self.global_rank
-
-    def node_payload(self, node_id: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """FedAvg's payload, plus the residual modules the node lacks."""
-        tensors, config = super().node_payload(node_id)
-        modules, versions = self.versioned_payload(node_id)
-        return {**tensors, **modules}, {**config, **versions}
 
     def aggregate_updates(
         self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor

@@ -84,11 +84,7 @@ class FedRotLoRA(FedAvgLoRA):
         cls, params: Mapping[str, Any], strategy: Mapping[str, Any], adapter_rank: int
     ) -> None:
         """One rank for every client; lambda in [0, 1]; a known factor; a boolean reflection."""
-        if params.get("ranks") is not None:
-            raise ValueError(
-                "strategy.params.ranks: FedRot-LoRA rotates every client's factors in one r x r "
-                "frame, so every client must have adapter.rank: drop strategy.params.ranks"
-            )
+        super().check_params(params, strategy, adapter_rank)
         lam = params.get("rotate_lambda", 0.5)
         if isinstance(lam, bool) or not isinstance(lam, int | float) or not 0 <= lam <= 1:
             raise ValueError(
