@@ -70,7 +70,7 @@ def _plot(
     rows = -(-max(1, len(panels)) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
     for ax, panel in zip(axes.flat, panels or [()], strict=False):
-        # Ten colours, then the same ten dashed: eleven methods stay told apart.
+        # Ten colours, then the same ten dashed: all thirteen methods stay told apart.
         palette = [plt.get_cmap("tab10")(i) for i in range(10)]
         ax.set_prop_cycle(plt.cycler(linestyle=["-", "--", ":"]) * plt.cycler(color=palette))
         for config, group in groups.items():
