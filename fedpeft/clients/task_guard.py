@@ -23,12 +23,11 @@ text depends on the task and node config only, never on the node's data.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from fedpeft.errors import ConfigError, FedPeftError
-from fedpeft.privacy.settings import DPSettings
+from fedpeft.privacy.settings import DPSettings, finite_number, integer_in
 
 #: node config key -> (default cap, what it bounds)
 LIMITS: dict[str, tuple[int, str]] = {
@@ -89,8 +88,7 @@ def _section(task: Mapping[str, Any], name: str) -> Mapping[str, Any]:
 
 
 def _bounded_int(value: object, field: str, cap: int, key: str | None = None, low: int = 1) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= cap
-    if not ok:
+    if not integer_in(value, low, cap):
         where = f" (node config {key})" if key else ""
         raise TaskRefused(
             f"the task's {field}={value!r} must be an integer in [{low}, {cap}]{where}"
@@ -98,8 +96,7 @@ def _bounded_int(value: object, field: str, cap: int, key: str | None = None, lo
 
 
 def _finite(value: object, field: str, low: float = 0.0) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low:
+    if not finite_number(value) or value < low:
         raise TaskRefused(f"the task's {field}={value!r} must be a finite number >= {low:g}")
 
 

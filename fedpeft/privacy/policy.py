@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import ConfigError, FedPeftError
-from fedpeft.privacy.settings import ACCOUNTANTS, DPSettings
+from fedpeft.privacy.settings import ACCOUNTANTS, DPSettings, finite_number
 
 REQUIRED, EPSILON, DELTA = "dp-required", "dp-epsilon", "dp-delta"
 MAX_GRAD_NORM, NOISE_MULTIPLIER, STATE_DIR = "dp-max-grad-norm", "dp-noise-multiplier", "state-dir"
@@ -65,8 +65,7 @@ def default_state_dir() -> Path:
 
 
 def _positive(key: str, value: object, upper: float | None = None) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value <= 0 or (upper is not None and value >= upper):
+    if not finite_number(value) or value <= 0 or (upper is not None and value >= upper):
         bound = f" and below {upper:g}" if upper is not None else ""
         raise ConfigError(
             f"node config {key}={value!r} must be a number above 0{bound}, e.g. {key}=3.0"

@@ -25,21 +25,19 @@ MAX_PLANNED_ROUNDS = 1_000_000
 MAX_PHYSICAL_BATCH = 1_000_000
 
 
-def _finite(value: object) -> bool:
-    """A real number (not bool), finite: NaN and inf are refused everywhere."""
+def finite_number(value: object) -> bool:
+    """A real number (not bool), finite: NaN and inf are refused wherever this is asked."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _in(value: object, low: float, high: float, low_open: bool = True) -> bool:
-    """`value` a finite number with low < value <= high (low <= value when not low_open)."""
-    if not _finite(value):
-        return False
-    above = value > low if low_open else value >= low
-    return above and value <= high
-
-
-def _integer(value: object, low: int, high: int) -> bool:
+def integer_in(value: object, low: int, high: int) -> bool:
+    """An int (not bool) with low <= value <= high."""
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _in(value: object, low: float, high: float) -> bool:
+    """`value` a finite number with low < value <= high."""
+    return finite_number(value) and low < value <= high
 
 
 @dataclass(frozen=True)
@@ -129,12 +127,12 @@ class DPSettings:
             (
                 "max_physical_batch_size",
                 values["max_physical_batch_size"] is None
-                or _integer(values["max_physical_batch_size"], 1, MAX_PHYSICAL_BATCH),
+                or integer_in(values["max_physical_batch_size"], 1, MAX_PHYSICAL_BATCH),
                 "an integer >= 1 (or null for no cap)",
             ),
             (
                 "planned_rounds",
-                _integer(values["planned_rounds"], 1, MAX_PLANNED_ROUNDS),
+                integer_in(values["planned_rounds"], 1, MAX_PLANNED_ROUNDS),
                 "an integer >= 1 (or null: rounds x expected participation)",
             ),
             ("reproducible", isinstance(values["reproducible"], bool), "true or false"),
