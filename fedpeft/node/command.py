@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +29,23 @@ from fedpeft.node.approval import APPROVAL_ENV, Approval
 BIN = Path(sys.executable).parent
 DEFAULT_RUNTIME_PORT = 9094
 
-#: command-line option -> (node config key, type); each is documented in docs/deploy.md
-OPTIONS: dict[str, tuple[str, type]] = {
-    "data": ("data-path", str),
-    "text_column": ("text-column", str),
-    "label_column": ("label-column", str),
-    "partition_id": ("partition-id", int),
-    "num_partitions": ("num-partitions", int),
-    "state_dir": ("state-dir", str),
-    "device": ("device", str),
-    "dtype": ("dtype", str),
-    "model_path": ("model-path", str),
-    "dp_epsilon": ("dp-epsilon", float),
-    "dp_lifetime_epsilon": ("dp-lifetime-epsilon", float),
-    "dp_delta": ("dp-delta", float),
-    "dp_max_grad_norm": ("dp-max-grad-norm", float),
-    "dp_noise_multiplier": ("dp-noise-multiplier", float),
-    "dp_accountant": ("dp-accountant", str),
+#: command-line option -> (node config key it sets, type, help); docs/deploy.md documents each key
+OPTIONS: dict[str, tuple[str, type, str]] = {
+    "--data": ("data-path", str, "this node's own data file (csv, tsv, json, jsonl, parquet)"),
+    "--text-column": ("text-column", str, "the data file's text column (default text)"),
+    "--label-column": ("label-column", str, "the data file's label column (default label)"),
+    "--partition-id": ("partition-id", int, "demo: train on this partition ..."),
+    "--num-partitions": ("num-partitions", int, "... of this many of the task's data"),
+    "--state-dir": ("state-dir", str, "where the privacy ledger lives (keep it across restarts)"),
+    "--device": ("device", str, "cpu, cuda or cuda:<i> (default: the server's choice)"),
+    "--dtype": ("dtype", str, "float32 or bfloat16 for this node's model"),
+    "--model-path": ("model-path", str, "this node's copy of the base model (hf models)"),
+    "--dp-epsilon": ("dp-epsilon", float, "the most epsilon one run may spend"),
+    "--dp-lifetime-epsilon": ("dp-lifetime-epsilon", float, "the most over all runs"),
+    "--dp-delta": ("dp-delta", float, "the largest delta accepted"),
+    "--dp-max-grad-norm": ("dp-max-grad-norm", float, "the largest clipping bound"),
+    "--dp-noise-multiplier": ("dp-noise-multiplier", float, "the smallest noise multiplier"),
+    "--dp-accountant": ("dp-accountant", str, "prv (default) or rdp"),
 }
 
 
@@ -57,24 +57,9 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     tls.add_argument("--root-certificates", type=Path, help="the federation's CA certificate")
     tls.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
     node.add_argument("--auth-key", type=Path, help="this node's private key (fedpeft certs node)")
-    node.add_argument("--data", help="this node's own data file (csv, tsv, json, jsonl, parquet)")
-    node.add_argument("--text-column", help="the data file's text column (default text)")
-    node.add_argument("--label-column", help="the data file's label column (default label)")
-    node.add_argument("--partition-id", type=int, help="demo: train on this partition ...")
-    node.add_argument("--num-partitions", type=int, help="... of this many of the task's data")
-    node.add_argument(
-        "--state-dir", help="where the privacy ledger lives (keep it across restarts)"
-    )
-    node.add_argument("--device", help="cpu, cuda or cuda:<i> (default: the server's choice)")
-    node.add_argument("--dtype", help="float32 or bfloat16 for this node's model")
-    node.add_argument("--model-path", help="this node's copy of the base model (hf models)")
+    for flag, (key, kind, text) in OPTIONS.items():
+        node.add_argument(flag, dest=key, type=kind, help=text)
     node.add_argument("--dp-required", action="store_true", help="train only under DP-SGD")
-    node.add_argument("--dp-epsilon", type=float, help="the most epsilon one run may spend")
-    node.add_argument("--dp-lifetime-epsilon", type=float, help="the most over all runs")
-    node.add_argument("--dp-delta", type=float, help="the largest delta accepted")
-    node.add_argument("--dp-max-grad-norm", type=float, help="the largest clipping bound")
-    node.add_argument("--dp-noise-multiplier", type=float, help="the smallest noise multiplier")
-    node.add_argument("--dp-accountant", help="prv (default) or rdp")
     node.add_argument(
         "--node-config", default="", help='more node config, e.g. "max-batch-size=64"'
     )
@@ -94,10 +79,9 @@ def node_config(args: argparse.Namespace) -> dict[str, Any]:
     from fedpeft.privacy.policy import NodePolicy
 
     config: dict[str, Any] = _parse_extra(args.node_config)
-    for option, (key, kind) in OPTIONS.items():
-        value = getattr(args, option)
-        if value is not None:
-            config[key] = kind(value)
+    for key, _, _ in OPTIONS.values():
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
     if args.dp_required:
         config["dp-required"] = True
     if "data-path" in config:
@@ -212,10 +196,3 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
     codes = [p.returncode for p in procs]
     return 0 if stopping else next((c for c in codes if c), 0)
-
-
-def main(argv: Sequence[str]) -> int:
-    """For tests: parse `fedpeft node` arguments alone and run."""
-    parser = argparse.ArgumentParser(prog="fedpeft")
-    add_subcommand(parser.add_subparsers(dest="command", required=True))
-    return run(parser.parse_args(["node", *argv]))
