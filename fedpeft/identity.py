@@ -11,13 +11,13 @@ The node (clients/client_app.py `identity`) answers with
   this run (strategies/declared.py).
 A name that two connected nodes claim goes to neither: both keep their node ids.
 
-When it is asked: a deployment asks every node when it joins (server_app.identify_new_nodes), a
-simulation asks a node when it is first sampled (`LowRankStrategy.identify_sampled_timeout`), so
-that a round costs the clients it samples, not the clients that exist. Before it is asked, a
-simulated node is sampled under `registration_names`: Flower's simulation registers node i with
-partition id i, in order, so a node's position in that order is the name it will answer with and
-sampling is the same as if every node had been asked first (a run repeats, seed for seed). The
-answer is still what counts; a node that answers otherwise is logged.
+When it is asked: a deployment asks every node when it joins (strategies/roster.py `identify_new`),
+a simulation asks a node when it is first sampled (`Roster.sample` with
+`LowRankStrategy.identify_sampled_timeout`), so that a round costs the clients it samples, not the
+clients that exist. Before it is asked, a simulated node is sampled under `registration_names`:
+Flower's simulation registers node i with partition id i, in order, so a node's position in that
+order is the name it will answer with and sampling is the same as if every node had been asked
+first (a run repeats, seed for seed). The answer is still what counts; a node that answers otherwise is logged.
 """
 
 from __future__ import annotations

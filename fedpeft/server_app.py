@@ -81,36 +81,6 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def identify_nodes(
-    grid: Grid,
-    nodes: Sequence[int],
-    task: Mapping[str, Any],
-    timeout: float,
-    held: Mapping[int, int] | None = None,
-) -> tuple[dict[int, int], dict[int, int]]:
-    """Ask `nodes` for their stable names and example counts (fedpeft/identity.py `ask`).
-
-    Returns node id -> name for the nodes whose name no other node claims (`held`: the names of
-    connected nodes identified before), and node id -> declared count for every node that gave
-    one. A node that does not answer within `timeout`, or claims a taken name, keeps its node id
-    as its name; the run goes on.
-    """
-    return identity.ask(grid, nodes, task, timeout, held)
-
-
-def identify_new_nodes(
-    grid: Grid, strategy: LowRankStrategy, asked: set[int], timeout: float
-) -> None:
-    """Identify the connected nodes not in `asked` (then added to it) to `strategy`."""
-    connected = set(grid.get_node_ids())
-    new = sorted(connected - asked)
-    if not new:
-        return
-    asked.update(new)
-    held = {n: m for n, m in strategy.identities.items() if n in connected}
-    strategy.identify(*identify_nodes(grid, new, strategy.task, timeout, held))
-
-
 def evaluate_round(grid: Grid, fed: Federation, server_round: int) -> dict[str, Any]:
     """The round's scores: the global adapter on the server's split, or the clients' own.
 
@@ -206,7 +176,7 @@ def run_federation(
         for server_round in range(first, rounds + 1):
             round_start = time.perf_counter()
             if identify and not simulated:
-                identify_new_nodes(grid, strategy, asked, strategy.wait_timeout)
+                strategy.roster.identify_new(grid, asked, strategy.task, strategy.wait_timeout)
             messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
             replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
             strategy.aggregate_train(server_round, replies)
@@ -263,9 +233,7 @@ def run_federation(
         "adapter_dir": str(folder.adapter_dir.resolve()),
         "run_dir": str(folder.path.resolve()),
         "partition_sizes": fed.partition_sizes,
-        "declared_examples": {
-            str(strategy.member(n)): c for n, c in sorted(strategy.declared.items())
-        },
+        "declared_examples": strategy.roster.declared_by_member(),
         "resumed_from_round": resumed.server_round if resumed is not None else None,
         "evaluation": strategy.evaluation,
         **personalised_summary(strategy, folder.rows),

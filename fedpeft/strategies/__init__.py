@@ -1,6 +1,6 @@
 """fedpeft's aggregation methods, one module each, on a shared Flower strategy base."""
 
-from fedpeft.strategies.base import LowRankStrategy, RoundStats
+from fedpeft.strategies.base import LowRankStrategy
 from fedpeft.strategies.fed_sb import FedSB
 from fedpeft.strategies.fedavg import FedAvgLoRA
 from fedpeft.strategies.fedex_lora import FedExLoRA
@@ -14,6 +14,7 @@ from fedpeft.strategies.flora import FLoRA
 from fedpeft.strategies.hetlora import HetLoRA
 from fedpeft.strategies.lora_fair import LoRAFAIR
 from fedpeft.strategies.rolora import RoLoRA
+from fedpeft.strategies.round_stats import RoundStats
 
 #: strategy config name -> class; each class declares its own `name`
 STRATEGIES: dict[str, type[LowRankStrategy]] = {

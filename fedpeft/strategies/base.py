@@ -1,46 +1,31 @@
-"""Shared base of fedpeft's strategies: sampling, payloads, reply validation, weights, bytes.
+"""Shared base of fedpeft's strategies: the hooks a method defines and Flower's round around them.
 
 A method subclasses `LowRankStrategy` and says three things: which global tensors go down to a
 client (`down_keys`), which tensors a client must send back (`up_keys`), and how the valid replies
 become the new global adapter (`aggregate_updates`). Optional hooks: per-node extra payload and
-config (`node_payload`), per-node reply shapes (`up_specs`), a calibration step before round 1
-(`calibration_examples`, `calibrate`), and a plain-LoRA export for saving (`export_lora`,
+config (`node_payload`), per-node reply shapes (`up_specs`, or `reply_specs` when they follow what
+the reply reports), what to learn from the accepted replies (`accept`), a calibration step before
+round 1 (`calibration_examples`, `calibrate`), and a plain-LoRA export for saving (`export_lora`,
 `base_stacks`). A method that keeps per-node state on clients names the reply metric that reports
-it (`version_metric`); the base tracks node -> version and resets a node to 0 when it fails or
-does not reply in time.
+it (`version_metric`); the roster then tracks node -> version and resets a node to 0 when it fails
+or does not reply in time. The method's parameters, checks and refusals live on its class
+(`options`, `check_params`, `drift_refusal`, `base_refusal`, `resume_refusal`).
 
-Nodes are known by their Flower node id, which a simulation draws at random in every process.
-When the server has learnt each node's stable identity (its data partition, `identify`), sampling,
-reply order and per-client records follow that identity instead, so that a run is reproducible
-and a resumed run picks up where it stopped. The example count a node declared with its identity
-bounds what its replies may claim (declared.py). `state_dict` and `load_state_dict` carry everything
-a resumed server needs; methods extend them with their own state.
-
-Drift correction composes with a method through two options the base owns (config groups
-`server_opt` and `client_opt`):
-- a server optimiser (FedAvgM, FedAdam, FedYogi, FedAdagrad; server_opt.py) takes the pseudo-
-  gradient Delta = x_avg - x of the tensors the method keeps as the weighted average of the
-  replies (`server_opt_keys`, by default `up_keys`) right after `aggregate_updates`, and replaces
-  x_avg by its own step from x;
-- SCAFFOLD (Karimireddy et al., ICML 2020, option II): the server keeps a control variate c on the
-  `up_keys` tensors, sends it down as `control.<key>`, takes each client's delta c_k back as
-  `control.<key>` and updates c += (|S| / N) sum_k p_k delta c_k (p_k: the round's weights; with
-  equal n_k this is the paper's mean). Both count in the round's bytes and live in `state_dict`.
-FedProx needs no server part (clients/drift.py). A method says whether these options mean anything
-for it with `drift_refusal`; the base refuses both, so a method opts in by overriding it.
+The base does the rest through pieces that know no strategy: the roster (identities, declared
+counts, ranks, sampling; roster.py), reply screening (screening.py), the server's drift
+correction (server optimiser and SCAFFOLD's c; server_drift.py), the ledger watch
+(privacy_watch.py) and the measured DP noise (update_noise.py). `state_dict` and
+`load_state_dict` gather their state for a resumed server; methods extend both with their own.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-import random
 import time
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -49,54 +34,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedpeft import identity, lowrank
-from fedpeft.adapters import CONTROL_PREFIX
-from fedpeft.records import (
-    ARRAYS_KEY,
-    BUDGET_EXHAUSTED,
-    CONFIG_KEY,
-    METRICS_KEY,
-    TASK_KEY,
-    TensorSpec,
-    UpdateRejected,
-    addressees,
-    answered_node,
-    check_norms,
-    record_bytes,
-    short_reason,
-    tensor_bytes,
-    to_record,
-    validate_update,
-)
+from fedpeft import lowrank
+from fedpeft.records import ARRAYS_KEY, CONFIG_KEY, TASK_KEY, TensorSpec, record_bytes, to_record
 from fedpeft.strategies import update_noise
-from fedpeft.strategies.declared import claim_refusal
 from fedpeft.strategies.privacy_watch import PrivacyWatch
 from fedpeft.strategies.ranks import check_ranks, check_scaling
-from fedpeft.strategies.server_opt import ServerOptimizer
-
-#: num-examples bound passed to reply validation when the server sets no cap.
-NO_CAP = 2**63 - 1
-
-
-@dataclass
-class RoundStats:
-    """What one round moved and who took part, for the history."""
-
-    sampled: int = 0
-    replied: int = 0
-    bytes_down: int = 0
-    bytes_up: int = 0
-    rejected: dict[int, str] = field(default_factory=dict)
-    failed: dict[int, str] = field(default_factory=dict)
-    client_loss: dict[int, float] = field(default_factory=dict)
-    client_epsilon: dict[int, float] = field(default_factory=dict)
-    accepted: list[int] = field(default_factory=list)
-    train_loss: float | None = None
-    aggregate_s: float = 0.0
-    #: ||Delta|| of the averaged tensors against the global the clients started from, and the
-    #: expected norm of the DP noise in it (update_noise.py); None when not measured
-    update_norm: float | None = None
-    dp_noise_norm: float | None = None
+from fedpeft.strategies.roster import Roster
+from fedpeft.strategies.round_stats import RoundStats
+from fedpeft.strategies.screening import Accepted, ReplyRules, RoundReplies, screen_replies
+from fedpeft.strategies.server_drift import ServerDrift
 
 
 class LowRankStrategy(Strategy):
@@ -175,32 +121,25 @@ class LowRankStrategy(Strategy):
         self.train_head = train_head
         self.fraction = fraction
         self.min_clients = min_clients
-        self.max_num_examples = max_num_examples
-        self.median_multiple = median_multiple
-        self.norm_bound = norm_bound
         self.wait_timeout = wait_timeout
-        self.rng = random.Random(seed)
+        self.rules = ReplyRules(
+            max_num_examples=max_num_examples,
+            median_multiple=median_multiple,
+            norm_bound=norm_bound,
+            private_run=bool((self.task.get("dp") or {}).get("enabled")),
+        )
+        self.roster = Roster(seed, track_versions=self.version_metric is not None)
+        self.privacy = PrivacyWatch()
         self.stats = RoundStats()
         self.server_round = 0
-        self.known_versions: dict[int, int] = {}
-        self.identities: dict[int, int] = {}
-        self.declared: dict[int, int] = {}
-        self.pending: list[int] = []
-        self.sent: list[Message] = []
-        self.node_ranks: dict[int, int] = {}
-        self.exhausted: set[int] = set()
-        self.privacy = PrivacyWatch()
-        self.connected = 0
+        self.awaited = RoundReplies()
         self.num_clients = num_clients
-        self.server_opt = None
         if server_opt is not None and server_opt.get("name", "none") != "none":
             self._refuse("server_opt", server_opt["name"])
-            self.server_opt = ServerOptimizer(**server_opt)
-        self.scaffold = bool(scaffold)
-        self.control: dict[str, torch.Tensor] = {}
-        if self.scaffold:
+        if scaffold:
             self._refuse("scaffold", "true")
-            self.control = {k: torch.zeros_like(self.global_adapter[k]) for k in self.up_keys()}
+        controls = {k: self.global_adapter[k] for k in self.up_keys()} if scaffold else None
+        self.drift = ServerDrift(server_opt, controls)
 
     # -- what each method defines -------------------------------------------------------------
     @abstractmethod
@@ -300,32 +239,6 @@ class LowRankStrategy(Strategy):
         """The global tensors the method sets to the weighted average of the replies each round."""
         return self.up_keys()
 
-    def control_payload(self) -> dict[str, torch.Tensor]:
-        """SCAFFOLD's server control variate c as `control.<key>` (empty without SCAFFOLD)."""
-        return {f"{CONTROL_PREFIX}{k}": v for k, v in self.control.items()}
-
-    def control_specs(self) -> dict[str, TensorSpec]:
-        """The delta c_k a SCAFFOLD reply must carry, with the shapes of c."""
-        return {f"{CONTROL_PREFIX}{k}": TensorSpec(tuple(v.shape)) for k, v in self.control.items()}
-
-    def _drift_step(
-        self,
-        previous: Mapping[str, torch.Tensor],
-        deltas: list[dict[str, torch.Tensor]],
-        weights: torch.Tensor,
-    ) -> None:
-        """After `aggregate_updates`: the server optimiser's step, then c += |S|/N sum p_k dc_k."""
-        if self.server_opt is not None:
-            averaged = {k: self.global_adapter[k] for k in previous}
-            self.global_adapter.update(self.server_opt.step(previous, averaged))
-        if self.scaffold and deltas:
-            total = self.num_clients or self.connected or len(deltas)
-            share = min(1.0, len(deltas) / total)
-            for key in self.control:
-                stacked = torch.stack([d[f"{CONTROL_PREFIX}{key}"].double() for d in deltas])
-                mean = torch.einsum("k,k...->...", weights.double(), stacked)
-                self.control[key] = (self.control[key].double() + share * mean).float()
-
     # -- shared helpers -----------------------------------------------------------------------
     def head_keys(self) -> list[str]:
         """The head's keys when it is trained (and therefore exchanged)."""
@@ -402,60 +315,37 @@ class LowRankStrategy(Strategy):
     # -- identities and resumable state ----------------------------------------------------
     #: Seconds to wait for the identity of a sampled node not identified yet, asked before its
     #: first train message (None: never ask here; the server sets it in simulations, see
-    #: fedpeft/identity.py). Until then it is sampled under `expected_names`.
+    #: fedpeft/identity.py). Until then it is sampled under the roster's `expected_names`.
     identify_sampled_timeout: float | None = None
-    #: Node id -> the name a not yet identified simulated node will answer with (its position in
-    #: Flower's registration order, identity.registration_names).
-    expected_names: Mapping[int, int] = MappingProxyType({})
 
     def identify(
         self, identities: Mapping[int, int], declared: Mapping[int, int] | None = None
     ) -> None:
-        """Learn node id -> stable identity and node id -> declared example count for more nodes.
-
-        A node that takes an identity over (a SuperNode restarted under a new node id) replaces
-        the node that held it, its declaration included.
-        """
-        gone = {n for n, m in self.identities.items() if m in set(identities.values())}
-        self.identities = {n: m for n, m in self.identities.items() if n not in gone}
-        self.declared = {n: c for n, c in self.declared.items() if n not in gone}
-        self.identities.update(identities)
-        self.declared.update(declared or {})
+        """Learn node id -> stable identity and declared example count (Roster.identify)."""
+        self.roster.identify(identities, declared)
 
     def member(self, node_id: int) -> int:
         """The node's stable identity when known, else its node id."""
-        return self.identities.get(node_id, node_id)
+        return self.roster.member(node_id)
 
     def assign_rank(self, node_id: int, ranks: Sequence[int]) -> int:
         """ranks[i % n] for the i-th client first sampled, kept for the run and across resumes."""
-        member = self.member(node_id)
-        if member not in self.node_ranks:
-            self.node_ranks[member] = int(ranks[len(self.node_ranks) % len(ranks)])
-        return self.node_ranks[member]
+        return self.roster.assign_rank(node_id, ranks)
 
-    def _order(self, node_id: int) -> tuple[int, int, int]:
-        """Sort key: a node's identity, else the name it is expected to answer, else its node id."""
-        if node_id in self.identities:
-            return (0, self.identities[node_id], node_id)
-        if node_id in self.expected_names:
-            return (0, self.expected_names[node_id], node_id)
-        return (1, node_id, node_id)
+    def known_version(self, node_id: int) -> int:
+        """The version of the per-node state this node reported holding (0: none)."""
+        return self.roster.versions.get(node_id, 0)
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, JSON-able state) a resumed server needs; methods extend both."""
-        version, internal, gauss = self.rng.getstate()
+        tensors, drift_meta = self.drift.state_dict()
+        tensors.update({f"global.{k}": v for k, v in self.global_adapter.items()})
         meta = {
             "server_round": self.server_round,
-            "rng": [version, list(internal), gauss],
-            "node_ranks": [[m, r] for m, r in self.node_ranks.items()],
-            "exhausted": sorted(self.exhausted),
+            **self.roster.state(),
             "privacy": self.privacy.state(),
+            **drift_meta,
         }
-        tensors = {f"global.{k}": v for k, v in self.global_adapter.items()}
-        tensors.update(self.control_payload())
-        if self.server_opt is not None:
-            opt_tensors, meta["server_opt"] = self.server_opt.state_dict()
-            tensors.update(opt_tensors)
         return tensors, meta
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
@@ -467,66 +357,9 @@ class LowRankStrategy(Strategy):
             raise ValueError("the checkpoint's global adapter does not match this run's adapter")
         self.global_adapter = {k: v.float().clone() for k, v in saved.items()}
         self.server_round = int(meta["server_round"])
-        version, internal, gauss = meta["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
-        self.node_ranks = {int(m): int(r) for m, r in meta["node_ranks"]}
-        self.exhausted = {int(m) for m in meta.get("exhausted", [])}
+        self.roster.load(meta)
         self.privacy = PrivacyWatch.from_state(meta.get("privacy"))
-        self.known_versions = {}
-        for key in self.control:
-            self.control[key] = tensors[f"{CONTROL_PREFIX}{key}"].float().clone()
-        if self.server_opt is not None:
-            if "server_opt" not in meta:
-                raise ValueError(
-                    "the checkpoint has no server optimiser state: resume with server_opt.name=none"
-                )
-            self.server_opt.load_state_dict(tensors, meta["server_opt"])
-
-    def _sample(self, grid: Grid) -> list[int]:
-        """Sample this round's nodes by identity; with `identify_sampled_timeout`, ask the new ones.
-
-        Costs O(connected nodes) in sorting and O(sampled nodes) in messages.
-        """
-        deadline = time.monotonic() + self.wait_timeout
-        while len(nodes := list(grid.get_node_ids())) < self.min_clients:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(nodes)} of {self.min_clients} nodes connected")
-            time.sleep(1.0)
-        lazy = self.identify_sampled_timeout is not None
-        if lazy and any(n not in self.identities and n not in self.expected_names for n in nodes):
-            self.expected_names = identity.registration_names(grid)
-        nodes.sort(key=self._order)
-        self.connected = len(nodes)
-        size = min(len(nodes), max(self.min_clients, int(self.fraction * len(nodes))))
-        eligible = [n for n in nodes if self.member(n) not in self.exhausted]
-        if len(eligible) < size:
-            log(
-                WARNING,
-                "round %d: %d of %d clients have spent their privacy budget; sampling %d",
-                self.server_round,
-                len(nodes) - len(eligible),
-                len(nodes),
-                len(eligible),
-            )
-        sampled = self.rng.sample(eligible, min(size, len(eligible)))
-        new = sorted((n for n in sampled if n not in self.identities), key=self._order)
-        if lazy and new:
-            connected = set(nodes)
-            held = {n: m for n, m in self.identities.items() if n in connected}
-            names, declared = identity.ask(
-                grid, new, self.task, float(self.identify_sampled_timeout), held
-            )
-            for node, name in names.items():
-                if self.expected_names.get(node, name) != name:
-                    log(
-                        WARNING,
-                        "node %d answered name %d where Flower's registration order gave %d",
-                        node,
-                        name,
-                        self.expected_names[node],
-                    )
-            self.identify(names, declared)
-        return sorted(sampled, key=self._order)
+        self.drift.load_state_dict(tensors, meta)
 
     # -- Flower's Strategy interface ----------------------------------------------------------
     def summary(self) -> None:
@@ -539,8 +372,8 @@ class LowRankStrategy(Strategy):
             self.fraction,
             self.min_clients,
             self.train_head,
-            self.server_opt.name if self.server_opt is not None else "none",
-            self.scaffold,
+            self.drift.server_opt.name if self.drift.server_opt is not None else "none",
+            self.drift.scaffold,
         )
 
     def configure_train(
@@ -550,14 +383,23 @@ class LowRankStrategy(Strategy):
         self.stats = RoundStats()
         self.server_round = server_round
         task = json.dumps({**self.task, **self.round_instructions(server_round)})
+        sampled = self.roster.sample(
+            grid,
+            fraction=self.fraction,
+            min_clients=self.min_clients,
+            wait_timeout=self.wait_timeout,
+            server_round=server_round,
+            identify_timeout=self.identify_sampled_timeout,
+            task=self.task,
+        )
         messages = []
-        for node_id in self._sample(grid):
+        for node_id in sampled:
             extra, node_config = self.node_payload(node_id)
             payload = to_record(
                 {
                     **{k: self.global_adapter[k] for k in self.down_keys(node_id)},
                     **extra,
-                    **self.control_payload(),
+                    **self.drift.payload(),
                 }
             )
             self.stats.bytes_down += record_bytes(payload)
@@ -571,169 +413,81 @@ class LowRankStrategy(Strategy):
             )
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         self.stats.sampled = len(messages)
-        self.pending = [m.metadata.dst_node_id for m in messages]
-        self.sent = messages
+        self.awaited = RoundReplies([m.metadata.dst_node_id for m in messages], messages)
         return messages
+
+    def reply_specs(self, node_id: int, metrics: Mapping[str, Any]) -> dict[str, TensorSpec]:
+        """The tensors this node's reply must hold, given its metrics (default: `up_specs`)."""
+        return self.up_specs(node_id)
+
+    def accept(self, accepted: Sequence[Accepted]) -> None:
+        """Learn from the round's accepted replies before they are aggregated (methods extend)."""
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate every reply, drop bad ones with a logged reason, aggregate the rest.
+        """Screen every reply (screening.py), aggregate the accepted ones, step the drift parts.
 
-        Replies are taken in the order of the nodes' identities, not of their arrival, so that the
-        floating-point sums are the same in every run. Per-client records are keyed by identity.
-        A sampled node that sent no reply (it timed out) counts as failed.
+        Per-client records are keyed by identity; a sampled node that sent no reply counts as
+        failed.
         """
         self.server_round = server_round
-        updates, weights, losses, deltas, noise_stds = [], [], [], [], []
-        by_node = {}
-        for msg in replies:
-            node = self._sender(msg)
-            if node in by_node:
-                log(WARNING, "round %d: ignoring a second reply from node %d", server_round, node)
-                continue
-            by_node[node] = msg
-        for node in self.pending:
-            if node not in by_node:
-                self._fail(node, "no reply before the round timeout")
-        self.pending = []
-        for node in sorted(by_node, key=self._order):
-            msg, member = by_node[node], self.member(node)
-            if msg.has_error():
-                self._fail(node, short_reason(msg.error.reason))
-                continue
-            self._track_version(node, msg)
-            try:
-                self._watch_ledger(member, msg)
-                cap = self.max_num_examples or NO_CAP
-                specs = {**self.up_specs(node), **self.control_specs()}
-                tensors, weight = validate_update(msg.content, specs, cap, None)
-                check_norms(tensors, self.up_specs(node), self.norm_bound)  # not SCAFFOLD's dc_k
-                refusal = claim_refusal(
-                    weight, self.declared.get(node), self.declared.values(), self.median_multiple
-                )
-                if refusal is not None:
-                    raise UpdateRejected(refusal)
-            except UpdateRejected as exc:
-                self.stats.rejected[member] = str(exc)
-                log(
-                    WARNING,
-                    "round %d: reply from client %d rejected: %s",
-                    server_round,
-                    member,
-                    exc,
-                )
-                continue
-            metrics = msg.content.metric_records[METRICS_KEY]
-            self.stats.bytes_up += tensor_bytes(tensors)
-            if "train-loss" in metrics:  # private replies carry none (privacy/release.py)
-                self.stats.client_loss[member] = float(metrics["train-loss"])
-            deltas.append({k: tensors.pop(k) for k in self.control_specs()})
-            updates.append(tensors)
-            weights.append(weight)
-            self.stats.accepted.append(member)
-            losses.append(self.stats.client_loss.get(member))
-            noise_stds.append(self._noise_std(metrics))
-        self.stats.replied = len(updates)
-        if len(updates) < self.min_clients:
+        accepted = screen_replies(
+            server_round,
+            replies,
+            self.awaited,
+            rules=self.rules,
+            specs=self.reply_specs,
+            control_specs=self.drift.specs(),
+            roster=self.roster,
+            privacy=self.privacy,
+            stats=self.stats,
+            version_metric=self.version_metric,
+        )
+        self.awaited = RoundReplies()
+        self.accept(accepted)
+        if len(accepted) < self.min_clients:
             log(
                 WARNING,
                 "round %d: %d valid replies < min_clients=%d; global adapter unchanged",
                 server_round,
-                len(updates),
+                len(accepted),
                 self.min_clients,
             )
             return None, None
         started = time.perf_counter()
-        p = lowrank.normalize_weights(weights)
-        self._measure_noise(updates, p, noise_stds)
-        previous = (
-            {k: self.global_adapter[k].clone() for k in self.server_opt_keys()}
-            if self.server_opt is not None
-            else {}
-        )
+        updates = [a.tensors for a in accepted]
+        p = lowrank.normalize_weights([a.weight for a in accepted])
+        self._measure_noise(accepted, p)
+        previous = self.drift.before(self.global_adapter, self.server_opt_keys())
         self.aggregate_updates(updates, p)
-        self._drift_step(previous, deltas, p)
+        population = self.num_clients or self.roster.connected or len(accepted)
+        controls = [a.controls for a in accepted]
+        self.drift.step(self.global_adapter, previous, controls, p, population)
         self.stats.aggregate_s = time.perf_counter() - started
+        losses = [self.stats.client_loss.get(a.member) for a in accepted]
         if None not in losses:
             self.stats.train_loss = float(
                 sum(pk * lk for pk, lk in zip(p.tolist(), losses, strict=True))
             )
-        metrics = MetricRecord(
-            {"num-replies": len(updates)}
-            if self.stats.train_loss is None
-            else {"train-loss": self.stats.train_loss, "num-replies": len(updates)}
-        )
-        return self.global_record(), metrics
+        metrics = {"num-replies": len(accepted)}
+        if self.stats.train_loss is not None:
+            metrics = {"train-loss": self.stats.train_loss, **metrics}
+        return self.global_record(), MetricRecord(metrics)
 
-    def _noise_std(self, metrics: Mapping[str, Any]) -> float | None:
-        """Per-coordinate DP noise std in a reply's tensors (None: not private or not plain SGD)."""
-        dp, train = self.task.get("dp") or {}, self.task.get("train") or {}
-        if not dp.get("enabled") or train.get("optimizer") != "sgd" or train.get("momentum"):
-            return None
-        return update_noise.client_noise_std(metrics, 1.0, float(dp["max_grad_norm"]))
-
-    def _measure_noise(
-        self, updates: list[dict[str, torch.Tensor]], p: torch.Tensor, stds: list[float | None]
-    ) -> None:
+    def _measure_noise(self, accepted: Sequence[Accepted], p: torch.Tensor) -> None:
         """Record the round's ||Delta|| and, for private SGD replies, its expected noise norm."""
         before = {k: self.global_adapter[k] for k in self.up_keys() if k in self.global_adapter}
-        train = self.task.get("train") or {}
-        lr, head_lr = float(train.get("lr") or 0.0), train.get("head_lr")
-        heads = set(self.head_keys())
-        rates = {k: float(head_lr) if k in heads and head_lr is not None else lr for k in before}
-        norms = update_noise.update_and_noise_norms(
-            before, updates, p, [s or 0.0 for s in stds], rates
+        norms = update_noise.round_norms(
+            self.task,
+            before,
+            [a.tensors for a in accepted],
+            p,
+            [a.metrics for a in accepted],
+            set(self.head_keys()),
         )
         if norms is not None:
-            self.stats.update_norm = norms[0]
-            self.stats.dp_noise_norm = norms[1] if None not in stds else None
-
-    def _watch_ledger(self, member: int, msg: Message) -> None:
-        """Record the reply's reported epsilon (rejected or not) and reject a ledger that reset.
-
-        A client whose ledger went backwards is not sampled again: its true spending is unknown.
-        """
-        metrics = msg.content.metric_records.get(METRICS_KEY) or {}
-        private_run = bool((self.task.get("dp") or {}).get("enabled"))
-        reason = self.privacy.observe(member, metrics, private_run)
-        if member in self.privacy.epsilon and "epsilon" in metrics:
-            self.stats.client_epsilon[member] = float(metrics["epsilon"])
-        if reason is not None:
-            if "was reset" in reason:
-                self.exhausted.add(member)
-            raise UpdateRejected(reason)
-
-    def _sender(self, msg: Message) -> int:
-        """The node a reply answers for, matching SuperLink-made errors to their train message.
-
-        The error the SuperLink sends for a node that became unavailable carries its own id.
-        """
-        node = msg.metadata.src_node_id
-        if node in self.pending or not msg.has_error():
-            return node
-        return answered_node(msg, addressees(self.sent))  # ids exist once the grid has sent
-
-    def _fail(self, node: int, reason: str) -> None:
-        """Record a node that failed or timed out; it may have lost its state, so resend it all.
-
-        A client that spent its privacy budget is not sampled again (it would only refuse).
-        """
-        if BUDGET_EXHAUSTED in reason:
-            self.exhausted.add(self.member(node))
-        self.stats.failed[self.member(node)] = reason
-        if self.version_metric is not None:
-            self.known_versions[node] = 0
-        log(WARNING, "round %d: client %d failed: %s", self.server_round, self.member(node), reason)
-
-    def _track_version(self, node: int, msg: Message) -> None:
-        """Remember the state version a node reports (0 when it reports none or nonsense)."""
-        if self.version_metric is None:
-            return
-        metrics = msg.content.metric_records.get(METRICS_KEY)
-        value = metrics.get(self.version_metric) if metrics is not None else None
-        ok = isinstance(value, int | float) and value >= 0 and value == int(value)
-        self.known_versions[node] = int(value) if ok else 0
+            self.stats.update_norm, self.stats.dp_noise_norm = norms
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

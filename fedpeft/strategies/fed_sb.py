@@ -195,7 +195,7 @@ class FedSB(LowRankStrategy):
     def node_payload(self, node_id: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """B and A for a node that does not hold them yet; the version every node must hold."""
         tensors = {}
-        if self.known_versions.get(node_id, 0) < 1:
+        if self.known_version(node_id) < 1:
             tensors = {
                 f"{FROZEN_PREFIX}{k}": self.global_adapter[k]
                 for k in self.factor_keys("lora_A", "lora_B")

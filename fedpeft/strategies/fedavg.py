@@ -71,7 +71,7 @@ class FedAvgLoRA(LowRankStrategy):
             else RankPlan.build(ranks, self.global_rank, alpha, scaling, padded=True)
         )
         self.ranks = None if self.plan is None else list(self.plan.ranks)
-        if self.scaffold and ranks is not None:
+        if self.drift.scaffold and ranks is not None:
             raise ValueError(
                 f"client_opt.scaffold=true with {self.method()}: "
                 + str(self.drift_refusal("scaffold", {"ranks": ranks}))

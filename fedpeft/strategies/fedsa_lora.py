@@ -178,7 +178,7 @@ class FedSALoRA(LowRankStrategy):
             TASK_KEY: self._task_json(server_round),
         }
         messages = []
-        for node_id in sorted(grid.get_node_ids(), key=self._order):
+        for node_id in sorted(grid.get_node_ids(), key=self.roster.order):
             if server_round > 0 and self.member(node_id) not in self.trained:
                 continue
             record = RecordDict({ARRAYS_KEY: payload, CONFIG_KEY: ConfigRecord(content)})

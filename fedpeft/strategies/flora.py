@@ -62,7 +62,7 @@ class VersionedBase(LowRankStrategy):
 
     def versioned_payload(self, node_id: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The modules this node lacks (`stack.<v>.<key>`) and the version range in the config."""
-        known = min(self.known_versions.get(node_id, 0), len(self.stacks))
+        known = min(self.known_version(node_id), len(self.stacks))
         tensors = {
             f"{STACK_PREFIX}{version}.{key}": value
             for version in range(known + 1, len(self.stacks) + 1)

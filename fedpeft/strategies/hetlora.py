@@ -51,16 +51,16 @@ B_g A_g = sum_ij w_i w_j B~_i A~_j has cross terms; with equal ranks and w = p i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedpeft import lowrank
-from fedpeft.records import ADAPTER_RANK, METRICS_KEY, TensorSpec
+from fedpeft.records import ADAPTER_RANK, TensorSpec
 from fedpeft.strategies.base import LowRankStrategy
 from fedpeft.strategies.ranks import RankPlan, RankPruning
+from fedpeft.strategies.screening import Accepted
 
 
 class HetLoRA(LowRankStrategy):
@@ -128,7 +128,6 @@ class HetLoRA(LowRankStrategy):
         self.ranks = list(self.plan.ranks)
         self.pruning = RankPruning.build(min_rank, prune_gamma, prune_lambda, self.ranks)
         self.current: dict[int, int] = {}
-        self.reports: dict[int, Any] = {}
         self.sparsity: torch.Tensor | None = None
 
     def rank_of(self, node_id: int) -> int:
@@ -151,38 +150,25 @@ class HetLoRA(LowRankStrategy):
         config = {**self.plan.node_config(rank), **self.pruning.node_config()}
         return self.plan.truncate(factors, rank), config
 
-    def up_specs(self, node_id: int) -> dict[str, TensorSpec]:
-        """A_k, B_k at the rank this round's reply reports (else the current rank), and the head.
+    def reply_specs(self, node_id: int, metrics: Mapping[str, Any]) -> dict[str, TensorSpec]:
+        """A_k, B_k at the rank the reply reports (else the current rank), and the head.
 
         Raises UpdateRejected when the reported rank is not in [min_rank, current rank].
         """
         rank = self.rank_of(node_id)
-        if self.reports.get(node_id) is not None:
-            rank = self.pruning.check_report(self.reports[node_id], rank)
+        if metrics.get(ADAPTER_RANK) is not None:
+            rank = self.pruning.check_report(metrics[ADAPTER_RANK], rank)
         return self.plan.up_specs(super().up_specs(node_id), rank)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The base's validation and aggregation, with each reply's rank report read first.
+    def up_specs(self, node_id: int) -> dict[str, TensorSpec]:
+        """A_k, B_k at the node's current rank, and the head (a reply may report a lower rank)."""
+        return self.plan.up_specs(super().up_specs(node_id), self.rank_of(node_id))
 
-        The rank table takes the reports of the replies that were accepted.
-        """
-        replies = list(replies)
-        self.reports = {}
-        for msg in replies:
-            if not msg.has_error():
-                metrics = msg.content.metric_records.get(METRICS_KEY) or {}
-                self.reports.setdefault(msg.metadata.src_node_id, metrics.get(ADAPTER_RANK))
-        try:
-            result = super().aggregate_train(server_round, replies)
-            for node, value in self.reports.items():
-                member = self.member(node)
-                if value is not None and member not in self.stats.rejected:
-                    self.current[member] = int(value)
-        finally:
-            self.reports = {}
-        return result
+    def accept(self, accepted: Sequence[Accepted]) -> None:
+        """The rank table takes the ranks the accepted replies report."""
+        for reply in accepted:
+            if reply.metrics.get(ADAPTER_RANK) is not None:
+                self.current[reply.member] = int(reply.metrics[ADAPTER_RANK])
 
     def sparsity_norms(self, updates: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """S_k (K,) float64, S_k^2 = sum over layers l of ||B_kl A_kl||_F^2, batched per shape."""

@@ -90,7 +90,7 @@ class RoLoRA(LowRankStrategy):
     def node_payload(self, node_id: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The global factors this node lacks, and the version it must hold after taking them."""
         want = self.server_round - 1
-        held = min(self.known_versions.get(node_id, 0), want)
+        held = min(self.known_version(node_id), want)
         keys = self.factor_keys(*changed_factors(held, want))
         tensors = {f"{FROZEN_PREFIX}{k}": self.global_adapter[k] for k in keys}
         return tensors, {"frozen-from": held, "frozen-version": want}

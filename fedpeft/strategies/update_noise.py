@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -67,3 +68,29 @@ def update_and_noise_norms(
 def signal_norm(update_norm: float, noise_norm: float) -> float:
     """The estimated norm of the update without its noise: sqrt(max(||Delta||^2 - noise^2, 0))."""
     return math.sqrt(max(update_norm**2 - noise_norm**2, 0.0))
+
+
+def round_norms(
+    task: Mapping[str, Any],
+    before: Mapping[str, torch.Tensor],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    metrics: Sequence[Mapping[str, Any]],
+    head_keys: set[str],
+) -> tuple[float, float | None] | None:
+    """A round's (||Delta||, expected ||noise|| or None) from the task and its accepted replies.
+
+    The noise is known only for private replies trained with plain SGD (no momentum), at the
+    task's learning rates (the head's own when it has one); None where it is not.
+    """
+    dp, train = task.get("dp") or {}, task.get("train") or {}
+    plain_sgd = dp.get("enabled") and train.get("optimizer") == "sgd" and not train.get("momentum")
+    stds = [
+        client_noise_std(m, 1.0, float(dp["max_grad_norm"])) if plain_sgd else None for m in metrics
+    ]
+    lr, head_lr = float(train.get("lr") or 0.0), train.get("head_lr")
+    rates = {k: float(head_lr) if k in head_keys and head_lr is not None else lr for k in before}
+    norms = update_and_noise_norms(before, updates, weights, [s or 0.0 for s in stds], rates)
+    if norms is None:
+        return None
+    return norms[0], norms[1] if None not in stds else None

@@ -26,7 +26,7 @@ def test_a_client_out_of_budget_is_not_sampled_again_and_this_survives_a_checkpo
     _, meta = strategy.state_dict()
     resumed = FedAvgLoRA(global_adapter(), {"kind": "lora"}, max_num_examples=1000, seed=0)
     resumed.load_state_dict(*strategy.state_dict())
-    assert meta["exhausted"] == [4] and resumed.exhausted == {4}
+    assert meta["exhausted"] == [4] and resumed.roster.exhausted == {4}
 
 
 def test_an_ordinary_failure_does_not_exclude_the_client():

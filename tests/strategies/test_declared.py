@@ -53,6 +53,6 @@ def test_a_node_that_takes_an_identity_over_replaces_its_declaration():
     strategy = FedAvgLoRA(global_adapter(), {}, max_num_examples=1000)
     strategy.identify({11: 0, 12: 1}, {11: 200, 12: 250})
     strategy.identify({21: 1}, {21: 260})  # node 12 restarted as node 21
-    assert strategy.identities == {11: 0, 21: 1}
-    assert strategy.declared == {11: 200, 21: 260}
+    assert strategy.roster.identities == {11: 0, 21: 1}
+    assert strategy.roster.declared == {11: 200, 21: 260}
     assert strategy.member(21) == 1 and strategy.member(12) == 12

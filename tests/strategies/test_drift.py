@@ -98,7 +98,7 @@ def test_scaffold_bytes_and_server_control_variate():
     """Down: the global pair and c; up: the pair and delta c_k; c += |S|/N sum p_k delta c_k."""
     strategy = FFALoRA(global_adapter(), {}, scaffold=True, num_clients=6, fraction=0.5, seed=2)
     nodes = [1, 2, 3, 4, 5, 6]
-    c = {k: v.double().numpy() for k, v in strategy.control.items()}
+    c = {k: v.double().numpy() for k, v in strategy.drift.control.items()}
     for server_round in (1, 2):
         messages = list(strategy.configure_train(server_round, None, {}, FakeGrid(nodes)))
         sampled = [m.metadata.dst_node_id for m in messages]
@@ -118,7 +118,9 @@ def test_scaffold_bytes_and_server_control_variate():
         for key in c:
             mean = sum(pk * d[key].double().numpy() for pk, d in zip(p, deltas, strict=True))
             c[key] = c[key] + len(sampled) / 6 * mean
-            np.testing.assert_allclose(strategy.control[key].numpy(), c[key], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(
+                strategy.drift.control[key].numpy(), c[key], rtol=1e-6, atol=1e-7
+            )
         assert not any(k.startswith("control.") for k in strategy.global_adapter)
 
 
@@ -186,12 +188,12 @@ def test_methods_with_their_options_through_the_client_app(data_dir, method, ext
         replies = [train(m, contexts[m.metadata.dst_node_id]) for m in messages]
         strategy.aggregate_train(server_round, replies)
         assert strategy.stats.replied == 2 and not strategy.stats.rejected
-    assert set(strategy.control) == set(strategy.up_keys())
+    assert set(strategy.drift.control) == set(strategy.up_keys())
     # A's gradient is 0 while B = 0 and tiny after one step: check c on every other tensor
     grown = [k for k in strategy.up_keys() if not k.endswith(".lora_A")]
-    assert all(float(strategy.control[k].abs().sum()) > 0 for k in grown)
-    assert (strategy.server_opt is None) == (len(extra) == 0)
-    assert strategy.server_opt is None or strategy.server_opt.steps == 2
+    assert all(float(strategy.drift.control[k].abs().sum()) > 0 for k in grown)
+    assert (strategy.drift.server_opt is None) == (len(extra) == 0)
+    assert strategy.drift.server_opt is None or strategy.drift.server_opt.steps == 2
     moved = [
         k for k in strategy.global_adapter if not torch.equal(strategy.global_adapter[k], start[k])
     ]

@@ -133,7 +133,7 @@ def test_client_that_lost_its_frozen_factors_fails_and_gets_them_again(data_dir)
     ctx = Context(1, 5, {"partition-id": 0, "num-partitions": 2}, RecordDict(), {})
     (msg,) = strategy.configure_train(1, None, {}, grid)
     strategy.aggregate_train(1, [train(msg, ctx)])
-    assert strategy.known_versions[5] == 1
+    assert strategy.roster.versions[5] == 1
     (msg,) = strategy.configure_train(2, None, {}, grid)
     assert not any(k.startswith("frozen.") for k in msg.content["arrays"])
     fresh = Context(1, 5, {"partition-id": 0, "num-partitions": 2}, RecordDict(), {})
@@ -143,7 +143,7 @@ def test_client_that_lost_its_frozen_factors_fails_and_gets_them_again(data_dir)
     (msg,) = strategy.configure_train(3, None, {}, grid)
     assert sum(k.startswith("frozen.") for k in msg.content["arrays"]) == 2 * 4  # A, B x 4 layers
     strategy.aggregate_train(3, [train(msg, fresh)])
-    assert strategy.known_versions[5] == 1
+    assert strategy.roster.versions[5] == 1
 
 
 def test_simulation_excludes_calibration_data_and_saves_plain_lora(tmp_path, data_dir):

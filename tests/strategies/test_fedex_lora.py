@@ -163,7 +163,7 @@ def test_skipped_and_restarted_clients_end_with_the_same_base(data_dir):
             if server_round == 4:
                 bases[node] = _bases(model_runtime(json.loads(str(msg.content["config"]["task"]))))
         strategy.aggregate_train(server_round, replies)
-    assert len(strategy.stacks) == 4 and strategy.known_versions == {1: 3, 2: 3, 3: 3}
+    assert len(strategy.stacks) == 4 and strategy.roster.versions == {1: 3, 2: 3, 3: 3}
     evaluator(strategy.global_adapter)
     server = _bases(evaluator.runtime)
     pristine = evaluator.runtime.pristine

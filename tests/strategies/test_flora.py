@@ -80,10 +80,10 @@ def test_bytes_match_the_communication_table():
 def test_failed_node_is_sent_everything_again():
     strategy = _strategy()
     list(strategy.configure_train(1, None, {}, FakeGrid([1])))
-    strategy.known_versions[1] = 3
+    strategy.roster.versions[1] = 3
     sent = Message(RecordDict(), dst_node_id=1, message_type="train")
     strategy.aggregate_train(1, [Message(Error(code=1, reason="mismatch"), reply_to=sent)])
-    assert strategy.known_versions[1] == 0
+    assert strategy.roster.versions[1] == 0
 
 
 def _bases(runtime):
@@ -136,7 +136,7 @@ def test_catch_up_and_restart_end_with_the_same_base(data_dir):
         if server_round == 4:
             evaluator(strategy.global_adapter)
             server_base = _bases(evaluator.runtime)
-    assert len(strategy.stacks) == 5 and strategy.known_versions == {1: 4, 2: 4, 3: 4}
+    assert len(strategy.stacks) == 5 and strategy.roster.versions == {1: 4, 2: 4, 3: 4}
     pristine = evaluator.runtime.pristine
     for key, value in bases[1].items():
         assert not torch.allclose(value, pristine[key])  # four stacks were merged

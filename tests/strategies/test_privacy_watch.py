@@ -90,7 +90,7 @@ def test_the_strategy_rejects_a_reset_counts_rejected_epsilon_and_stops_sampling
     stats = replies(2, {11: (3, 1.0), 12: (6, 2.0)})
     assert stats.rejected[11].startswith("privacy ledger of client 11 was reset")
     assert stats.client_epsilon == {11: 1.0, 12: 2.0} and stats.replied == 1
-    assert 11 in strategy.exhausted
+    assert 11 in strategy.roster.exhausted
     sent = list(strategy.configure_train(3, ArrayRecord(), ConfigRecord(), grid))
     assert [m.metadata.dst_node_id for m in sent] == [12]
     assert all(m.metadata.message_type == MessageType.TRAIN for m in sent)

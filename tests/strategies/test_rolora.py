@@ -207,7 +207,7 @@ def test_clients_train_from_the_servers_pair_after_missed_rounds_and_restarts(
             replies.append(answer)
         strategy.aggregate_train(server_round, replies)
         assert strategy.stats.replied == len(sampled) - (server_round == 3)
-    assert strategy.known_versions == {1: 3, 2: 3, 3: 3}
+    assert strategy.roster.versions == {1: 3, 2: 3, 3: 3}
     moved = [not torch.equal(strategy.global_adapter[k], start[k]) for k in held]
     assert moved == [k.endswith("lora_A") for k in held]  # round 4 moved A, kept B
 

@@ -67,7 +67,7 @@ def _run(strategy, rounds, first=1, nodes=(1, 2, 3)):
         messages = strategy.configure_train(server_round, None, {}, FakeGrid(list(nodes)))
         sampled = [m.metadata.dst_node_id for m in messages]
         updates = client_updates(strategy.up_keys(), len(sampled), seed=100 + server_round)
-        if strategy.scaffold:
+        if strategy.drift.scaffold:
             deltas = client_updates(strategy.up_keys(), len(sampled), seed=200 + server_round)
             for update, delta in zip(updates, deltas, strict=True):
                 update.update({f"control.{k}": v for k, v in delta.items()})
@@ -124,9 +124,9 @@ def test_resume_mid_run_equals_an_uninterrupted_run(name):
     _run(resumed, 2, first=3, nodes=(1, 2, 3, 4))
     for key, value in whole.global_adapter.items():
         assert torch.equal(resumed.global_adapter[key], value), key
-    for key, value in whole.control.items():
-        assert torch.equal(resumed.control[key], value), key
-    assert resumed.server_opt.steps == whole.server_opt.steps == 4
+    for key, value in whole.drift.control.items():
+        assert torch.equal(resumed.drift.control[key], value), key
+    assert resumed.drift.server_opt.steps == whole.drift.server_opt.steps == 4
 
 
 def test_a_checkpoint_of_another_rule_is_refused():
