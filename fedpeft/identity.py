@@ -17,7 +17,8 @@ a simulation asks a node when it is first sampled (`Roster.sample` with
 clients that exist. Before it is asked, a simulated node is sampled under `registration_names`:
 Flower's simulation registers node i with partition id i, in order, so a node's position in that
 order is the name it will answer with and sampling is the same as if every node had been asked
-first (a run repeats, seed for seed). The answer is still what counts; a node that answers otherwise is logged.
+first (a run repeats, seed for seed). The answer is still what counts; a node that answers
+otherwise is logged.
 """
 
 from __future__ import annotations
