@@ -25,6 +25,14 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
+#: keys the strategy group no longer has -> the run's key that now holds the value
+MOVED_STRATEGY_KEYS = {
+    "lr": "train.lr",
+    "alpha": "adapter.alpha",
+    "train_head": "adapter.train_head",
+}
+
+
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The run's config from Hydra overrides; an unknown option names the allowed choices."""
     for override in overrides:
@@ -45,6 +53,13 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
             chosen = [o.split("=", 1)[1] for o in overrides if re.match(r"\+?strategy=", o)]
             name = chosen[-1].strip("'\"") if chosen else _default_strategy()
             raise ConfigError(unknown_param_message(name, param.group(1))) from exc
+        moved = re.search(r"override 'strategy\.(lr|alpha|train_head)'", first)
+        if moved:
+            key = MOVED_STRATEGY_KEYS[moved.group(1)]
+            raise ConfigError(
+                f"strategy.{moved.group(1)} is gone: a method's own default lives in its config "
+                f"and the run's value is {key}; set {key}=..."
+            ) from exc
         raise ConfigError(
             f"bad override ({first}): use key=value, e.g. federation.rounds=5"
         ) from exc
@@ -151,14 +166,15 @@ def validate(cfg: DictConfig) -> None:
         isinstance(adapter.rank, int) and adapter.rank >= 1,
         f"adapter.rank={adapter.rank} must be a positive integer, e.g. 8",
     )
-    for key, value in (("adapter.alpha", adapter.alpha), ("strategy.alpha", cfg.strategy.alpha)):
-        if value is not None:
-            _require(_is_number(value) and value > 0, f"{key}={value} must be positive, e.g. 16")
+    _require(
+        _is_number(adapter.alpha) and adapter.alpha > 0,
+        f"adapter.alpha={adapter.alpha} must be positive, e.g. 16",
+    )
     _require(
         isinstance(train.batch_size, int) and train.batch_size >= 1,
         f"train.batch_size={train.batch_size} must be an integer >= 1",
     )
-    lrs = {"train.lr": train.lr, "train.head_lr": train.head_lr, "strategy.lr": cfg.strategy.lr}
+    lrs = {"train.lr": train.lr, "train.head_lr": train.head_lr}
     for key, value in lrs.items():
         if value is not None:
             _require(_is_number(value) and value > 0, f"{key}={value} must be positive, e.g. 1e-3")

@@ -32,9 +32,6 @@ def build_task(
     strategy_cls = STRATEGIES[cfg.strategy.name]
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(plain, dict)
-    train_head = (
-        cfg.adapter.train_head if cfg.strategy.train_head is None else cfg.strategy.train_head
-    )
     return {
         "task": cfg.task,
         "model": {**plain["model"], "task": cfg.task},
@@ -49,16 +46,15 @@ def build_task(
         "adapter": {
             "kind": strategy_cls.kind,
             "rank": cfg.adapter.rank,
-            "alpha": cfg.strategy.alpha or cfg.adapter.alpha,
+            "alpha": cfg.adapter.alpha,
             "target_modules": list(cfg.adapter.target_modules),
-            "train_head": bool(train_head),
+            "train_head": bool(cfg.adapter.train_head),
             "dropout": cfg.adapter.dropout,
         },
         "dp": dp_task(cfg),
         "client_opt": plain.get("client_opt") or {},
         "train": {
             **plain["train"],
-            "lr": cfg.strategy.lr or cfg.train.lr,
             "local_steps": cfg.federation.local_steps,
             "local_epochs": cfg.federation.local_epochs,
         },

@@ -30,7 +30,8 @@ def _names(cell: str) -> set[str]:
 
 def _params(name: str) -> set[str]:
     config = yaml.safe_load((CONFIG_DIR / "strategy" / f"{name}.yaml").read_text())
-    return set(config.get("params") or {})
+    strategy = config.get("strategy", config)  # a method with run-wide defaults: package _global_
+    return set(strategy.get("params") or {})
 
 
 METHODS = _table("| `strategy=` | method |")

@@ -29,8 +29,8 @@ class FedSVD(LowRankStrategy):
         Refactorise every this many rounds; in between, the server only averages B and keeps A.
     **kwargs
         See `LowRankStrategy`. The paper freezes the classification head (shared from a seed), so
-        fedpeft's FedSVD config sets `train_head: false`; set `strategy.train_head=true` to train
-        and average it instead.
+        fedpeft's FedSVD config sets `adapter.train_head: false`; set `adapter.train_head=true`
+        to train and average it instead.
 
     Round 0 is B = 0 and A Kaiming-uniform from the shared seed. Down: B and A, both of which
     change every round (and the head when trained). Up: B_k (and the head).

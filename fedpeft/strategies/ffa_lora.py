@@ -21,28 +21,15 @@ class FFALoRA(LowRankStrategy):
     A is Kaiming-uniform from the run's adapter seed. It never crosses the network: the task carries
     the seed (`adapter_seed`) and every party expands it identically (adapters.initial_adapter),
     which docs/algorithms.md §2 takes in place of sending A once. Down: B (and the head when
-    trained). Up: B_k (and the head). Server: B = sum p_k B_k. The method's own alpha and learning
-    rate are set in its config (strategy.alpha, default 16, and strategy.lr, 5e-3; published
-    settings use about 10x LoRA's lr). strategy.alpha is required: it never falls back to
-    adapter.alpha, because under DP alpha scales B's per-example gradient before clipping
-    (docs/algorithms.md §2). Parameters: see `LowRankStrategy`.
+    trained). Up: B_k (and the head). Server: B = sum p_k B_k. Its config
+    (configs/strategy/ffa_lora.yaml) sets its own alpha, 16, and learning rate, 5e-3 (published
+    settings use about 10x LoRA's lr) as defaults of adapter.alpha and train.lr; under DP alpha
+    scales B's per-example gradient before clipping (docs/algorithms.md §2). Parameters: see
+    `LowRankStrategy`.
     """
 
     name = "ffa_lora"
     kind = "frozen_a"
-
-    @classmethod
-    def check_params(
-        cls, params: Mapping[str, Any], strategy: Mapping[str, Any], adapter_rank: int
-    ) -> None:
-        """FFA-LoRA's own alpha is required: it never falls back to adapter.alpha."""
-        super().check_params(params, strategy, adapter_rank)
-        if strategy.get("alpha") is None:
-            raise ValueError(
-                "strategy.alpha=null: FFA-LoRA has its own alpha, not adapter.alpha (under DP it "
-                "scales B's per-example gradient before clipping): set strategy.alpha, e.g. "
-                "strategy.alpha=16"
-            )
 
     @classmethod
     def drift_refusal(cls, option: str, params: Mapping[str, Any]) -> str | None:

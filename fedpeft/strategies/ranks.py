@@ -80,7 +80,7 @@ class RankPlan:
     global_rank : int
         R, the global adapter's rank (adapter.rank).
     alpha : float
-        The method's alpha (strategy.alpha or adapter.alpha); the global scaling is alpha / R.
+        The method's alpha (adapter.alpha); the global scaling is alpha / R.
     scaling : str
         "per_rank" (alpha_k = alpha / R * r_k) or "shared" (alpha_k = alpha); see the module.
     """

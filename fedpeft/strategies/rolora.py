@@ -48,7 +48,7 @@ class RoLoRA(LowRankStrategy):
 
     Server: in a B-round B = sum p_k B_k and A is kept bit for bit; in an A-round A = sum p_k A_k
     and B is kept. The head (when trained) is averaged every round. The paper is silent on the
-    head and its supplement freezes it; here it is trained unless `strategy.train_head=false`.
+    head and its supplement freezes it; here it is trained unless `adapter.train_head=false`.
 
     Down: every node keeps its copy of the global A and B in its state (client_state's frozen
     factors, versioned by the round they reflect). A node that took part in round t-1 holds

@@ -98,8 +98,7 @@ def test_fedsvd_dp_studies_are_the_papers_federation(name, rounds):
     assert {r.values["dp"] for r in runs} == {"eps3", "eps6"}
     for run in [next(r for r in runs if r.values["strategy"] == s) for s in ("fedavg", "ffa_lora")]:
         cfg = compose_config(list(run.overrides))
-        alpha = cfg.strategy.alpha or cfg.adapter.alpha
-        assert alpha == 8 and cfg.adapter.rank == 8 and cfg.train.batch_size == 128
+        assert cfg.adapter.alpha == 8 and cfg.adapter.rank == 8 and cfg.train.batch_size == 128
         assert cfg.federation.num_clients == 6 and cfg.federation.fraction == 0.5
         assert cfg.partition.alpha == 0.5 and cfg.federation.rounds == rounds
         assert cfg.adapter.train_head is False and cfg.train.optimizer == "sgd"

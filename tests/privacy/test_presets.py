@@ -22,8 +22,8 @@ def test_each_preset_reaches_the_task(preset, epsilon, strategy, data_dir):
     assert task["model"]["pooling"] == "mean"
     # The head is trained on the mean-pooled embedding; FedSVD keeps the paper's frozen head.
     assert task["adapter"]["train_head"] is (strategy != "fedsvd")
-    # FFA-LoRA keeps its own alpha; the others take the preset's alpha = rank.
-    assert task["adapter"]["alpha"] == (16.0 if strategy == "ffa_lora" else 8)
+    # Every method takes the preset's alpha = rank, FFA-LoRA's own default included.
+    assert task["adapter"]["alpha"] == 8
 
 
 def test_the_preset_sets_its_own_local_steps_and_the_command_line_still_wins():
@@ -35,7 +35,7 @@ def test_the_preset_sets_its_own_local_steps_and_the_command_line_still_wins():
 def test_command_line_overrides_the_preset(data_dir):
     cfg = compose_config(
         [*FAST_RUN, "dp=eps3", "adapter.train_head=false", "train.optimizer=adamw",
-         "train.lr=1e-3", "strategy=ffa_lora", "strategy.lr=0.2", "model.pooling=cls"]
+         "strategy=ffa_lora", "train.lr=0.2", "model.pooling=cls"]
     )  # fmt: skip
     task = build_task(cfg, 2)
     assert task["adapter"]["train_head"] is False and task["model"]["pooling"] == "cls"

@@ -50,15 +50,24 @@ def test_aggregation_is_exact_for_the_shared_a():
     )
 
 
-def test_ffa_lora_trains_at_its_own_alpha_never_lora_s():
-    """strategy.alpha, not adapter.alpha, reaches the clients; null is refused (exit 2)."""
-    task = build_task(compose_config(["strategy=ffa_lora", "adapter.alpha=64"]), 2)
-    assert task["adapter"]["alpha"] == 16.0
-    task = build_task(compose_config(["strategy=ffa_lora", "strategy.alpha=4"]), 2)
-    assert task["adapter"]["alpha"] == 4
-    assert (
-        build_task(compose_config(["strategy=fedavg", "adapter.alpha=64"]), 2)["adapter"]["alpha"]
-        == 64
-    )
-    with pytest.raises(ConfigError, match="strategy.alpha=null: FFA-LoRA has its own alpha"):
-        compose_config(["strategy=ffa_lora", "strategy.alpha=null"])
+def test_ffa_lora_has_its_own_alpha_and_lr_as_defaults_the_command_line_overrides():
+    """Its config sets adapter.alpha 16 and train.lr 5e-3 instead of LoRA's; overrides win."""
+    root = compose_config(["strategy=fedavg"])
+    task = build_task(compose_config(["strategy=ffa_lora", "adapter.alpha=12"]), 2)
+    assert task["adapter"]["alpha"] == 12 and task["train"]["lr"] == 5e-3 != root.train.lr
+    task = build_task(compose_config(["strategy=ffa_lora", "train.lr=1e-3"]), 2)
+    assert task["adapter"]["alpha"] == 16.0 and task["train"]["lr"] == 1e-3
+    fedsvd = build_task(compose_config(["strategy=fedsvd", "train.lr=1e-3"]), 2)
+    assert fedsvd["train"]["lr"] == 1e-3 and fedsvd["adapter"]["train_head"] is False
+    assert build_task(compose_config(["strategy=fedsvd"]), 2)["train"]["lr"] == 5e-3
+    fedavg = build_task(compose_config(["strategy=fedavg", "adapter.alpha=64"]), 2)
+    assert fedavg["adapter"]["alpha"] == 64 and fedavg["train"]["lr"] == root.train.lr
+
+
+@pytest.mark.parametrize(
+    ("gone", "now"),
+    [("lr=0.1", "train.lr"), ("alpha=4", "adapter.alpha"), ("train_head=false", "adapter.train")],
+)
+def test_the_old_shadow_keys_are_refused_naming_the_key_that_holds_the_value(gone, now):
+    with pytest.raises(ConfigError, match=f"strategy.{gone.split('=')[0]} is gone.*{now}"):
+        compose_config(["strategy=ffa_lora", f"strategy.{gone}"])
