@@ -34,19 +34,16 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 from flwr.superlink.grid import InMemoryGrid
 
-from fedpeft.records import (
+from fedpeft.protocol import (
+    CLIENT_ID,
     CONFIG_KEY,
     IDENTITY_ACTION,
     METRICS_KEY,
     NUM_EXAMPLES,
     PARTITION_ID,
     TASK_KEY,
-    addressees,
-    answered_node,
-    short_reason,
 )
-
-CLIENT_ID = "client-id"
+from fedpeft.records import addressees, answered_node, short_reason
 
 
 def member(context: Context) -> int:

@@ -1,4 +1,4 @@
-"""Adapter tensors <-> Flower records, reply validation and byte counts."""
+"""Adapter tensors <-> Flower records, reply validation and byte counts (keys: protocol.py)."""
 
 from __future__ import annotations
 
@@ -11,23 +11,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-#: How a client's error reply says it has spent its privacy budget (the server stops sampling it).
-BUDGET_EXHAUSTED = "budget exhausted"
-ARRAYS_KEY = "arrays"
-CONFIG_KEY = "config"
-METRICS_KEY = "metrics"
-#: ConfigRecord key of the JSON task: what every client needs to rebuild model, adapter and data.
-TASK_KEY = "task"
-NUM_EXAMPLES = "num-examples"
-#: A simulated node's stable identity (its partition id), asked for by a query of this action.
-PARTITION_ID = "partition-id"
-IDENTITY_ACTION = "identity"
-#: Round-config entries of rank self-pruning (clients/rank_pruning.py) and the reply metric with
-#: the rank of the replied LoRA factors (config `adapter-rank` is the rank the server sent).
-RANK_MIN = "rank-min"
-RANK_PRUNE_GAMMA = "rank-prune-gamma"
-RANK_PRUNE_LAMBDA = "rank-prune-lambda"
-ADAPTER_RANK = "adapter-rank"
+from fedpeft.protocol import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
 
 
 def addressees(messages: Iterable[Message]) -> dict[str, int]:
@@ -150,7 +134,7 @@ def validate_update(
     metrics = content.metric_records[METRICS_KEY]
     if len(metrics) > MAX_METRICS:
         raise UpdateRejected(f"{len(metrics)} metrics, at most {MAX_METRICS} accepted")
-    loss = metrics.get("train-loss", 0.0)
+    loss = metrics.get(TRAIN_LOSS, 0.0)
     if not isinstance(loss, int | float) or not math.isfinite(loss):
         raise UpdateRejected(f"train-loss={loss} is not a finite number")
     num_examples = metrics.get(NUM_EXAMPLES)

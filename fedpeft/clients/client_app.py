@@ -17,19 +17,24 @@ from fedpeft import adapters, privacy, training
 from fedpeft.clients import client_state, drift, local_factors, rank_pruning, task_guard
 from fedpeft.clients.client_data import client_example_count, client_examples, data_fingerprint
 from fedpeft.clients.node_config import node_task
-from fedpeft.identity import CLIENT_ID, member
-from fedpeft.records import (
+from fedpeft.identity import member
+from fedpeft.protocol import (
+    ADAPTER_ALPHA,
+    ADAPTER_RANK,
     ARRAYS_KEY,
+    BYTES_DOWN,
+    BYTES_UP,
+    CLIENT_ID,
     CONFIG_KEY,
+    FRESH_SEED,
     IDENTITY_ACTION,
     METRICS_KEY,
     NUM_EXAMPLES,
+    SERVER_ROUND,
     TASK_KEY,
-    from_record,
-    metrics_record,
-    record_bytes,
-    to_record,
+    TRAIN_LOSS,
 )
+from fedpeft.records import from_record, metrics_record, record_bytes, to_record
 from fedpeft.runtime import adapter_spec, model_runtime
 
 logger = logging.getLogger(__name__)
@@ -125,15 +130,15 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
     """
     config = msg.content[CONFIG_KEY]
     task, dp = read_task(msg, context, policy)
-    server_round = int(config["server-round"])
+    server_round = int(config[SERVER_ROUND])
     store = privacy.LedgerFile(
         policy.state_dir, context.run_id, data_fingerprint(task, context.node_config)
     )
     policy.check(dp, has_ledger=store.exists())
-    if "adapter-rank" in config:
-        task["adapter"]["rank"] = int(config["adapter-rank"])
-    if "adapter-alpha" in config:
-        task["adapter"]["alpha"] = float(config["adapter-alpha"])
+    if ADAPTER_RANK in config:
+        task["adapter"]["rank"] = int(config[ADAPTER_RANK])
+    if ADAPTER_ALPHA in config:
+        task["adapter"]["alpha"] = float(config[ADAPTER_ALPHA])
     pruning = rank_pruning.RankPruning.start(context.state, config, task)
     spec = adapter_spec(task)
     runtime = model_runtime(task)
@@ -150,9 +155,9 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
         plain = pruning.receive(plain)
     runtime.reset(plain, client_state.held_stacks(context.state))
     adapters.write_adapter(runtime.model, client_state.held_frozen(context.state))
-    if "fresh-seed" in config:
+    if FRESH_SEED in config:
         adapters.write_adapter(
-            runtime.model, adapters.fresh_lora(runtime.model, config["fresh-seed"])
+            runtime.model, adapters.fresh_lora(runtime.model, config[FRESH_SEED])
         )
     if local:
         adapters.write_adapter(runtime.model, local_factors.held(context.state, local_store))
@@ -212,15 +217,15 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
     metrics = {
         NUM_EXAMPLES: result.num_examples,
         "steps": result.steps,
-        "bytes-down": record_bytes(payload),
-        "bytes-up": record_bytes(reply),
+        BYTES_DOWN: record_bytes(payload),
+        BYTES_UP: record_bytes(reply),
         **client_state.version_metrics(context.state, config),
         **(pruning.metrics() if pruning is not None else {}),
     }
     if dp.enabled:
         metrics = privacy.private_reply_metrics({**metrics, **dp_metrics})
     else:
-        metrics["train-loss"] = result.loss
+        metrics[TRAIN_LOSS] = result.loss
     return Message(
         RecordDict({ARRAYS_KEY: reply, METRICS_KEY: metrics_record(metrics)}), reply_to=msg
     )

@@ -26,10 +26,10 @@ from fedpeft.data.prompt_pairs import read_pairs
 from fedpeft.data.table_files import FILE_FORMATS, as_texts, read_frame, require_column
 from fedpeft.data.text_dataset import make_dataset
 from fedpeft.errors import ConfigError, DataError
+from fedpeft.protocol import NUM_PARTITIONS, PARTITION_ID
 from fedpeft.runtime import model_spec
 
 DATA_PATH, TEXT_COLUMN, LABEL_COLUMN = "data-path", "text-column", "label-column"
-PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
 _TASK_KEYS = ("task", "dataset", "partition", "seed", "model", "num_labels", "train")
 
 

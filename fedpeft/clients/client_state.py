@@ -27,6 +27,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedpeft.adapters import FROZEN_PREFIX, STACK_PREFIX
+from fedpeft.protocol import BASE_VERSION, FROZEN_FROM, FROZEN_VERSION, STACK_FROM, STACK_TO
 from fedpeft.records import from_record, to_record
 
 _VERSIONS = "fedpeft.versions"
@@ -58,7 +59,7 @@ def split_payload(
 
 def _versions(state: RecordDict) -> ConfigRecord:
     if _VERSIONS not in state.config_records:
-        state[_VERSIONS] = ConfigRecord({"base-version": 0, "frozen-version": 0})
+        state[_VERSIONS] = ConfigRecord({BASE_VERSION: 0, FROZEN_VERSION: 0})
     return state.config_records[_VERSIONS]
 
 
@@ -70,11 +71,11 @@ def receive(
 ) -> None:
     """Store the payload's stacked modules and frozen factors in `state`, checking versions."""
     versions = _versions(state)
-    if "stack-to" in config:
+    if STACK_TO in config:
         held, start, end = (
-            int(versions["base-version"]),
-            int(config["stack-from"]),
-            int(config["stack-to"]),
+            int(versions[BASE_VERSION]),
+            int(config[STACK_FROM]),
+            int(config[STACK_TO]),
         )
         if held < start or held > end:
             raise StateMismatch(
@@ -85,14 +86,14 @@ def receive(
             raise StateMismatch(f"payload stacks {sorted(stacks)} are not {start + 1}..{end}")
         for version in range(held + 1, end + 1):
             state[_STACK.format(version)] = to_record(stacks[version])
-        versions["base-version"] = end
-    if "frozen-version" in config:
-        want = int(config["frozen-version"])
+        versions[BASE_VERSION] = end
+    if FROZEN_VERSION in config:
+        want = int(config[FROZEN_VERSION])
         if frozen:
-            since = int(config["frozen-from"]) if "frozen-from" in config else 0
+            since = int(config[FROZEN_FROM]) if FROZEN_FROM in config else 0
             kept = {}
             if since > 0:
-                if int(versions["frozen-version"]) != since:
+                if int(versions[FROZEN_VERSION]) != since:
                     raise StateMismatch(
                         f"frozen-version mismatch: this node holds frozen factors version "
                         f"{int(versions['frozen-version'])}, the payload updates version {since}; "
@@ -100,8 +101,8 @@ def receive(
                     )
                 kept = held_frozen(state)
             state[_FROZEN] = to_record({**kept, **frozen})
-            versions["frozen-version"] = want
-        held = int(versions["frozen-version"])
+            versions[FROZEN_VERSION] = want
+        held = int(versions[FROZEN_VERSION])
         if held != want:
             raise StateMismatch(
                 f"frozen-version mismatch: this node holds frozen factors version {held}, the "
@@ -111,7 +112,7 @@ def receive(
 
 def held_stacks(state: RecordDict) -> list[dict[str, torch.Tensor]]:
     """The stacked modules 1..v this node holds, in order."""
-    version = int(_versions(state)["base-version"])
+    version = int(_versions(state)[BASE_VERSION])
     return [from_record(state.array_records[_STACK.format(v)]) for v in range(1, version + 1)]
 
 
@@ -126,8 +127,8 @@ def version_metrics(state: RecordDict, config: Mapping) -> dict[str, int]:
     """The versions this node holds, for the channels the round's config uses."""
     versions = _versions(state)
     metrics = {}
-    if "stack-to" in config:
-        metrics["base-version"] = int(versions["base-version"])
-    if "frozen-version" in config:
-        metrics["frozen-version"] = int(versions["frozen-version"])
+    if STACK_TO in config:
+        metrics[BASE_VERSION] = int(versions[BASE_VERSION])
+    if FROZEN_VERSION in config:
+        metrics[FROZEN_VERSION] = int(versions[FROZEN_VERSION])
     return metrics

@@ -19,7 +19,7 @@ from typing import Any
 from flwr.app import Context, Message
 
 from fedpeft.identity import member
-from fedpeft.records import CONFIG_KEY, TASK_KEY
+from fedpeft.protocol import CONFIG_KEY, SERVER_ROUND, TASK_KEY
 
 CRASH, SLOW = "crash", "slow"
 
@@ -65,5 +65,5 @@ def inject(task: Mapping[str, Any], context: Context, server_round: int) -> None
 def fault_mod(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
     """Flower mod: inject this round's fault, if any, before the train handler runs."""
     config = msg.content.config_records[CONFIG_KEY]
-    inject(json.loads(str(config[TASK_KEY])), context, int(config["server-round"]))
+    inject(json.loads(str(config[TASK_KEY])), context, int(config[SERVER_ROUND]))
     return call_next(msg, context)

@@ -40,11 +40,11 @@ from fedpeft.errors import FedPeftError
 from fedpeft.privacy.ledger_file import write_atomically
 from fedpeft.privacy.policy import NodePolicy, PolicyViolation
 from fedpeft.privacy.settings import DPSettings
+from fedpeft.protocol import HOLDOUT_FRACTION, LOCAL_FACTORS
 from fedpeft.records import from_record, to_record
 
 logger = logging.getLogger(__name__)
 
-LOCAL_FACTORS, HOLDOUT_FRACTION = "local-factors", "holdout-fraction"
 FORMAT = "fedpeft-local-factors/1"
 STATE_KEY = "fedpeft.local-factors"
 T = TypeVar("T")

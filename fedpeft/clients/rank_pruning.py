@@ -28,7 +28,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedpeft import adapters
-from fedpeft.records import ADAPTER_RANK, RANK_MIN, RANK_PRUNE_GAMMA, RANK_PRUNE_LAMBDA
+from fedpeft.protocol import ADAPTER_RANK, RANK_MIN, RANK_PRUNE_GAMMA, RANK_PRUNE_LAMBDA
 
 _STATE = "fedpeft.rank"
 

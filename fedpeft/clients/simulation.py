@@ -29,7 +29,7 @@ from fedpeft.clients import faults
 from fedpeft.clients.client_app import evaluate_round, identity_reply, train_round
 from fedpeft.identity import member
 from fedpeft.privacy.policy import NodePolicy
-from fedpeft.records import CONFIG_KEY, IDENTITY_ACTION, TASK_KEY
+from fedpeft.protocol import CONFIG_KEY, IDENTITY_ACTION, SERVER_ROUND, TASK_KEY
 
 
 def round_seed(seed: int, server_round: int, partition: int) -> int:
@@ -43,7 +43,7 @@ def seeded_rng(msg: Message, context: Context, call_next: Callable[..., Message]
     seed = int(json.loads(str(config[TASK_KEY]))["seed"])
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(round_seed(seed, int(config["server-round"]), member(context)))
+        torch.manual_seed(round_seed(seed, int(config[SERVER_ROUND]), member(context)))
         return call_next(msg, context)
 
 
@@ -55,7 +55,7 @@ def ray_node() -> str:
 def ray_node_log(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
     """Flower mod: log which Ray node ran this client's local round."""
     reply = call_next(msg, context)
-    server_round = int(msg.content.config_records[CONFIG_KEY]["server-round"])
+    server_round = int(msg.content.config_records[CONFIG_KEY][SERVER_ROUND])
     log(INFO, "client %d round %d ran on Ray node %s", member(context), server_round, ray_node())
     return reply
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.privacy.settings import DPSettings, finite_number, integer_in
+from fedpeft.protocol import ADAPTER_ALPHA, ADAPTER_RANK, STACK_TO
 
 #: node config key -> (default cap, what it bounds)
 LIMITS: dict[str, tuple[int, str]] = {
@@ -140,13 +141,13 @@ def check_task(
 def check_round(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> None:
     """Bound the round config's own sizes: a per-node rank and FLoRA's stack version."""
     limits = node_limits(node_config)
-    if "adapter-rank" in config:
-        _bounded_int(config["adapter-rank"], "adapter-rank", limits["max-rank"], "max-rank")
-    if "adapter-alpha" in config:
-        _finite(config["adapter-alpha"], "adapter-alpha")
-    if "stack-to" in config:
+    if ADAPTER_RANK in config:
+        _bounded_int(config[ADAPTER_RANK], ADAPTER_RANK, limits["max-rank"], "max-rank")
+    if ADAPTER_ALPHA in config:
+        _finite(config[ADAPTER_ALPHA], ADAPTER_ALPHA)
+    if STACK_TO in config:
         depth = limits["max-stack-depth"]
-        _bounded_int(config["stack-to"], "stack-to", depth, "max-stack-depth", low=0)
+        _bounded_int(config[STACK_TO], STACK_TO, depth, "max-stack-depth", low=0)
 
 
 def _check_paths(task: Mapping[str, Any], node_config: Mapping[str, Any]) -> None:

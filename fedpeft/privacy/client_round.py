@@ -14,6 +14,7 @@ from fedpeft.privacy.ledger import PrivacyLedger
 from fedpeft.privacy.ledger_file import LedgerFile
 from fedpeft.privacy.policy import NodePolicy
 from fedpeft.privacy.settings import DPSettings
+from fedpeft.protocol import DP_STEPS, NOISE_MULTIPLIER, SAMPLE_RATE
 from fedpeft.training import Example, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def private_round(
         return result, {
             "epsilon": ledger.epsilon(),
             "delta": ledger.delta,
-            "noise-multiplier": ledger.noise_multiplier,
-            "sample-rate": ledger.sample_rate,
-            "dp-steps": ledger.steps,
+            NOISE_MULTIPLIER: ledger.noise_multiplier,
+            SAMPLE_RATE: ledger.sample_rate,
+            DP_STEPS: ledger.steps,
         }

@@ -21,7 +21,7 @@ from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.privacy.calibration import calibrate_noise
 from fedpeft.privacy.ledger_file import LedgerFile
 from fedpeft.privacy.settings import DPSettings, default_delta
-from fedpeft.records import BUDGET_EXHAUSTED
+from fedpeft.protocol import BUDGET_EXHAUSTED
 
 
 class BudgetExhausted(FedPeftError):

@@ -18,22 +18,32 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from fedpeft.errors import FedPeftError
-from fedpeft.records import NUM_EXAMPLES
+from fedpeft.protocol import (
+    ADAPTER_RANK,
+    BASE_VERSION,
+    BYTES_DOWN,
+    BYTES_UP,
+    DP_STEPS,
+    FROZEN_VERSION,
+    NOISE_MULTIPLIER,
+    NUM_EXAMPLES,
+    SAMPLE_RATE,
+)
 
 PRIVATE_REPLY_METRICS = frozenset(
     {
         NUM_EXAMPLES,
         "steps",
-        "bytes-down",
-        "bytes-up",
-        "base-version",
-        "frozen-version",
-        "adapter-rank",
+        BYTES_DOWN,
+        BYTES_UP,
+        BASE_VERSION,
+        FROZEN_VERSION,
+        ADAPTER_RANK,
         "epsilon",
         "delta",
-        "noise-multiplier",
-        "sample-rate",
-        "dp-steps",
+        NOISE_MULTIPLIER,
+        SAMPLE_RATE,
+        DP_STEPS,
     }
 )
 

@@ -35,7 +35,8 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedpeft import lowrank
-from fedpeft.records import ARRAYS_KEY, CONFIG_KEY, TASK_KEY, TensorSpec, record_bytes, to_record
+from fedpeft.protocol import ARRAYS_KEY, CONFIG_KEY, NUM_REPLIES, SERVER_ROUND, TASK_KEY, TRAIN_LOSS
+from fedpeft.records import TensorSpec, record_bytes, to_record
 from fedpeft.strategies import update_noise
 from fedpeft.strategies.privacy_watch import PrivacyWatch
 from fedpeft.strategies.ranks import check_ranks, check_scaling
@@ -407,7 +408,7 @@ class LowRankStrategy(Strategy):
                 {
                     ARRAYS_KEY: payload,
                     CONFIG_KEY: ConfigRecord(
-                        {**config, **node_config, "server-round": server_round, TASK_KEY: task}
+                        {**config, **node_config, SERVER_ROUND: server_round, TASK_KEY: task}
                     ),
                 }
             )
@@ -470,9 +471,9 @@ class LowRankStrategy(Strategy):
             self.stats.train_loss = float(
                 sum(pk * lk for pk, lk in zip(p.tolist(), losses, strict=True))
             )
-        metrics = {"num-replies": len(accepted)}
+        metrics = {NUM_REPLIES: len(accepted)}
         if self.stats.train_loss is not None:
-            metrics = {"train-loss": self.stats.train_loss, **metrics}
+            metrics = {TRAIN_LOSS: self.stats.train_loss, **metrics}
         return self.global_record(), MetricRecord(metrics)
 
     def _measure_noise(self, accepted: Sequence[Accepted], p: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Collection
 
-from fedpeft.records import NUM_EXAMPLES
+from fedpeft.protocol import NUM_EXAMPLES
 
 
 def median_limit(declarations: Collection[int], multiple: float) -> tuple[int, int] | None:

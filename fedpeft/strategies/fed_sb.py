@@ -30,6 +30,7 @@ import torch
 
 from fedpeft import lowrank
 from fedpeft.adapters import FROZEN_PREFIX
+from fedpeft.protocol import FROZEN_VERSION
 from fedpeft.strategies.base import LowRankStrategy
 
 INITS = ("lora_sb", "orthonormal")
@@ -82,7 +83,7 @@ class FedSB(LowRankStrategy):
 
     name = "fed_sb"
     kind = "sb"
-    version_metric = "frozen-version"
+    version_metric = FROZEN_VERSION
 
     def __init__(
         self,
@@ -200,7 +201,7 @@ class FedSB(LowRankStrategy):
                 f"{FROZEN_PREFIX}{k}": self.global_adapter[k]
                 for k in self.factor_keys("lora_A", "lora_B")
             }
-        return tensors, {"frozen-version": 1}
+        return tensors, {FROZEN_VERSION: 1}
 
     def aggregate_updates(
         self, updates: list[dict[str, torch.Tensor]], weights: torch.Tensor

@@ -44,21 +44,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from fedpeft.identity import CLIENT_ID
-from fedpeft.records import (
+from fedpeft.protocol import (
+    ACCURACY,
     ARRAYS_KEY,
+    CLIENT_ID,
     CONFIG_KEY,
+    HOLDOUT_FRACTION,
+    LOCAL_FACTORS,
+    LOSS,
     METRICS_KEY,
     NUM_EXAMPLES,
+    SERVER_ROUND,
     TASK_KEY,
-    record_bytes,
-    short_reason,
-    to_record,
 )
+from fedpeft.records import record_bytes, short_reason, to_record
 from fedpeft.strategies.base import LowRankStrategy
 
 #: round-config entries the client acts on (clients/local_factors.py)
-LOCAL_FACTORS, HOLDOUT_FRACTION = "local-factors", "holdout-fraction"
 
 
 class FedSALoRA(LowRankStrategy):
@@ -174,7 +176,7 @@ class FedSALoRA(LowRankStrategy):
         content = {
             **config,
             **self.client_config(),
-            "server-round": server_round,
+            SERVER_ROUND: server_round,
             TASK_KEY: self._task_json(server_round),
         }
         messages = []
@@ -207,7 +209,7 @@ class FedSALoRA(LowRankStrategy):
                 continue
             metrics = msg.content.metric_records.get(METRICS_KEY) or {}
             name, n = metrics.get(CLIENT_ID, self.member(node)), metrics.get(NUM_EXAMPLES)
-            acc, loss = metrics.get("accuracy"), metrics.get("loss")
+            acc, loss = metrics.get(ACCURACY), metrics.get(LOSS)
             ok = (
                 isinstance(n, int)
                 and n >= 1
@@ -233,9 +235,9 @@ def personalised_metrics(scores: Mapping[int, tuple[int, float, float]]) -> dict
     values = list(scores.values())
     total = sum(n for n, _, _ in values)
     return {
-        "accuracy": sum(a for _, a, _ in values) / len(values),
+        ACCURACY: sum(a for _, a, _ in values) / len(values),
         "accuracy_weighted": sum(n * a for n, a, _ in values) / total,
         "accuracy_min": min(a for _, a, _ in values),
-        "loss": sum(loss for _, _, loss in values) / len(values),
+        LOSS: sum(loss for _, _, loss in values) / len(values),
         "eval_clients": len(values),
     }

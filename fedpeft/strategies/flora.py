@@ -27,6 +27,7 @@ import torch
 
 from fedpeft import lowrank
 from fedpeft.adapters import STACK_PREFIX
+from fedpeft.protocol import BASE_VERSION, FRESH_SEED, STACK_FROM, STACK_TO
 from fedpeft.records import TensorSpec
 from fedpeft.strategies.base import LowRankStrategy
 from fedpeft.strategies.ranks import RankPlan
@@ -42,7 +43,7 @@ class VersionedBase(LowRankStrategy):
     residual). Subclasses append modules with `add_module`.
     """
 
-    version_metric = "base-version"
+    version_metric = BASE_VERSION
 
     @classmethod
     def base_refusal(cls, quantization: str, params: Mapping[str, Any]) -> str | None:
@@ -68,7 +69,7 @@ class VersionedBase(LowRankStrategy):
             for version in range(known + 1, len(self.stacks) + 1)
             for key, value in self.stacks[version - 1].items()
         }
-        return tensors, {"stack-from": known, "stack-to": len(self.stacks)}
+        return tensors, {STACK_FROM: known, STACK_TO: len(self.stacks)}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The base's state (ranks handed out included) and every module."""
@@ -192,7 +193,7 @@ class FLoRA(VersionedBase):
         config = {
             **versions,
             **self.plan.node_config(self.rank_of(node_id)),
-            "fresh-seed": seed,
+            FRESH_SEED: seed,
         }
         return tensors, config
 

@@ -57,7 +57,8 @@ from typing import Any
 import torch
 
 from fedpeft import lowrank
-from fedpeft.records import ADAPTER_RANK, TensorSpec
+from fedpeft.protocol import ADAPTER_RANK
+from fedpeft.records import TensorSpec
 from fedpeft.strategies.base import LowRankStrategy
 from fedpeft.strategies.ranks import RankPlan, RankPruning
 from fedpeft.strategies.screening import Accepted

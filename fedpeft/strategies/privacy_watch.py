@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedpeft.protocol import DP_STEPS
+
 #: Relative slack for epsilon: the same history evaluated twice may differ in its last digits.
 _EPS_SLACK = 1e-6
 
@@ -36,7 +38,7 @@ class PrivacyWatch:
         In a private run every reply must report its ledger; in any run, a reply that reports
         one is held to it.
         """
-        steps, eps = metrics.get("dp-steps"), metrics.get("epsilon")
+        steps, eps = metrics.get(DP_STEPS), metrics.get("epsilon")
         if steps is None and eps is None:
             return "a private run's reply must report its privacy ledger" if private_run else None
         if not (_number(steps) and steps == int(steps) and _number(eps)):

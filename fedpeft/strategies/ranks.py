@@ -31,14 +31,14 @@ from typing import Any
 
 import torch
 
-from fedpeft.records import (
+from fedpeft.protocol import (
+    ADAPTER_ALPHA,
     ADAPTER_RANK,
     RANK_MIN,
     RANK_PRUNE_GAMMA,
     RANK_PRUNE_LAMBDA,
-    TensorSpec,
-    UpdateRejected,
 )
+from fedpeft.records import TensorSpec, UpdateRejected
 
 SCALINGS = ("per_rank", "shared")
 
@@ -137,7 +137,7 @@ class RankPlan:
 
     def node_config(self, rank: int) -> dict[str, int | float]:
         """The round-config entries that make a client train at rank r_k and alpha_k."""
-        return {"adapter-rank": int(rank), "adapter-alpha": float(self.alpha_of(rank))}
+        return {ADAPTER_RANK: int(rank), ADAPTER_ALPHA: float(self.alpha_of(rank))}
 
     def truncate(self, tensors: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
         """Global rank-R factors -> the node's: A[:r_k], B[:, :r_k] s / s_k; others unchanged."""

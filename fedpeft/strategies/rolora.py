@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from fedpeft.adapters import FROZEN_PREFIX
+from fedpeft.protocol import FROZEN_FROM, FROZEN_VERSION
 from fedpeft.strategies.base import LowRankStrategy
 
 #: trained factor -> the adapter kind that trains exactly it
@@ -69,7 +70,7 @@ class RoLoRA(LowRankStrategy):
     )
     name = "rolora"
     kind = "frozen_a"
-    version_metric = "frozen-version"
+    version_metric = FROZEN_VERSION
 
     def __init__(
         self, global_adapter: Mapping[str, torch.Tensor], task: Mapping[str, Any], **kwargs
@@ -93,7 +94,7 @@ class RoLoRA(LowRankStrategy):
         held = min(self.known_version(node_id), want)
         keys = self.factor_keys(*changed_factors(held, want))
         tensors = {f"{FROZEN_PREFIX}{k}": self.global_adapter[k] for k in keys}
-        return tensors, {"frozen-from": held, "frozen-version": want}
+        return tensors, {FROZEN_FROM: held, FROZEN_VERSION: want}
 
     def up_keys(self) -> list[str]:
         """The round's trained factor and the head (when trained)."""

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fedpeft import identity
-from fedpeft.records import BUDGET_EXHAUSTED
+from fedpeft.protocol import BUDGET_EXHAUSTED
 
 
 class Roster:

@@ -19,8 +19,8 @@ import torch
 from flwr.app import Message
 from flwr.supercore import log
 
+from fedpeft.protocol import EPSILON, METRICS_KEY, TRAIN_LOSS
 from fedpeft.records import (
-    METRICS_KEY,
     TensorSpec,
     UpdateRejected,
     addressees,
@@ -147,8 +147,8 @@ def screen_replies(
             stats.rejected[member] = str(exc)
             log(WARNING, "round %d: reply from client %d rejected: %s", server_round, member, exc)
             continue
-        if "train-loss" in metrics:  # private replies carry none (privacy/release.py)
-            stats.client_loss[member] = float(metrics["train-loss"])
+        if TRAIN_LOSS in metrics:  # private replies carry none (privacy/release.py)
+            stats.client_loss[member] = float(metrics[TRAIN_LOSS])
         stats.bytes_up += tensor_bytes(tensors)
         controls = {k: tensors.pop(k) for k in control_specs}
         stats.accepted.append(member)
@@ -170,8 +170,8 @@ def _watch_ledger(
     A client whose ledger went backwards is not sampled again: its true spending is unknown.
     """
     reason = privacy.observe(member, metrics, rules.private_run)
-    if member in privacy.epsilon and "epsilon" in metrics:
-        stats.client_epsilon[member] = float(metrics["epsilon"])
+    if member in privacy.epsilon and EPSILON in metrics:
+        stats.client_epsilon[member] = float(metrics[EPSILON])
     if reason is not None:
         if "was reset" in reason:
             roster.exhausted.add(member)

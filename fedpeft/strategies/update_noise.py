@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.records import NUM_EXAMPLES
+from fedpeft.protocol import NOISE_MULTIPLIER, NUM_EXAMPLES, SAMPLE_RATE, STEPS
 
 
 def client_noise_std(
@@ -28,11 +28,11 @@ def client_noise_std(
 
     None when the reply carries no DP ledger (a non-private reply).
     """
-    keys = ("noise-multiplier", "sample-rate", "steps", NUM_EXAMPLES)
+    keys = (NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, NUM_EXAMPLES)
     if any(k not in metrics for k in keys):
         return None
-    sigma, q = float(metrics["noise-multiplier"]), float(metrics["sample-rate"])
-    steps, n = int(metrics["steps"]), int(metrics[NUM_EXAMPLES])
+    sigma, q = float(metrics[NOISE_MULTIPLIER]), float(metrics[SAMPLE_RATE])
+    steps, n = int(metrics[STEPS]), int(metrics[NUM_EXAMPLES])
     batch = max(1, round(q * n))
     return lr * sigma * max_grad_norm * math.sqrt(steps) / batch
 

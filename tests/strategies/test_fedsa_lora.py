@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from fedpeft import adapters, training
+from fedpeft import adapters, protocol, training
 from fedpeft.cli import simulate
 from fedpeft.clients import local_factors
 from fedpeft.clients.client_app import evaluate, evaluate_round, train, train_round
@@ -51,10 +51,11 @@ def _a_updates(strategy, k, seed):
     ]
 
 
-def test_round_config_names_match_the_client():
-    """The strategy cannot import the client side: the two spell the entries alike."""
-    assert fedsa_module.LOCAL_FACTORS == local_factors.LOCAL_FACTORS
-    assert fedsa_module.HOLDOUT_FRACTION == local_factors.HOLDOUT_FRACTION
+def test_round_config_names_are_the_protocols_on_both_sides():
+    """The strategy cannot import the client side: both take the entries from protocol.py."""
+    assert fedsa_module.LOCAL_FACTORS is protocol.LOCAL_FACTORS is local_factors.LOCAL_FACTORS
+    assert fedsa_module.HOLDOUT_FRACTION is protocol.HOLDOUT_FRACTION
+    assert local_factors.HOLDOUT_FRACTION is protocol.HOLDOUT_FRACTION
 
 
 @settings(max_examples=10, deadline=None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedpeft.privacy.dp_sgd import make_dp_optimizer
-from fedpeft.records import NUM_EXAMPLES
+from fedpeft.protocol import NUM_EXAMPLES
 from fedpeft.strategies.update_noise import client_noise_std, signal_norm, update_and_noise_norms
 
 
