@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedpeft import adapters, data, models, privacy, tasks, training
 from fedpeft.causal import evaluation as causal_evaluation
 from fedpeft.errors import ConfigError
+from fedpeft.round_task import RoundTask
 from fedpeft.runtime import ModelRuntime, adapter_spec, model_runtime, model_spec
 from fedpeft.strategies import STRATEGIES, LowRankStrategy
 
@@ -27,12 +28,15 @@ def build_task(
 ) -> dict[str, Any]:
     """The JSON-able instructions every client needs to rebuild model, adapter and data.
 
-    `label_names` lets a node that trains on its own file map its labels onto the server's.
+    `label_names` lets a node that trains on its own file map its labels onto the server's. The
+    task is validated as a node will validate it (round_task.RoundTask), so a config that
+    would make every node refuse its round fails here, before the run starts; the dict returned is
+    the task's canonical form, the one a node rebuilds (so both share one cached runtime).
     """
     strategy_cls = STRATEGIES[cfg.strategy.name]
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(plain, dict)
-    return {
+    task = {
         "task": cfg.task,
         "model": {**plain["model"], "task": cfg.task},
         "dataset": plain["dataset"],
@@ -59,6 +63,7 @@ def build_task(
             "local_epochs": cfg.federation.local_epochs,
         },
     }
+    return RoundTask.from_dict(task).to_dict()  # as every node will read it: refused here first
 
 
 def dp_task(cfg: DictConfig) -> dict[str, Any]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from fedpeft.errors import ConfigError
 from fedpeft.models import warn_slow_bf16
+from fedpeft.schema import check_fields, finite_number, integer_in, known_keys, mapping
 from fedpeft.tasks import collate
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -46,6 +47,86 @@ class TrainResult:
     steps: int
     num_examples: int
     examples_seen: int = 0
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """A client round's training settings: the `train` config group plus the round's length.
+
+    The task carries them to every client (`RoundTask.train`); `parse` refuses what a node must
+    not run: unknown or missing keys, non-finite or negative rates, unknown optimisers and
+    precisions, and a round with neither local_steps nor local_epochs.
+    """
+
+    batch_size: int
+    lr: float
+    head_lr: float | None
+    optimizer: str
+    weight_decay: float
+    momentum: float
+    max_length: int
+    max_grad_norm: float | None
+    precision: str
+    gradient_checkpointing: bool
+    local_steps: int | None
+    local_epochs: float | None
+
+    @classmethod
+    def parse(cls, raw: object, where: str = "train") -> TrainSettings:
+        """Validate a `train` mapping (every key required) into settings."""
+        values = mapping(raw, where)
+        names = [f.name for f in fields(cls)]
+        known_keys(values, where, names, required=names)
+
+        def rate(key: str, optional: bool = False) -> tuple[str, bool, str]:
+            value = values[key]
+            ok = (optional and value is None) or (finite_number(value) and value >= 0)
+            return key, ok, "a finite number >= 0" + (" (or null)" if optional else "")
+
+        steps, epochs = values["local_steps"], values["local_epochs"]
+        check_fields(
+            where,
+            values,
+            [
+                ("batch_size", integer_in(values["batch_size"], 1, 2**31), "an integer >= 1"),
+                rate("lr"),
+                rate("head_lr", optional=True),
+                ("optimizer", values["optimizer"] in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+                rate("weight_decay"),
+                rate("momentum"),
+                ("max_length", integer_in(values["max_length"], 1, 2**31), "an integer >= 1"),
+                rate("max_grad_norm", optional=True),
+                ("precision", values["precision"] in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+                (
+                    "gradient_checkpointing",
+                    isinstance(values["gradient_checkpointing"], bool),
+                    "true or false",
+                ),
+                (
+                    "local_steps",
+                    steps is None or integer_in(steps, 1, 2**31),
+                    "an integer >= 1 (or null with local_epochs)",
+                ),
+                (
+                    "local_epochs",
+                    epochs is None or (finite_number(epochs) and epochs > 0),
+                    "a positive number (or null with local_steps)",
+                ),
+                (
+                    "local_steps",
+                    steps is not None or epochs is not None,
+                    "set when local_epochs is null",
+                ),
+            ],
+        )
+        floats = ("lr", "head_lr", "weight_decay", "momentum", "max_grad_norm", "local_epochs")
+        return cls(
+            **{k: float(v) if k in floats and v is not None else v for k, v in values.items()}
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able mapping `parse` reads."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def param_groups(model: torch.nn.Module, lr: float, head_lr: float | None) -> list[dict]:
@@ -91,29 +172,30 @@ def planned_steps(
 
 
 def local_round(
-    model: torch.nn.Module, hp: Mapping[str, Any], num_examples: int
+    model: torch.nn.Module, train: TrainSettings, num_examples: int
 ) -> tuple[torch.optim.Optimizer, int]:
     """A client round's fresh optimiser and its planned steps, from the task's train settings.
 
     It also sets the round's precision and gradient checkpointing on the model (prepare_round).
     """
-    prepare_round(model, hp)
-    groups = param_groups(model, float(hp["lr"]), hp.get("head_lr"))
+    prepare_round(model, train.precision, train.gradient_checkpointing)
+    groups = param_groups(model, train.lr, train.head_lr)
     optimizer = make_optimizer(
-        groups, hp["optimizer"], float(hp["lr"]), hp["weight_decay"], hp["momentum"]
+        groups, train.optimizer, train.lr, train.weight_decay, train.momentum
     )
-    steps = planned_steps(num_examples, hp["batch_size"], hp["local_steps"], hp["local_epochs"])
+    steps = planned_steps(num_examples, train.batch_size, train.local_steps, train.local_epochs)
     return optimizer, steps
 
 
-def prepare_round(model: torch.nn.Module, hp: Mapping[str, Any]) -> None:
-    """Switch gradient checkpointing and the autocast precision to what `hp` asks for.
+def prepare_round(
+    model: torch.nn.Module, precision: str = "fp32", gradient_checkpointing: bool = False
+) -> None:
+    """Switch gradient checkpointing and the autocast precision to the round's settings.
 
     Both are per round, since one model serves every client (and task) of a process. Checkpointing
     is transformers' activation checkpointing of every layer, non-reentrant (no input has to
     require grad).
     """
-    precision = str(hp.get("precision") or "fp32")
     if precision not in PRECISIONS:
         raise ConfigError(
             f"train.precision={precision!r} is unknown: choose one of {', '.join(PRECISIONS)}"
@@ -123,13 +205,13 @@ def prepare_round(model: torch.nn.Module, hp: Mapping[str, Any]) -> None:
         warn_slow_bf16("train.precision")
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(causal, "supports_gradient_checkpointing", False):
-        if hp.get("gradient_checkpointing"):
+        if gradient_checkpointing:
             raise ConfigError(
                 f"train.gradient_checkpointing=true but {type(causal).__name__} does not support "
                 "it: set train.gradient_checkpointing=false"
             )
         return
-    if hp.get("gradient_checkpointing"):
+    if gradient_checkpointing:
         causal.activation_checkpointing_enable({"use_reentrant": False})
     elif causal.is_activation_checkpointing:
         causal.activation_checkpointing_disable()

@@ -40,6 +40,27 @@ FAST_RUN = [
 ]
 
 
+def train_settings(**changes):
+    """The default config's train settings (AdamW, 2 local steps) with `changes`, typed."""
+    from fedpeft.training import TrainSettings
+
+    base = {
+        "batch_size": 16,
+        "lr": 3e-3,
+        "head_lr": None,
+        "optimizer": "adamw",
+        "weight_decay": 0.0,
+        "momentum": 0.0,
+        "max_length": 64,
+        "max_grad_norm": 1.0,
+        "precision": "fp32",
+        "gradient_checkpointing": False,
+        "local_steps": 2,
+        "local_epochs": None,
+    }
+    return TrainSettings.parse({**base, **changes})
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     path = Path(os.environ["FEDPEFT_DATA_DIR"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -35,7 +34,8 @@ from fedpeft.protocol import (
     TRAIN_LOSS,
 )
 from fedpeft.records import from_record, metrics_record, record_bytes, to_record
-from fedpeft.runtime import adapter_spec, model_runtime
+from fedpeft.round_task import RoundTask
+from fedpeft.runtime import model_runtime
 
 logger = logging.getLogger(__name__)
 #: errors whose text depends only on the task, the node's config and its ledger, never on its data
@@ -76,21 +76,19 @@ def generic_errors(msg: Message, context: Context, call_next: Callable[..., Mess
 app = ClientApp(mods=[generic_errors])
 
 
-def read_task(
-    msg: Message, context: Context, policy: privacy.NodePolicy
-) -> tuple[dict[str, Any], privacy.DPSettings]:
-    """The message's task, parsed and checked by this node (task_guard), with its DP settings.
+def read_task(msg: Message, context: Context, policy: privacy.NodePolicy) -> RoundTask:
+    """The message's task, parsed, checked and typed by this node (task_guard, round_task).
 
     A deployed node (policy.deployed) also refuses task paths it did not allow and trains its
     own `model-path`; the node's `device` and `dtype` replace the server's.
     """
     config = msg.content[CONFIG_KEY]
     task = task_guard.parse_task(str(config[TASK_KEY]))
-    dp = task_guard.check_task(task, context.node_config, deployed=policy.deployed)
+    task_guard.check_task(task, context.node_config, deployed=policy.deployed)
     task_guard.check_round(config, context.node_config)
     if policy.deployed:
         task = task_guard.pin_model(task, context.node_config)
-    return node_task(task, context.node_config), dp
+    return task_guard.round_task(node_task(task, context.node_config))
 
 
 @app.query(IDENTITY_ACTION)
@@ -105,8 +103,8 @@ def identity_reply(msg: Message, context: Context, policy: privacy.NodePolicy) -
     The query carries the task, which says how to read this node's data; the count is what this
     node's replies may claim (their FedAvg weight) for the rest of the run.
     """
-    task, _ = read_task(msg, context, policy)
-    count = client_example_count(task, context.node_config)
+    task = read_task(msg, context, policy)
+    count = client_example_count(task.to_dict(), context.node_config)
     metrics = MetricRecord({CLIENT_ID: member(context), NUM_EXAMPLES: count})
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
@@ -129,21 +127,22 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
     proximal term and SCAFFOLD's correction (drift.py).
     """
     config = msg.content[CONFIG_KEY]
-    task, dp = read_task(msg, context, policy)
+    task = read_task(msg, context, policy)
+    dp, hp = task.dp, task.train
     server_round = int(config[SERVER_ROUND])
     store = privacy.LedgerFile(
-        policy.state_dir, context.run_id, data_fingerprint(task, context.node_config)
+        policy.state_dir, context.run_id, data_fingerprint(task.to_dict(), context.node_config)
     )
     policy.check(dp, has_ledger=store.exists())
-    if ADAPTER_RANK in config:
-        task["adapter"]["rank"] = int(config[ADAPTER_RANK])
-    if ADAPTER_ALPHA in config:
-        task["adapter"]["alpha"] = float(config[ADAPTER_ALPHA])
-    pruning = rank_pruning.RankPruning.start(context.state, config, task)
-    spec = adapter_spec(task)
-    runtime = model_runtime(task)
+    task = task.with_adapter(
+        config.get(ADAPTER_RANK, task.adapter.rank), config.get(ADAPTER_ALPHA, task.adapter.alpha)
+    )
+    pruning, spec = rank_pruning.RankPruning.start(context.state, config, task.adapter)
+    task = task.with_adapter(spec.rank, spec.alpha)
+    plain = task.to_dict()  # the model and data sections: runtime.py and client_data.py read them
+    runtime = model_runtime(plain)
     examples, _ = local_factors.split(
-        client_examples(task, context.node_config), config, int(task["seed"]), member(context)
+        client_examples(plain, context.node_config), config, task.seed, member(context)
     )
     local = local_factors.local_names(config)
     local_store = local_factors.LocalFactorFile(policy.state_dir, context.run_id, member(context))
@@ -162,14 +161,15 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
     if local:
         adapters.write_adapter(runtime.model, local_factors.held(context.state, local_store))
 
-    hp = task["train"]
     optimizer, steps = training.local_round(runtime.model, hp, len(examples))
     trained = adapters.select_keys(
         adapters.adapter_tensors(runtime.model), spec.trained_factors, spec.train_head
     )
-    correction = drift.start_round(runtime.model, trained, task, control, context.state, optimizer)
+    correction = drift.start_round(
+        runtime.model, trained, task.client_opt, control, context.state, optimizer
+    )
     penalty = pruning.penalty(runtime.model) if pruning is not None else None
-    seed = training.sampler_seed(int(task["seed"]), server_round, member(context))
+    seed = training.sampler_seed(task.seed, server_round, member(context))
     if dp.enabled:
         result, dp_metrics = privacy.private_round(
             runtime.model,
@@ -179,7 +179,7 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
             policy=policy,
             settings=dp,
             steps=steps,
-            batch_size=int(hp["batch_size"]),
+            batch_size=hp.batch_size,
             pad_token_id=runtime.tokenizer.pad_token_id,
             device=runtime.device,
             seed=seed,
@@ -191,11 +191,11 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
             examples,
             optimizer,
             steps=steps,
-            batch_size=int(hp["batch_size"]),
+            batch_size=hp.batch_size,
             pad_token_id=runtime.tokenizer.pad_token_id,
             device=runtime.device,
             seed=seed,
-            max_grad_norm=hp.get("max_grad_norm"),
+            max_grad_norm=hp.max_grad_norm,
             penalty=penalty,
         )
     keys = adapters.select_keys(
@@ -245,14 +245,15 @@ def evaluate_round(msg: Message, context: Context, policy: privacy.NodePolicy) -
     the accuracy of its own data is released unaccounted otherwise.
     """
     config = msg.content[CONFIG_KEY]
-    task, dp = read_task(msg, context, policy)
+    task = read_task(msg, context, policy)
+    plain = task.to_dict()
     store = privacy.LedgerFile(
-        policy.state_dir, context.run_id, data_fingerprint(task, context.node_config)
+        policy.state_dir, context.run_id, data_fingerprint(plain, context.node_config)
     )
-    local_factors.check_release(dp, policy, store.exists())
-    runtime = model_runtime(task)
+    local_factors.check_release(task.dp, policy, store.exists())
+    runtime = model_runtime(plain)
     _, held_out = local_factors.split(
-        client_examples(task, context.node_config), config, int(task["seed"]), member(context)
+        client_examples(plain, context.node_config), config, task.seed, member(context)
     )
     if not held_out:
         raise ValueError("this node holds no examples out of training: nothing to evaluate on")
@@ -262,10 +263,10 @@ def evaluate_round(msg: Message, context: Context, policy: privacy.NodePolicy) -
     scores = training.evaluate(
         runtime.model,
         held_out,
-        batch_size=int(task["train"]["batch_size"]),
+        batch_size=task.train.batch_size,
         pad_token_id=runtime.tokenizer.pad_token_id,
         device=runtime.device,
-        num_labels=int(task["num_labels"]),
+        num_labels=task.num_labels,
     )
     metrics = {
         CLIENT_ID: member(context),

@@ -31,7 +31,6 @@ exact. The lr is each parameter group's (the head may have its own, `train.head_
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,30 +40,9 @@ from fedpeft import adapters
 from fedpeft.adapters import CONTROL_PREFIX
 from fedpeft.errors import ConfigError
 from fedpeft.records import from_record, to_record
+from fedpeft.round_task import DriftSettings
 
 _STATE = "fedpeft.scaffold"
-
-
-@dataclass(frozen=True)
-class DriftSettings:
-    """The task's `client_opt`: FedProx's mu (0: off) and whether SCAFFOLD is on."""
-
-    proximal_mu: float = 0.0
-    scaffold: bool = False
-
-    @classmethod
-    def from_task(cls, task: Mapping[str, Any]) -> DriftSettings:
-        """Read `task["client_opt"]` (absent: neither)."""
-        raw = task.get("client_opt") or {}
-        mu = float(raw.get("proximal_mu") or 0.0)
-        if mu < 0:
-            raise ConfigError(f"client_opt.proximal_mu={mu} must be >= 0")
-        return cls(mu, bool(raw.get("scaffold", False)))
-
-    @property
-    def enabled(self) -> bool:
-        """Whether any correction applies."""
-        return self.proximal_mu > 0 or self.scaffold
 
 
 def split_control(
@@ -179,7 +157,7 @@ class DriftCorrection:
 def start_round(
     model: torch.nn.Module,
     keys: list[str],
-    task: Mapping[str, Any],
+    settings: DriftSettings,
     control: Mapping[str, torch.Tensor],
     state: RecordDict,
     optimizer: torch.optim.Optimizer,
@@ -188,7 +166,6 @@ def start_round(
 
     Call it after the payload is loaded (theta_0 is read here) and before training.
     """
-    settings = DriftSettings.from_task(task)
     if control and not settings.scaffold:
         raise ConfigError("the payload carries control variates but client_opt.scaffold=false")
     if not settings.enabled:

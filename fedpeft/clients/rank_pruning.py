@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedpeft import adapters
+from fedpeft.adapters import AdapterSpec
 from fedpeft.protocol import ADAPTER_RANK, RANK_MIN, RANK_PRUNE_GAMMA, RANK_PRUNE_LAMBDA
 
 _STATE = "fedpeft.rank"
@@ -73,23 +73,23 @@ class RankPruning:
     received: float | None = None
 
     @classmethod
-    def start(cls, state: RecordDict, config: Mapping, task: dict[str, Any]) -> RankPruning | None:
-        """None unless the config has `rank-min`; else set the task's adapter to the node's rank.
+    def start(
+        cls, state: RecordDict, config: Mapping, adapter: AdapterSpec
+    ) -> tuple[RankPruning | None, AdapterSpec]:
+        """(None, adapter) unless the config has `rank-min`; else pruning and the node's adapter.
 
-        The task's adapter rank and alpha are the ones the server sent; a node holding a smaller
-        rank lowers both, keeping alpha / rank.
+        `adapter` has the rank and alpha the server sent; a node holding a smaller rank lowers
+        both, keeping alpha / rank.
         """
         if RANK_MIN not in config:
-            return None
-        adapter = task["adapter"]
-        sent = int(adapter["rank"])
+            return None, adapter
+        sent = adapter.rank
         held = state.config_records[_STATE]["rank"] if _STATE in state.config_records else sent
         rank = min(sent, int(held))
         if rank < sent:
-            adapter["alpha"] = float(adapter["alpha"]) * rank / sent
-            adapter["rank"] = rank
+            adapter = replace(adapter, rank=rank, alpha=adapter.alpha * rank / sent)
         gamma, lam = float(config[RANK_PRUNE_GAMMA]), float(config[RANK_PRUNE_LAMBDA])
-        return cls(rank, int(config[RANK_MIN]), gamma, lam)
+        return cls(rank, int(config[RANK_MIN]), gamma, lam), adapter
 
     @property
     def tail_start(self) -> int:

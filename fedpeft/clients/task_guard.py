@@ -27,8 +27,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedpeft.errors import ConfigError, FedPeftError
-from fedpeft.privacy.settings import DPSettings, finite_number, integer_in
+from fedpeft.privacy.settings import DPSettings
 from fedpeft.protocol import ADAPTER_ALPHA, ADAPTER_RANK, STACK_TO
+from fedpeft.round_task import RoundTask
+from fedpeft.schema import finite_number, integer_in
 
 #: node config key -> (default cap, what it bounds)
 LIMITS: dict[str, tuple[int, str]] = {
@@ -103,8 +105,8 @@ def _finite(value: object, field: str, low: float = 0.0) -> None:
 
 def check_task(
     task: Mapping[str, Any], node_config: Mapping[str, Any], *, deployed: bool
-) -> DPSettings:
-    """Refuse a task this node must not run; return its checked DP settings.
+) -> RoundTask:
+    """Refuse a task this node must not run; return it typed (its DP settings checked).
 
     `deployed`: the node reads its own model and data (a SuperNode), so task values naming
     files or hub ids are refused unless the node config allows them.
@@ -133,9 +135,20 @@ def check_task(
         _bounded_int(epochs, "train.local_epochs", limits["max-local-steps"], "max-local-steps")
     if steps is None and epochs is None:
         raise TaskRefused("the task sets neither train.local_steps nor train.local_epochs")
+    typed = round_task(task)
+    if typed.dp != dp:
+        raise TaskRefused("the task's DP settings read differently twice")  # cannot happen
     if deployed:
         _check_paths(task, node_config)
-    return dp
+    return typed
+
+
+def round_task(task: Mapping[str, Any]) -> RoundTask:
+    """The task typed (round_task.py); any key, type or value it refuses is a TaskRefused."""
+    try:
+        return RoundTask.from_dict(task)
+    except ConfigError as exc:
+        raise TaskRefused(f"the task is refused: {exc}") from None
 
 
 def check_round(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> None:

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import ConfigError, FedPeftError
-from fedpeft.privacy.settings import ACCOUNTANTS, DPSettings, finite_number
+from fedpeft.privacy.settings import ACCOUNTANTS, DPSettings
+from fedpeft.schema import finite_number
 
 REQUIRED, EPSILON, DELTA = "dp-required", "dp-epsilon", "dp-delta"
 MAX_GRAD_NORM, NOISE_MULTIPLIER, STATE_DIR = "dp-max-grad-norm", "dp-noise-multiplier", "state-dir"

@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fedpeft.errors import ConfigError
+from fedpeft.schema import finite_number, integer_in
 
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
@@ -23,16 +24,6 @@ MAX_GRAD_NORM = 1e4
 MAX_NOISE_MULTIPLIER = 1e4
 MAX_PLANNED_ROUNDS = 1_000_000
 MAX_PHYSICAL_BATCH = 1_000_000
-
-
-def finite_number(value: object) -> bool:
-    """A real number (not bool), finite: NaN and inf are refused wherever this is asked."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def integer_in(value: object, low: int, high: int) -> bool:
-    """An int (not bool) with low <= value <= high."""
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def _in(value: object, low: float, high: float) -> bool:

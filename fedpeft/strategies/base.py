@@ -285,6 +285,10 @@ class LowRankStrategy(Strategy):
         """Per-round additions to the task (methods extend this)."""
         return {}
 
+    def round_task_json(self, server_round: int) -> str:
+        """The round's task as its messages carry it (federation.build_task validated the run's)."""
+        return json.dumps({**self.task, **self.round_instructions(server_round)})
+
     def node_payload(self, node_id: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Extra tensors and config entries for one node this round (methods extend this)."""
         return {}, {}
@@ -383,7 +387,7 @@ class LowRankStrategy(Strategy):
         """One train message per sampled node with exactly the tensors that node must load."""
         self.stats = RoundStats()
         self.server_round = server_round
-        task = json.dumps({**self.task, **self.round_instructions(server_round)})
+        task = self.round_task_json(server_round)
         sampled = self.roster.sample(
             grid,
             fraction=self.fraction,

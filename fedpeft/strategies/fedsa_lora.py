@@ -33,7 +33,6 @@ docs/personalised.md.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from logging import WARNING
@@ -177,7 +176,7 @@ class FedSALoRA(LowRankStrategy):
             **config,
             **self.client_config(),
             SERVER_ROUND: server_round,
-            TASK_KEY: self._task_json(server_round),
+            TASK_KEY: self.round_task_json(server_round),
         }
         messages = []
         for node_id in sorted(grid.get_node_ids(), key=self.roster.order):
@@ -187,9 +186,6 @@ class FedSALoRA(LowRankStrategy):
             messages.append(Message(record, dst_node_id=node_id, message_type=MessageType.EVALUATE))
             self.eval_bytes_down += record_bytes(payload)
         return messages
-
-    def _task_json(self, server_round: int) -> str:
-        return json.dumps({**self.task, **self.round_instructions(server_round)})
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -6,6 +6,7 @@ import torch
 from fedpeft import adapters, models, training
 from fedpeft.config import compose_config
 from fedpeft.errors import ConfigError, ModelError
+from tests.conftest import train_settings
 
 CPU = torch.device("cpu")
 #: every top-level module of tiny_llama named, each decoder layer placed on its own
@@ -36,15 +37,7 @@ def test_a_module_map_loads_through_accelerate_and_trains(examples, tokenizer):
     model = adapters.inject(base, adapters.AdapterSpec("lora", 4, 8.0, ("q_proj", "v_proj")))
     factors = adapters.adapter_tensors(model)
     before = {k: v.detach().clone() for k, v in factors.items()}
-    hp = {
-        "lr": 1e-2,
-        "optimizer": "adamw",
-        "weight_decay": 0.0,
-        "momentum": 0.0,
-        "batch_size": 2,
-        "local_steps": 2,
-        "local_epochs": None,
-    }
+    hp = train_settings(lr=1e-2, batch_size=2, local_steps=2)
     optimizer, steps = training.local_round(model, hp, len(examples))
     training.train_steps(
         model,

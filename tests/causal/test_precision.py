@@ -7,6 +7,7 @@ from fedpeft import adapters, training
 from fedpeft.causal.encoding import collate
 from fedpeft.config import compose_config
 from fedpeft.errors import ConfigError
+from tests.conftest import train_settings
 
 CPU = torch.device("cpu")
 GSM8K = ["model=tiny_llama", "dataset=gsm8k", "partition=iid"]
@@ -23,21 +24,21 @@ def _grads(model, examples, pad_token_id):
 
 def test_checkpointing_gives_the_same_gradients_and_switches_per_round(lora_model, examples):
     base = lora_model.get_base_model()
-    training.prepare_round(lora_model, {"gradient_checkpointing": False})
+    training.prepare_round(lora_model, gradient_checkpointing=False)
     _, plain = _grads(lora_model, examples, 0)
-    training.prepare_round(lora_model, {"gradient_checkpointing": True})
+    training.prepare_round(lora_model, gradient_checkpointing=True)
     assert base.is_activation_checkpointing
     _, recomputed = _grads(lora_model, examples, 0)
     for a, b in zip(plain, recomputed, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    training.prepare_round(lora_model, {})
+    training.prepare_round(lora_model)
     assert not base.is_activation_checkpointing
 
 
 def test_bf16_autocasts_the_forward_and_keeps_float32_factors(lora_model, examples, tokenizer):
-    training.prepare_round(lora_model, {"precision": "fp32"})
+    training.prepare_round(lora_model, "fp32")
     ref, ref_grads = _grads(lora_model, examples, tokenizer.pad_token_id)
-    training.prepare_round(lora_model, {"precision": "bf16"})
+    training.prepare_round(lora_model, "bf16")
     out, grads = _grads(lora_model, examples, tokenizer.pad_token_id)
     assert ref.logits.dtype == torch.float32 and out.logits.dtype == torch.bfloat16
     assert abs(float(out.loss) - float(ref.loss)) < 0.02 * float(ref.loss)
@@ -48,16 +49,7 @@ def test_bf16_autocasts_the_forward_and_keeps_float32_factors(lora_model, exampl
     assert cos > 0.99
     factors = adapters.adapter_tensors(lora_model)
     before = {k: v.detach().clone() for k, v in factors.items()}
-    hp = {
-        "lr": 1e-2,
-        "optimizer": "adamw",
-        "weight_decay": 0.0,
-        "momentum": 0.0,
-        "batch_size": 2,
-        "local_steps": 3,
-        "local_epochs": None,
-        "precision": "bf16",
-    }
+    hp = train_settings(lr=1e-2, batch_size=2, local_steps=3, precision="bf16")
     optimizer, steps = training.local_round(lora_model, hp, len(examples))
     result = training.train_steps(
         lora_model,
@@ -108,7 +100,7 @@ def test_opacus_really_breaks_under_recomputation(lora_model, examples, tokenize
     """Why DP refuses checkpointing: Opacus' hooks mode fails on a recomputed forward."""
     from fedpeft.privacy.dp_sgd import train_private
 
-    training.prepare_round(lora_model, {"gradient_checkpointing": True})
+    training.prepare_round(lora_model, gradient_checkpointing=True)
     params = [p for p in lora_model.parameters() if p.requires_grad]
     with pytest.raises(ValueError, match="Per sample gradient is not initialized"):
         train_private(

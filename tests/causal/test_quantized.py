@@ -8,6 +8,7 @@ from fedpeft.causal.encoding import collate
 from fedpeft.causal.loss import sequence_losses
 from fedpeft.errors import ConfigError
 from fedpeft.privacy.dp_sgd import train_private
+from tests.conftest import train_settings
 
 pytest.importorskip("bitsandbytes")
 CPU = torch.device("cpu")
@@ -83,17 +84,7 @@ def test_lora_on_a_quantised_base_trains_float32_factors(quantization, examples,
         model(**{k: v for k, v in collate(examples, tokenizer.pad_token_id).items()})
     before = {k: v.detach().clone() for k, v in factors.items()}
     optimizer, _ = training.local_round(
-        model,
-        {
-            "lr": 1e-2,
-            "optimizer": "adamw",
-            "weight_decay": 0.0,
-            "momentum": 0.0,
-            "batch_size": 4,
-            "local_steps": 6,
-            "local_epochs": None,
-        },
-        len(examples),
+        model, train_settings(lr=1e-2, batch_size=4, local_steps=6), len(examples)
     )
     result = training.train_steps(
         model,

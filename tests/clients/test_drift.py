@@ -10,7 +10,9 @@ from fedpeft.clients.client_data import client_examples
 from fedpeft.config import compose_config
 from fedpeft.errors import ConfigError
 from fedpeft.federation import build_task
+from fedpeft.round_task import DriftSettings
 from fedpeft.runtime import model_runtime
+from fedpeft.training import TrainSettings
 from tests.conftest import FAST_RUN
 from tests.privacy.conftest import flat, private_steps, sgd, trainable
 
@@ -36,7 +38,7 @@ def _train(task, examples, optimizer_name: str, correction=None, steps: int = 3)
     """A few local steps from the round-0 adapter; the trained tensors after them."""
     runtime = model_runtime(task)
     runtime.reset({})
-    hp = {**task["train"], "optimizer": optimizer_name, "local_steps": steps}
+    hp = TrainSettings.parse({**task["train"], "optimizer": optimizer_name, "local_steps": steps})
     optimizer, steps = training.local_round(runtime.model, hp, len(examples))
     if correction is not None:
         correction = correction(_live(runtime.model))
@@ -51,7 +53,7 @@ def _train(task, examples, optimizer_name: str, correction=None, steps: int = 3)
         pad_token_id=runtime.tokenizer.pad_token_id,
         device=CPU,
         seed=1,
-        max_grad_norm=hp["max_grad_norm"],
+        max_grad_norm=hp.max_grad_norm,
     )
     if correction is not None:
         correction.detach()
@@ -178,14 +180,14 @@ def test_the_node_keeps_c_k_and_refuses_scaffold_without_plain_sgd(task, example
     runtime = model_runtime(task)
     runtime.reset({})
     keys = list(_live(runtime.model))
-    scaffold = {**task, "client_opt": {"proximal_mu": 0.0, "scaffold": True}}
+    scaffold = DriftSettings(proximal_mu=0.0, scaffold=True)
     control = {k: torch.full(p.shape, 0.5) for k, p in _live(runtime.model).items()}
-    hp = {**task["train"], "optimizer": "adamw"}
+    hp = TrainSettings.parse({**task["train"], "optimizer": "adamw"})
     adamw, _ = training.local_round(runtime.model, hp, len(examples))
     with pytest.raises(ConfigError, match="train.optimizer=sgd"):
         drift.start_round(runtime.model, keys, scaffold, control, RecordDict(), adamw)
     with pytest.raises(ConfigError, match="client_opt.scaffold=false"):
-        drift.start_round(runtime.model, keys, task, control, RecordDict(), adamw)
+        drift.start_round(runtime.model, keys, DriftSettings(), control, RecordDict(), adamw)
     state = RecordDict()
     for _ in range(2):
         optimizer = torch.optim.SGD(trainable(runtime.model), lr=0.1)

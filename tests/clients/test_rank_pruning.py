@@ -12,6 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedpeft.adapters import AdapterSpec
 from fedpeft.clients.client_app import train
 from fedpeft.clients.rank_pruning import RankPruning, tail_score
 from fedpeft.config import compose_config
@@ -63,10 +64,10 @@ def test_pruning_fires_only_when_the_tail_score_drops_and_never_below_min_rank(
     state = RecordDict()
     held = rank
     for c in factors:
-        task = {"adapter": {"rank": rank, "alpha": 2.0 * rank}}
-        pruning = RankPruning.start(state, _config(min_rank, gamma), task)
-        assert pruning.rank == held == task["adapter"]["rank"]
-        assert task["adapter"]["alpha"] == pytest.approx(2.0 * held)  # the scaling is kept
+        sent = AdapterSpec("lora", rank, 2.0 * rank, ("query",))
+        pruning, adapter = RankPruning.start(state, _config(min_rank, gamma), sent)
+        assert pruning.rank == held == adapter.rank
+        assert adapter.alpha == pytest.approx(2.0 * held)  # the scaling is kept
         received = pruning.receive(_factors(rank, g))
         start = math.floor(gamma * held)
         assert start == pruning.tail_start
@@ -80,9 +81,9 @@ def test_pruning_fires_only_when_the_tail_score_drops_and_never_below_min_rank(
 
 def test_a_node_trains_at_the_rank_it_holds_and_reads_the_received_tail():
     state = RecordDict({"fedpeft.rank": ConfigRecord({"rank": 3})})
-    task = {"adapter": {"rank": 6, "alpha": 12.0}}
-    pruning = RankPruning.start(state, _config(2, 0.5), task)
-    assert task["adapter"] == {"rank": 3, "alpha": 6.0} and pruning.tail_start == 1
+    sent = AdapterSpec("lora", 6, 12.0, ("query",))
+    pruning, adapter = RankPruning.start(state, _config(2, 0.5), sent)
+    assert (adapter.rank, adapter.alpha) == (3, 6.0) and pruning.tail_start == 1
     sent = _factors(6, torch.Generator().manual_seed(1))
     received = pruning.receive({**sent, "head.w": torch.ones(2)})
     assert torch.equal(received["l0.lora_A"], sent["l0.lora_A"][:3])
@@ -93,7 +94,7 @@ def test_a_node_trains_at_the_rank_it_holds_and_reads_the_received_tail():
         for i in range(LAYERS)
     )
     assert pruning.received == pytest.approx(expected, rel=1e-12)
-    assert RankPruning.start(RecordDict(), {}, task) is None  # no rank-min: no pruning
+    assert RankPruning.start(RecordDict(), {}, sent) == (None, sent)  # no rank-min: no pruning
 
 
 def test_the_tail_regulariser_is_differentiable():

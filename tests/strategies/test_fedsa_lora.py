@@ -25,6 +25,7 @@ from fedpeft.records import from_record
 from fedpeft.runtime import model_runtime
 from fedpeft.strategies import FedSALoRA
 from fedpeft.strategies import fedsa_lora as fedsa_module
+from fedpeft.training import TrainSettings
 from tests.conftest import FAST_RUN
 from tests.strategies.conftest import (
     D_IN,
@@ -285,7 +286,7 @@ def test_with_one_client_fedsa_is_local_training(tmp_path, data_dir):
         client_examples(task, context.node_config), {"holdout-fraction": 0.2}, 0, 0
     )
     runtime.reset({})
-    hp = task["train"]
+    hp = TrainSettings.parse(task["train"])
     for server_round in (1, 2):
         torch.manual_seed(100 + server_round)
         optimizer, steps = training.local_round(runtime.model, hp, len(examples))
@@ -294,11 +295,11 @@ def test_with_one_client_fedsa_is_local_training(tmp_path, data_dir):
             examples,
             optimizer,
             steps=steps,
-            batch_size=hp["batch_size"],
+            batch_size=hp.batch_size,
             pad_token_id=runtime.tokenizer.pad_token_id,
             device=runtime.device,
             seed=training.sampler_seed(int(task["seed"]), server_round, 0),
-            max_grad_norm=hp.get("max_grad_norm"),
+            max_grad_norm=hp.max_grad_norm,
         )
     local = adapters.read_adapter(runtime.model, adapters.adapter_tensors(runtime.model))
     federated = {**strategy.global_adapter, **_state(context)}
