@@ -3,7 +3,8 @@
 The task is JSON written by the server, on the far side of the node's trust boundary. Before
 anything reads it, the node parses it with NaN and Infinity refused (Python's json accepts both),
 checks its DP settings (privacy.DPSettings.parse: finite, in range, known keys and enum values),
-bounds the sizes that decide its memory and time (batch, sequence length, rank, local steps,
+types the whole task (round_task.RoundTask: every section's keys, types and ranges), bounds the
+sizes that decide its memory and time (batch, sequence length, rank, local steps,
 FLoRA's stack depth; each cap a node-config key), and, on a deployed node, refuses values that
 would make it read a file or a hub id the server chose (`model.name_or_path`, `model.revision`,
 `dataset.path`) unless its node config pins or allows them. Every refusal is a TaskRefused whose
@@ -121,21 +122,12 @@ def check_task(
                  "max-batch-size")  # fmt: skip
     _bounded_int(train.get("max_length"), "train.max_length", limits["max-length"], "max-length")
     _bounded_int(adapter.get("rank"), "adapter.rank", limits["max-rank"], "max-rank")
-    _finite(adapter.get("alpha"), "adapter.alpha")
-    for key in ("lr", "weight_decay", "momentum"):
-        _finite(train.get(key), f"train.{key}")
-    if train.get("head_lr") is not None:
-        _finite(train["head_lr"], "train.head_lr")
-    if train.get("max_grad_norm") is not None:
-        _finite(train["max_grad_norm"], "train.max_grad_norm")
     steps, epochs = train.get("local_steps"), train.get("local_epochs")
     if steps is not None:
         _bounded_int(steps, "train.local_steps", limits["max-local-steps"], "max-local-steps")
     if epochs is not None:
         _bounded_int(epochs, "train.local_epochs", limits["max-local-steps"], "max-local-steps")
-    if steps is None and epochs is None:
-        raise TaskRefused("the task sets neither train.local_steps nor train.local_epochs")
-    typed = round_task(task)
+    typed = round_task(task)  # types, ranges and unknown keys: round_task.py
     if typed.dp != dp:
         raise TaskRefused("the task's DP settings read differently twice")  # cannot happen
     if deployed:

@@ -4,7 +4,8 @@ Nodes are known by their Flower node id, which a simulation draws at random in e
 Once the server has learnt a node's stable identity (its data partition, fedpeft/identity.py),
 sampling, reply order and per-client records follow that identity instead, so that a run is
 reproducible and a resumed run picks up where it stopped. The roster also keeps what a client is
-known by between rounds: the example count it declared (the cap of its replies, declared.py), the
+known by between rounds: the example count it declared (reply screening holds its replies'
+claims to it: screening.py, declared.py), the
 rank it was assigned, the version of the state it holds for a method that keeps some on clients,
 and whether it has spent its privacy budget (it is not sampled again).
 
