@@ -1,4 +1,4 @@
-"""`fedpeft simulate [overrides]`: one simulated federation; `fedpeft compare`: a grid of them."""
+"""fedpeft's commands: `simulate` one federation, `compare` a grid, `audit` a run's privacy, ..."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from fedpeft import certs
 from fedpeft.errors import FedPeftError, RunFailed
@@ -33,8 +34,11 @@ def _quiet(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def simulate(overrides: Sequence[str]) -> dict:
-    """Compose the config, prepare data and model, and run all rounds in Flower's simulation."""
+def simulate(overrides: Sequence[str], on_prepared: Callable[[Any], None] | None = None) -> dict:
+    """Compose the config, prepare data and model, and run all rounds in Flower's simulation.
+
+    `on_prepared` sees the prepared Federation before round 1 (the audit adds its canaries).
+    """
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
     from rich.console import Console
@@ -60,6 +64,8 @@ def simulate(overrides: Sequence[str]) -> dict:
     run_dir = default_run_dir(cfg)
     resumed = resume_point(cfg, run_dir)
     fed = prepare(cfg)
+    if on_prepared is not None:
+        on_prepared(fed)
     console.print(
         f"[bold]fedpeft[/bold] {cfg.strategy.name} on {cfg.dataset.name} with {cfg.model.name}: "
         f"{cfg.federation.num_clients} clients (sizes {fed.partition_sizes}), "
@@ -129,6 +135,33 @@ def _fail_without_replies(result: dict) -> None:
     )
 
 
+def audit(args: Sequence[str]) -> dict:
+    """`fedpeft audit`: a federation with canaries, and its empirical lower bound on epsilon."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedpeft.audit import audit as run_audit
+    from fedpeft.audit import verdict
+
+    record = run_audit(args, simulate)
+    table = Table(title="one-run privacy audit (docs/privacy.md)")
+    for column in ("accounted epsilon", "audited lower bound", "delta", "confidence", "canaries"):
+        table.add_column(column, justify="right")
+    accounted = record["accounted_epsilon"]
+    table.add_row(
+        "not private" if accounted is None else f"{accounted:.3f}",
+        f"{record['audited_epsilon_lower_bound']:.3f}",
+        f"{record['delta']:.1e}",
+        f"{record['confidence']:.0%}",
+        f"{record['canaries']} ({record['correct']}/{record['guesses']} guesses right)",
+    )
+    Console().print(table)
+    reason = verdict(record)
+    if reason is not None:
+        raise RunFailed(reason)
+    return record
+
+
 def compare(args: Sequence[str]) -> int:
     """Run a grid of federations (fedpeft.compare), show its table; 1 when a run failed."""
     from rich.console import Console
@@ -190,6 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Hydra overrides, comma lists sweep (strategy=fedavg,fedsvd seed=0,1), plus "
         "out_dir=, jobs=, target= and study=<name>",
     )
+    aud = sub.add_parser("audit", help="a federation with canaries: an empirical epsilon bound")
+    aud.add_argument(
+        "overrides",
+        nargs="*",
+        help="the run's Hydra overrides (e.g. dp=eps3) plus canaries=1000, canary_seed=0, "
+        "confidence=0.95; exit 1 when the bound exceeds the ledger's epsilon",
+    )
     ev = sub.add_parser("evaluate", help="lm-evaluation-harness on a causal run's adapter")
     ev.add_argument("run_dir", help="a causal-LM run folder (config.yaml, adapter/)")
     ev.add_argument(
@@ -204,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             simulate(args.overrides)
+        elif args.command == "audit":
+            audit(args.overrides)
         elif args.command == "compare":
             return compare(args.overrides)
         elif args.command == "evaluate":

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from fedpeft.adapters import AdapterSpec
+from fedpeft.data.canaries import MAX_CANARIES, CanarySet
 from fedpeft.models import TASKS, ModelSpec
 from fedpeft.privacy.settings import DPSettings
 from fedpeft.schema import check_fields, finite_number, integer_in, known_keys, mapping
@@ -91,6 +92,23 @@ def _adapter(raw: object) -> AdapterSpec:
     )
 
 
+def _canaries(raw: object) -> CanarySet | None:
+    if raw is None:
+        return None
+    values = mapping(raw, "canaries")
+    known_keys(values, "canaries", ("count", "seed", "length"), required=("count", "seed"))
+    check_fields(
+        "canaries",
+        values,
+        [
+            ("count", integer_in(values["count"], 1, MAX_CANARIES), f"in [1, {MAX_CANARIES}]"),
+            ("seed", integer_in(values["seed"], *_SEED_RANGE), "an integer >= 0"),
+            ("length", integer_in(values.get("length", 16), 1, 512), "in [1, 512]"),
+        ],
+    )
+    return CanarySet(values["count"], values["seed"], values.get("length", 16))
+
+
 def adapter_dict(spec: AdapterSpec) -> dict[str, Any]:
     """The task's JSON `adapter` section for `spec`."""
     return {
@@ -124,6 +142,8 @@ class RoundTask:
     train: TrainSettings
     #: FFA-LoRA: A comes from `adapter_seed` on every party, never from the payload
     a_from_seed: bool = False
+    #: a privacy audit's canaries, added to the simulated clients' data (`fedpeft audit`)
+    canaries: CanarySet | None = None
 
     #: keys a task must hold (and may hold: `a_from_seed`)
     REQUIRED = (
@@ -135,7 +155,8 @@ class RoundTask:
     def from_dict(cls, raw: object) -> RoundTask:
         """Validate a task mapping; unknown keys, wrong types and bad values are ConfigErrors."""
         values = mapping(raw, "the task")
-        known_keys(values, "the task", (*cls.REQUIRED, "a_from_seed"), required=cls.REQUIRED)
+        optional = ("a_from_seed", "canaries")
+        known_keys(values, "the task", (*cls.REQUIRED, *optional), required=cls.REQUIRED)
         labels, a_from_seed = values["label_names"], values.get("a_from_seed", False)
         seeds = ("seed", "adapter_seed")
         check_fields(
@@ -173,6 +194,7 @@ class RoundTask:
             client_opt=DriftSettings.parse(values["client_opt"]),
             train=TrainSettings.parse(values["train"]),
             a_from_seed=a_from_seed,
+            canaries=_canaries(values.get("canaries")),
         )
 
     @classmethod
@@ -200,6 +222,8 @@ class RoundTask:
         }
         if self.a_from_seed:
             out["a_from_seed"] = True
+        if self.canaries is not None:
+            out["canaries"] = self.canaries.to_dict()
         return out
 
     def to_json(self) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from fedpeft import data, models, tasks
+from fedpeft.data.canaries import CanarySet
 from fedpeft.data.prompt_pairs import read_pairs
 from fedpeft.data.table_files import FILE_FORMATS, as_texts, read_frame, require_column
 from fedpeft.data.text_dataset import make_dataset
@@ -30,7 +31,7 @@ from fedpeft.protocol import NUM_PARTITIONS, PARTITION_ID
 from fedpeft.runtime import model_spec
 
 DATA_PATH, TEXT_COLUMN, LABEL_COLUMN = "data-path", "text-column", "label-column"
-_TASK_KEYS = ("task", "dataset", "partition", "seed", "model", "num_labels", "train")
+_TASK_KEYS = ("task", "dataset", "partition", "seed", "model", "num_labels", "train", "canaries")
 
 
 @functools.lru_cache(maxsize=1)
@@ -153,6 +154,7 @@ def client_example_count(task: Mapping[str, Any], node_config: Mapping[str, Any]
         DATA_PATH not in node_config
         and PARTITION_ID in node_config
         and NUM_PARTITIONS in node_config
+        and task.get("canaries") is None
     ):
         return len(
             _partition(task, int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS]))
@@ -185,9 +187,25 @@ def client_examples(task: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
             "(its own data) or partition-id=<i> num-partitions=<n> (a partition of the task's "
             "dataset)"
         )
-    return _partition_examples(
+    examples = _partition_examples(
         key, int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])
     )
+    if task.get("canaries") is None:
+        return examples
+    return examples + _canary_examples(
+        key, int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _canary_examples(task_key: str, partition_id: int, num_partitions: int) -> list[dict]:
+    """This simulated client's audit canaries (data/canaries.py), appended to its partition."""
+    task = json.loads(task_key)
+    if task.get("task") != "classification":
+        raise ConfigError("audit canaries are built for classification tasks only")
+    canaries = CanarySet(**task["canaries"])
+    tokenizer = models.load_tokenizer(model_spec(task))
+    return canaries.for_client(partition_id, num_partitions, tokenizer, int(task["num_labels"]))
 
 
 def data_fingerprint(task: Mapping[str, Any], node_config: Mapping[str, Any]) -> str:
@@ -212,5 +230,7 @@ def data_fingerprint(task: Mapping[str, Any], node_config: Mapping[str, Any]) ->
             PARTITION_ID: node_config.get(PARTITION_ID),
             NUM_PARTITIONS: node_config.get(NUM_PARTITIONS),
         }
+        if task.get("canaries") is not None:  # only then: earlier ledgers keep their names
+            selection["canaries"] = task["canaries"]
         digest.update(b"partition\0" + json.dumps(selection, sort_keys=True).encode())
     return digest.hexdigest()[:32]

@@ -132,6 +132,11 @@ def check_task(
         raise TaskRefused("the task's DP settings read differently twice")  # cannot happen
     if deployed:
         _check_paths(task, node_config)
+        if typed.canaries is not None:
+            raise TaskRefused(
+                "the task asks this node to train on audit canaries: a deployed node trains on "
+                "its own data only (canaries are for simulated audits, `fedpeft audit`)"
+            )
     return typed
 
 
