@@ -158,17 +158,20 @@ def run_mode(args: argparse.Namespace, config: LlamaConfig, mode: str) -> dict:
         {"input_ids": row.tolist(), "attention_mask": [1] * args.seq_len, "labels": row.tolist()}
         for row in ids
     ]
-    hp = {
-        "lr": 1e-4,
-        "optimizer": "adamw",
-        "weight_decay": 0.0,
-        "momentum": 0.0,
-        "batch_size": args.batch,
-        "local_steps": 1,
-        "local_epochs": None,
-        "precision": "fp32" if mode == "fp32" else "bf16",
-        "gradient_checkpointing": args.checkpointing,
-    }
+    hp = training.TrainSettings(
+        batch_size=args.batch,
+        lr=1e-4,
+        head_lr=None,
+        optimizer="adamw",
+        weight_decay=0.0,
+        momentum=0.0,
+        max_length=args.seq_len,
+        max_grad_norm=None,
+        precision="fp32" if mode == "fp32" else "bf16",
+        gradient_checkpointing=args.checkpointing,
+        local_steps=1,
+        local_epochs=None,
+    )
     optimizer, _ = training.local_round(model, hp, len(examples))
     common = {"batch_size": args.batch, "pad_token_id": 0, "device": device, "seed": 0}
     training.train_steps(model, examples[: args.batch], optimizer, steps=1, **common)  # warm-up

@@ -70,13 +70,13 @@ def train_client(fed, global_adapter: dict, member: int, server_round: int) -> t
     node = {"partition-id": member, "num-partitions": cfg.federation.num_clients}
     examples = client_examples(task, node)
     runtime.reset({k: global_adapter[k] for k in strategy.down_keys(member)})
-    hp = task["train"]
+    hp = training.TrainSettings.parse(task["train"])
     optimizer, steps = training.local_round(runtime.model, hp, len(examples))
     seed = training.sampler_seed(int(task["seed"]), server_round, member)
     result = training.train_steps(
-        runtime.model, examples, optimizer, steps=steps, batch_size=int(hp["batch_size"]),
+        runtime.model, examples, optimizer, steps=steps, batch_size=hp.batch_size,
         pad_token_id=runtime.tokenizer.pad_token_id, device=runtime.device, seed=seed,
-        max_grad_norm=hp.get("max_grad_norm"),
+        max_grad_norm=hp.max_grad_norm,
     )  # fmt: skip
     keys = adapters.select_keys(
         adapters.adapter_tensors(runtime.model), spec.trained_factors, spec.train_head
