@@ -153,7 +153,8 @@ def audit(args: Sequence[str]) -> dict:
         f"{record['audited_epsilon_lower_bound']:.3f}",
         f"{record['delta']:.1e}",
         f"{record['confidence']:.0%}",
-        f"{record['canaries']} ({record['correct']}/{record['guesses']} guesses right)",
+        f"{record['canaries']} {record['canary_kind']} "
+        f"({record['correct']}/{record['guesses']} guesses right)",
     )
     Console().print(table)
     reason = verdict(record)

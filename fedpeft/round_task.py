@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from fedpeft.adapters import AdapterSpec
+from fedpeft.data.canaries import KINDS as CANARY_KINDS
 from fedpeft.data.canaries import MAX_CANARIES, CanarySet
 from fedpeft.models import TASKS, ModelSpec
 from fedpeft.privacy.settings import DPSettings
@@ -96,7 +97,7 @@ def _canaries(raw: object) -> CanarySet | None:
     if raw is None:
         return None
     values = mapping(raw, "canaries")
-    known_keys(values, "canaries", ("count", "seed", "length"), required=("count", "seed"))
+    known_keys(values, "canaries", ("count", "seed", "length", "kind"), required=("count", "seed"))
     check_fields(
         "canaries",
         values,
@@ -104,9 +105,12 @@ def _canaries(raw: object) -> CanarySet | None:
             ("count", integer_in(values["count"], 1, MAX_CANARIES), f"in [1, {MAX_CANARIES}]"),
             ("seed", integer_in(values["seed"], *_SEED_RANGE), "an integer >= 0"),
             ("length", integer_in(values.get("length", 16), 1, 512), "in [1, 512]"),
+            ("kind", values.get("kind", "input") in CANARY_KINDS, f"one of {CANARY_KINDS}"),
         ],
     )
-    return CanarySet(values["count"], values["seed"], values.get("length", 16))
+    return CanarySet(
+        values["count"], values["seed"], values.get("length", 16), values.get("kind", "input")
+    )
 
 
 def adapter_dict(spec: AdapterSpec) -> dict[str, Any]:

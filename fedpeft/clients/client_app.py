@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -29,6 +30,8 @@ from fedpeft.protocol import (
     IDENTITY_ACTION,
     METRICS_KEY,
     NUM_EXAMPLES,
+    NUM_PARTITIONS,
+    PARTITION_ID,
     SERVER_ROUND,
     TASK_KEY,
     TRAIN_LOSS,
@@ -170,6 +173,7 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
     )
     penalty = pruning.penalty(runtime.model) if pruning is not None else None
     seed = training.sampler_seed(task.seed, server_round, member(context))
+    canaries = _gradient_canaries(task, context, runtime.model, trained)
     if dp.enabled:
         result, dp_metrics = privacy.private_round(
             runtime.model,
@@ -184,6 +188,7 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
             device=runtime.device,
             seed=seed,
             penalty=penalty,
+            canaries=canaries,
         )
     else:
         result = training.train_steps(
@@ -228,6 +233,23 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
         metrics[TRAIN_LOSS] = result.loss
     return Message(
         RecordDict({ARRAYS_KEY: reply, METRICS_KEY: metrics_record(metrics)}), reply_to=msg
+    )
+
+
+def _gradient_canaries(
+    task: RoundTask, context: Context, model: torch.nn.Module, trained: list[str]
+) -> privacy.HeldCanaries | None:
+    """A simulated audit's gradient canaries this client holds, on its trained tensors."""
+    if task.canaries is None or task.canaries.kind != "gradient":
+        return None
+    if not task.dp.enabled:
+        raise ValueError("gradient canaries audit DP-SGD's clipped sum: this round has no dp")
+    live = adapters.adapter_tensors(model)
+    return privacy.HeldCanaries.place(
+        task.canaries,
+        [live[k] for k in privacy.canary_keys(live, trained)],
+        int(context.node_config[PARTITION_ID]),
+        int(context.node_config[NUM_PARTITIONS]),
     )
 
 

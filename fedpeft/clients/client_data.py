@@ -159,7 +159,14 @@ def client_example_count(task: Mapping[str, Any], node_config: Mapping[str, Any]
         return len(
             _partition(task, int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS]))
         )
-    return len(client_examples(task, node_config))
+    count = len(client_examples(task, node_config))
+    canaries = task.get("canaries")
+    if canaries is not None and canaries.get("kind") == "gradient" and PARTITION_ID in node_config:
+        held = CanarySet(**canaries).held(
+            int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])
+        )
+        count += len(held)  # each gradient canary trains as one example (gradient_canaries.py)
+    return count
 
 
 def client_examples(task: Mapping[str, Any], node_config: Mapping[str, Any]) -> list[dict]:

@@ -3,6 +3,7 @@
 from fedpeft.privacy.calibration import calibrate_noise, planned_rounds, small_client_warning
 from fedpeft.privacy.client_round import PrivateRoundFailed, private_round
 from fedpeft.privacy.dp_sgd import train_private
+from fedpeft.privacy.gradient_canaries import HeldCanaries, canary_keys
 from fedpeft.privacy.ledger import BudgetExhausted, PrivacyLedger
 from fedpeft.privacy.ledger_file import LedgerCorrupt, LedgerFile
 from fedpeft.privacy.policy import NodePolicy, PolicyViolation, default_state_dir
@@ -13,6 +14,7 @@ __all__ = [
     "PRIVATE_REPLY_METRICS",
     "BudgetExhausted",
     "DPSettings",
+    "HeldCanaries",
     "LedgerCorrupt",
     "LedgerFile",
     "NodePolicy",
@@ -20,6 +22,7 @@ __all__ = [
     "PrivacyLedger",
     "PrivateRoundFailed",
     "calibrate_noise",
+    "canary_keys",
     "default_delta",
     "default_state_dir",
     "planned_rounds",

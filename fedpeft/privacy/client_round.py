@@ -10,6 +10,7 @@ import torch
 
 from fedpeft.errors import FedPeftError
 from fedpeft.privacy.dp_sgd import train_private
+from fedpeft.privacy.gradient_canaries import HeldCanaries
 from fedpeft.privacy.ledger import PrivacyLedger
 from fedpeft.privacy.ledger_file import LedgerFile
 from fedpeft.privacy.policy import NodePolicy
@@ -38,6 +39,7 @@ def private_round(
     device: torch.device,
     seed: int,
     penalty: Callable[[], torch.Tensor] | None = None,
+    canaries: HeldCanaries | None = None,
 ) -> tuple[TrainResult, dict[str, float]]:
     """Train `steps` DP-SGD steps and return the result with the privacy metrics for the reply.
 
@@ -57,7 +59,8 @@ def private_round(
     if not settings.reproducible:
         seed = secrets.randbits(62)
     with store.lock():  # from the budget check to the last write: concurrent rounds queue
-        ledger = PrivacyLedger.open(store, settings, len(examples), batch_size, steps)
+        n = len(examples) + (canaries.count if canaries is not None else 0)
+        ledger = PrivacyLedger.open(store, settings, n, batch_size, steps)
         policy.check_delta(ledger.delta)
         policy.check_noise(ledger.noise_multiplier)
         if policy.epsilon is not None:
@@ -88,6 +91,7 @@ def private_round(
                 max_physical_batch_size=settings.max_physical_batch_size,
                 on_step=persist,
                 penalty=penalty,
+                canaries=canaries,
             )
         except FedPeftError:
             raise

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from fedpeft.causal.loss import private_loss
 from fedpeft.errors import FedPeftError
+from fedpeft.privacy.gradient_canaries import HeldCanaries
 from fedpeft.tasks import collate
 from fedpeft.training import Example, TrainResult
 
@@ -82,6 +83,7 @@ def train_private(
     max_physical_batch_size: int | None = None,
     on_step: Callable[[], None] | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
+    canaries: HeldCanaries | None = None,
 ) -> TrainResult:
     """Take `steps` DP-SGD steps on Poisson batches (rate `sample_rate`) of `examples`.
 
@@ -96,7 +98,11 @@ def train_private(
     gradient before each step, outside per-example clipping (post-processing, no privacy cost).
     Inside the loss it would be lost: Opacus replaces p.grad by the clipped per-example sum, and
     its hooks see only module inputs, not a term built from the weights themselves.
+
+    `canaries` (a privacy audit's gradient canaries, gradient_canaries.py) count as examples: n is
+    len(examples) + their count, and each step adds the sampled ones to the clipped sum.
     """
+    n = len(examples) + (canaries.count if canaries is not None else 0)
     ghost = grad_sample_mode == "ghost"
     trainable = [p for p in model.parameters() if p.requires_grad]
     _clear_opacus_attributes(model)  # a shared model must not carry a failed round's samples
@@ -115,7 +121,7 @@ def train_private(
             optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
-            expected_batch_size=max(1, round(sample_rate * len(examples))),
+            expected_batch_size=max(1, round(sample_rate * n)),
             grad_sample_mode=grad_sample_mode,
             generator=torch.Generator(device=device).manual_seed(seed + 1),
         )
@@ -123,6 +129,8 @@ def train_private(
             dp_optimizer.attach_step_hook(
                 _step_hook(accountant, sample_rate, on_step, _penalty_step(trainable, penalty))
             )
+        if canaries is not None:
+            _add_canaries_before_noise(dp_optimizer, canaries, sample_rate, max_grad_norm, seed + 2)
         criterion = (
             DPLossFastGradientClipping(
                 hooks, dp_optimizer, torch.nn.CrossEntropyLoss(reduction="mean"), "mean"
@@ -174,12 +182,34 @@ def train_private(
         return TrainResult(
             loss=total / max(seen, 1),
             steps=taken,
-            num_examples=len(examples),
+            num_examples=n,
             examples_seen=seen,
         )
     finally:
         hooks.cleanup()
         _clear_opacus_attributes(model)
+
+
+def _add_canaries_before_noise(
+    optimizer: DPOptimizer, canaries: HeldCanaries, sample_rate: float, bound: float, seed: int
+) -> None:
+    """Make each step add the sampled canaries to the clipped sums just before the noise.
+
+    Opacus calls add_noise once per logical step (never on a skipped physical batch); the
+    wrapper runs first there, on the same `summed_grad` tensors the noise is added to.
+    """
+    mine = {id(p) for p in optimizer.params}
+    if any(id(p) not in mine for p in canaries.params):
+        raise ValueError("gradient canaries sit on tensors this optimiser does not train")
+    rng = torch.Generator().manual_seed(seed)
+    noise = optimizer.add_noise
+
+    def add_noise() -> None:
+        summed = [p.summed_grad for p in canaries.params]
+        canaries.add_sampled(summed, sample_rate, bound, rng)
+        noise()
+
+    optimizer.add_noise = add_noise  # type: ignore[method-assign]
 
 
 def _penalty_step(
