@@ -47,6 +47,9 @@ def test_the_server_sends_the_canonical_form_a_node_rebuilds(task):
         (("label_names",), [1, 2], "label_names=\\[1, 2\\] must be a list of strings"),
         (("model", "name"), "gpt5", "model='gpt5' is unknown"),
         (("a_from_seed",), 1, "a_from_seed=1 must be true or false"),
+        (("canaries",), {"count": 10, "seed": 0, "kind": "dirac"}, "canaries.kind='dirac'"),
+        (("canaries",), {"count": 0, "seed": 0}, "canaries.count=0 must be in \\[1, 100000\\]"),
+        (("canaries",), {"count": 5, "seed": 0, "owner": 1}, "canaries has unknown key"),
     ],
 )
 def test_a_bad_value_is_refused_naming_it_on_both_sides(task, path, value, message):
@@ -76,3 +79,10 @@ def test_every_section_is_required(task):
     neither = {**task["train"], "local_steps": None, "local_epochs": None}
     with pytest.raises(ConfigError, match="local_steps=None must be set when local_epochs"):
         RoundTask.from_dict({**task, "train": neither})
+
+
+def test_a_deployed_node_refuses_a_task_with_canaries(task):
+    audited = {**task, "canaries": {"count": 10, "seed": 0, "length": 16, "kind": "gradient"}}
+    assert RoundTask.from_dict(audited).canaries.kind == "gradient"
+    with pytest.raises(TaskRefused, match="trains on its own data only"):
+        check_task(audited, {}, deployed=True)
