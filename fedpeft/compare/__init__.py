@@ -5,7 +5,8 @@
 
 Besides Hydra overrides (comma lists sweep) it takes `out_dir=` (required unless the study names
 one), `jobs=` (runs at a time, default 1), `target=` (accuracy for "rounds to target") and
-`study=` (a packaged study or a study YAML; later overrides replace the study's).
+`study=` (a packaged study or a study YAML; later overrides replace the study's) and `audit=`
+(a canary count: every run is a `fedpeft audit`, and the table shows its audited epsilon bound).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fedpeft.compare.grid import expand, merge
 from fedpeft.compare.studies import load_study
 from fedpeft.errors import ConfigError
 
-OPTIONS = ("out_dir", "jobs", "target", "study")
+OPTIONS = ("out_dir", "jobs", "target", "study", "audit")
 
 
 @dataclass
@@ -79,13 +80,21 @@ def compare(args: Sequence[str], console: Console | None = None) -> CompareResul
     target = _number(
         options, "target", float, default_target, lambda v: 0 < v <= 1, "in (0, 1], e.g. 0.8"
     )
+    audit = _number(
+        options,
+        "audit",
+        int,
+        0,
+        lambda v: v == 0 or 2 <= v <= 100_000,
+        "0 (no audit) or a canary count in [2, 100000], e.g. audit=1000",
+    )
     grid = merge(study.overrides, overrides) if study else overrides
     runs = expand(grid, study.strategy_overrides if study else None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = f"fedpeft compare: {study.name}" if study else "fedpeft compare"
     console.print(f"[bold]{title}[/bold]: {len(runs)} runs in {out}, {jobs} at a time")
-    outcomes = run_grid(runs, out, jobs=jobs, console=console)
+    outcomes = run_grid(runs, out, jobs=jobs, console=console, audit=audit)
     results = aggregate.load_results(runs, out)
     csv_path = aggregate.write_results_csv(results, out / "results.csv", target)
     table = aggregate.write_table(

@@ -135,6 +135,7 @@ def run_row(result: RunResult, target: float) -> dict[str, Any]:
         total_bytes=s["bytes_up"] + s["bytes_down"] if s else None,
         wall_time_s=s.get("wall_time_s"),
         max_epsilon=s.get("max_epsilon"),
+        audited_epsilon_lower_bound=s.get("audited_epsilon_lower_bound"),
         signal_to_noise=result.mean_signal_to_noise(),
         run_dir=str(result.folder),
     )
@@ -191,11 +192,26 @@ def _rounds_cell(group: Sequence[RunResult], target: float) -> str:
     return text if len(hits) == len(group) else f"{text} ({len(hits)}/{len(group)} seeds)"
 
 
+def _audited_cell(group: Sequence[RunResult]) -> str:
+    """Mean ± CI of the runs' audited lower bounds; flagged when any exceeds its run's epsilon."""
+    bounds = [
+        (r.summary["audited_epsilon_lower_bound"], r.summary.get("max_epsilon"))
+        for r in group
+        if r.summary.get("audited_epsilon_lower_bound") is not None
+    ]
+    if not bounds:
+        return "—"
+    text = _fmt([b for b, _ in bounds], 2)
+    above = sum(1 for b, eps in bounds if eps is not None and b > eps)
+    return f"{text} (above the ledger in {above}/{len(bounds)})" if above else text
+
+
 def table_rows(results: Sequence[RunResult], target: float) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the summary table, a row per configuration.
 
     A "signal / noise" column (mean over rounds, then over seeds) is added when any run logged
-    a DP noise norm.
+    a DP noise norm, and an "audited ε ≥" column when any run was audited (`audit=`): the mean
+    of the runs' empirical lower bounds, marked when one exceeds its own run's ledger.
     """
     groups = group_by_config(results)
     snrs = {
@@ -203,6 +219,9 @@ def table_rows(results: Sequence[RunResult], target: float) -> tuple[list[str], 
         for config, group in groups.items()
     }
     noisy = any(snrs.values())
+    audited = any(
+        r.summary.get("audited_epsilon_lower_bound") is not None for r in results if r.done
+    )
     keys = [k for k, _ in next(iter(groups))] if groups else []
     header = [
         *keys,
@@ -214,6 +233,7 @@ def table_rows(results: Sequence[RunResult], target: float) -> tuple[list[str], 
         "wall time (s)",
         "final ε",
         *(["signal / noise"] if noisy else []),
+        *(["audited ε ≥"] if audited else []),
     ]
     rows = []
     for config, group in groups.items():
@@ -232,6 +252,7 @@ def table_rows(results: Sequence[RunResult], target: float) -> tuple[list[str], 
                 _fmt([r.summary["wall_time_s"] for r in group], 1),
                 _fmt(eps, 2) if eps else "—",
                 *([_fmt(snr, 2) if snr else "—"] if noisy else []),
+                *([_audited_cell(group)] if audited else []),
             ]
         )
     return header, rows
@@ -265,7 +286,10 @@ def write_table(
         "adapter bytes moved up and down over the run. Final ε: the largest client epsilon. "
         "Signal / noise (private SGD runs): per round, sqrt(||update||^2 - E||noise||^2) / "
         "E||noise|| of the averaged update (history.csv's update_norm, dp_noise_norm), averaged "
-        "over the rounds; 0 means the rounds moved the global adapter by noise alone.\n"
+        "over the rounds; 0 means the rounds moved the global adapter by noise alone. Audited "
+        "ε ≥ (`audit=`): the one-run canary audit's empirical lower bound on epsilon "
+        "(docs/privacy.md); above the ledger's epsilon means that run leaked more than it "
+        "accounted for.\n"
     )
     parts.append(markdown_table(header, rows))
     failed = [r for r in results if not r.done]

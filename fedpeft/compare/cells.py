@@ -7,6 +7,7 @@ so a rerun after an interruption or a failure redoes exactly the unfinished runs
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -21,6 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedpeft.compare.grid import Run
 
 LOG_NAME = "simulate.log"
+#: the summary key `fedpeft audit` adds (fedpeft/audit.py)
+AUDITED = "audited_epsilon_lower_bound"
 
 
 @dataclass
@@ -33,27 +36,42 @@ class Outcome:
     returncode: int | None = None
 
 
-def is_done(folder: Path) -> bool:
-    """A run is done when its summary.json exists."""
-    return (folder / "summary.json").is_file()
+def is_done(folder: Path, audit: int = 0) -> bool:
+    """A run is done when its summary.json exists (with its audit's bound when audited)."""
+    path = folder / "summary.json"
+    if not path.is_file():
+        return False
+    return not audit or AUDITED in json.loads(path.read_text())
 
 
-def simulate_command(run: Run, folder: Path) -> list[str]:
-    """The command line that runs one grid point (the folder quoted for Hydra's parser)."""
-    return [sys.executable, "-m", "fedpeft.cli", "simulate", *run.overrides, f"run_dir='{folder}'"]
+def simulate_command(run: Run, folder: Path, audit: int = 0) -> list[str]:
+    """The command line that runs one grid point (the folder quoted for Hydra's parser).
+
+    With `audit` > 0 the point runs as `fedpeft audit` with that many canaries (docs/privacy.md).
+    """
+    command = "audit" if audit else "simulate"
+    extra = [f"canaries={audit}"] if audit else []
+    return [
+        sys.executable, "-m", "fedpeft.cli", command, *run.overrides, f"run_dir='{folder}'", *extra
+    ]  # fmt: skip
 
 
-def run_one(run: Run, out_dir: Path) -> Outcome:
-    """Run one grid point in a subprocess, its output in <run folder>/simulate.log."""
+def run_one(run: Run, out_dir: Path, audit: int = 0) -> Outcome:
+    """Run one grid point in a subprocess, its output in <run folder>/simulate.log.
+
+    An audited run whose bound exceeds its ledger exits 1 but finished: it counts as done, and
+    the table shows the bound beside the ledger's epsilon.
+    """
     folder = run.folder(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with (folder / LOG_NAME).open("w") as log:
         proc = subprocess.run(
-            simulate_command(run, folder), stdout=log, stderr=subprocess.STDOUT, check=False
+            simulate_command(run, folder, audit), stdout=log, stderr=subprocess.STDOUT, check=False
         )
     seconds = time.perf_counter() - started
-    status = "ok" if proc.returncode == 0 and is_done(folder) else "failed"
+    finished = proc.returncode == 0 or (audit > 0 and proc.returncode == 1)
+    status = "ok" if finished and is_done(folder, audit) else "failed"
     return Outcome(run, status, seconds, proc.returncode)
 
 
@@ -67,11 +85,18 @@ def _report(outcome: Outcome, out_dir: Path, console: Console) -> None:
 
 
 def run_grid(
-    runs: Sequence[Run], out_dir: Path, jobs: int = 1, console: Console | None = None
+    runs: Sequence[Run],
+    out_dir: Path,
+    jobs: int = 1,
+    console: Console | None = None,
+    audit: int = 0,
 ) -> list[Outcome]:
-    """Run every unfinished run, `jobs` at a time, with a progress bar over the runs."""
+    """Run every unfinished run, `jobs` at a time, with a progress bar over the runs.
+
+    `audit` > 0: each run is a `fedpeft audit` with that many canaries.
+    """
     console = console or Console(stderr=True)
-    outcomes = {r.name: Outcome(r, "done") for r in runs if is_done(r.folder(out_dir))}
+    outcomes = {r.name: Outcome(r, "done") for r in runs if is_done(r.folder(out_dir), audit)}
     todo = [r for r in runs if r.name not in outcomes]
     if outcomes:
         console.print(f"{len(outcomes)} of {len(runs)} runs already done in {out_dir}: skipped")
@@ -87,7 +112,7 @@ def run_grid(
         ThreadPoolExecutor(max_workers=jobs) as pool,
     ):
         bar = progress.add_task("compare", total=len(runs), completed=len(outcomes))
-        futures = [pool.submit(run_one, r, out_dir) for r in todo]
+        futures = [pool.submit(run_one, r, out_dir, audit) for r in todo]
         try:
             for future in as_completed(futures):
                 outcome = future.result()

@@ -109,3 +109,16 @@ def test_signal_to_noise_column_from_the_histories_noise_norms():
     mean, half = mean_ci([2 / 3, 12 / 5])
     assert rows[0][-1] == "—" and rows[1][-1] == f"{mean:.2f} ± {half:.2f}"
     assert table_rows([plain], 0.8)[0][-1] == "final ε"  # no column without DP noise
+
+
+def test_audited_column_shows_the_bound_and_flags_one_above_its_ledger():
+    honest = [_result("fedavg", s, [0.5, 0.9], eps=3.0) for s in (0, 1)]
+    for result, bound in zip(honest, (0.3, 0.5), strict=True):
+        result.summary["audited_epsilon_lower_bound"] = bound
+    broken = _result("fedsvd", 0, [0.5, 0.9], eps=3.0)
+    broken.summary["audited_epsilon_lower_bound"] = 4.36
+    header, rows = table_rows([*honest, broken], 0.8)
+    assert header[-1] == "audited ε ≥"
+    assert rows[0][-1].startswith("0.40 ± ") and "above" not in rows[0][-1]
+    assert rows[1][-1] == "4.36 (above the ledger in 1/1)"
+    assert "audited ε ≥" not in table_rows([_result("fedavg", 0, [0.5])], 0.8)[0]

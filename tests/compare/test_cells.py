@@ -3,8 +3,8 @@ import time
 
 from fedpeft.cli import main
 from fedpeft.compare import compare
-from fedpeft.compare.cells import LOG_NAME
-from fedpeft.compare.grid import expand
+from fedpeft.compare.cells import LOG_NAME, is_done, simulate_command
+from fedpeft.compare.grid import Run, expand
 from tests.compare.conftest import GRID
 from tests.conftest import FAST_RUN
 
@@ -57,7 +57,21 @@ def test_bad_compare_options_exit_2(capsys, tmp_path):
         ([f"out_dir={tmp_path}", "target=2"], "target=2 must be in (0, 1]"),
         ([f"out_dir={tmp_path}", "study=nope"], "study=nope is unknown"),
         ([f"out_dir={tmp_path}", "strategy=fedavg,nope"], "strategy=nope is unknown"),
+        ([f"out_dir={tmp_path}", "audit=1"], "audit=1 must be 0 (no audit) or a canary count"),
     ]:
         assert main(["compare", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected in err
+
+
+def test_an_audited_grid_runs_fedpeft_audit_and_needs_the_bound_to_be_done(tmp_path):
+    run = Run(("strategy=fedavg", "dp=eps3"), (("strategy", "fedavg"),), "fedavg")
+    command = simulate_command(run, tmp_path, audit=500)
+    assert command[3] == "audit" and command[-1] == "canaries=500"
+    assert simulate_command(run, tmp_path)[3] == "simulate"
+    (tmp_path / "summary.json").write_text(json.dumps({"max_epsilon": 3.0}))
+    assert is_done(tmp_path) and not is_done(tmp_path, audit=500)
+    (tmp_path / "summary.json").write_text(
+        json.dumps({"max_epsilon": 3.0, "audited_epsilon_lower_bound": 0.3})
+    )
+    assert is_done(tmp_path, audit=500)
