@@ -157,6 +157,14 @@ def audit(args: Sequence[str]) -> dict:
         f"({record['correct']}/{record['guesses']} guesses right)",
     )
     Console().print(table)
+    client = record.get("client_level")
+    if client is not None:
+        Console().print(
+            f"client level ({client['canary_clients']} canary clients, Andrew et al.): epsilon "
+            f"estimate {client['epsilon_estimate']:.2f} at delta {client['delta']:.1e} (two-"
+            f"Gaussian fit {client['epsilon_two_gaussians']:.2f}); an estimate, not a bound: "
+            "fedpeft accounts example-level DP only"
+        )
     reason = verdict(record)
     if reason is not None:
         raise RunFailed(reason)

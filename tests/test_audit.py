@@ -91,7 +91,13 @@ def test_bad_audit_options_are_refused(args, message):
         audit.split_options(args)
     assert audit.split_options(["dp=eps3", "canaries=50"]) == (
         ["dp=eps3"],
-        {"canaries": 50, "canary_seed": 0, "canary_kind": "auto", "confidence": 0.95},
+        {
+            "canaries": 50,
+            "canary_seed": 0,
+            "canary_kind": "auto",
+            "confidence": 0.95,
+            "canary_clients": 0,
+        },
     )
 
 
@@ -184,3 +190,18 @@ def test_the_command_fails_on_a_noise_free_federation_through_flower(tmp_path, d
     summary = json.loads((run / "summary.json").read_text())
     assert summary["audited_epsilon_lower_bound"] > summary["max_epsilon"]
     assert summary["audit"]["canary_kind"] == "gradient"
+
+
+def test_canary_clients_join_the_rounds_and_give_a_client_level_estimate(tmp_path, data_dir):
+    fed = prepare(compose_config(RUN))
+    clients = audit.add_canary_clients(fed, 40, seed=0)
+    initial = {k: v.clone() for k, v in fed.strategy.global_adapter.items()}
+    in_process_rounds(fed, 3, tmp_path, simulated=True)
+    assert (clients.rounds_in == 3).all()  # fraction 1: every canary client in every round
+    record = audit.client_level_estimate(clients, initial, fed.strategy.global_adapter, 1e-5)
+    low, high = record["cosine_inserted"], record["cosine_null"]
+    assert low[0] > high[0] + 3 * high[1] / 40**0.5  # inserted canaries point along the model
+    assert 0 < record["epsilon_estimate"] <= record["epsilon_two_gaussians"] * 1.5
+    assert record["canary_clients_inserted"] == 40
+    with pytest.raises(ConfigError, match="canary_clients=1 must be 0"):
+        audit.split_options(["canary_clients=1"])

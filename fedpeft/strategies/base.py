@@ -35,6 +35,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedpeft import lowrank
+from fedpeft.canary_clients import CanaryClients
 from fedpeft.protocol import ARRAYS_KEY, CONFIG_KEY, NUM_REPLIES, SERVER_ROUND, TASK_KEY, TRAIN_LOSS
 from fedpeft.records import TensorSpec, record_bytes, to_record
 from fedpeft.strategies import update_noise
@@ -322,6 +323,9 @@ class LowRankStrategy(Strategy):
     #: first train message (None: never ask here; the server sets it in simulations, see
     #: fedpeft/identity.py). Until then it is sampled under the roster's `expected_names`.
     identify_sampled_timeout: float | None = None
+    #: A simulated audit's canary clients, joined to every round's aggregation (`fedpeft audit
+    #: canary_clients=k`); None in every other run.
+    canary_clients: CanaryClients | None = None
 
     def identify(
         self, identities: Mapping[int, int], declared: Mapping[int, int] | None = None
@@ -465,7 +469,13 @@ class LowRankStrategy(Strategy):
         p = lowrank.normalize_weights([a.weight for a in accepted])
         self._measure_noise(accepted, p)
         previous = self.drift.before(self.global_adapter, self.server_opt_keys())
-        self.aggregate_updates(updates, p)
+        if self.canary_clients is None:
+            self.aggregate_updates(updates, p)
+        else:  # a simulated audit's canary clients join the round (canary_clients.py)
+            weights = [a.weight for a in accepted]
+            self.aggregate_updates(
+                *self.canary_clients.join(server_round, self.global_adapter, updates, weights)
+            )
         population = self.num_clients or self.roster.connected or len(accepted)
         controls = [a.controls for a in accepted]
         self.drift.step(self.global_adapter, previous, controls, p, population)
