@@ -14,9 +14,15 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft import adapters, privacy, training
-from fedpeft.clients import client_state, drift, local_factors, rank_pruning, task_guard
+from fedpeft.clients import local_factors, task_guard
 from fedpeft.clients.client_data import client_example_count, client_examples, data_fingerprint
+from fedpeft.clients.client_state import ClientState, StateMismatch
+from fedpeft.clients.drift import Drift
+from fedpeft.clients.fresh_start import FreshStart
+from fedpeft.clients.local_factors import LocalFactors
 from fedpeft.clients.node_config import node_task
+from fedpeft.clients.rank_pruning import RankPruning
+from fedpeft.clients.round_feature import Round, RoundFeature, total_penalty
 from fedpeft.identity import member
 from fedpeft.protocol import (
     ADAPTER_ALPHA,
@@ -26,7 +32,6 @@ from fedpeft.protocol import (
     BYTES_UP,
     CLIENT_ID,
     CONFIG_KEY,
-    FRESH_SEED,
     IDENTITY_ACTION,
     METRICS_KEY,
     NUM_EXAMPLES,
@@ -49,7 +54,7 @@ DATA_INDEPENDENT = (
     privacy.BudgetExhausted,
     privacy.PrivateRoundFailed,
     privacy.LedgerCorrupt,
-    client_state.StateMismatch,
+    StateMismatch,
 )
 
 
@@ -77,6 +82,15 @@ def generic_errors(msg: Message, context: Context, call_next: Callable[..., Mess
 
 
 app = ClientApp(mods=[generic_errors])
+
+#: the optional behaviours of a train round, in the order their hooks run (round_feature.py)
+FEATURES: tuple[type[RoundFeature], ...] = (
+    Drift,
+    ClientState,
+    RankPruning,
+    FreshStart,
+    LocalFactors,
+)
 
 
 def read_task(msg: Message, context: Context, policy: privacy.NodePolicy) -> RoundTask:
@@ -119,15 +133,14 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> Message:
-    """Load the payload over the initial adapter, train the kind's factors, send them back.
+    """Train the global adapter on this node's data and reply with what the method collects.
 
-    The round's config may also say: train a LoRA of this node's own rank (`adapter-rank`) and
-    alpha (`adapter-alpha`, for per-rank scaling), start from a fresh LoRA drawn from a seed
-    (`fresh-seed`), and take stacked modules or frozen factors into this node's state (see
-    client_state) before training, and with `rank-min` prune its own rank (rank_pruning). The
-    task's DP settings are checked against `policy` before anything is trained; a private reply
-    carries only data-independent metrics (release.py). The task's `client_opt` adds FedProx's
-    proximal term and SCAFFOLD's correction (drift.py).
+    The core of the round is here: check the task and the node's policy, build the model at the
+    node's adapter, load the payload, train (DP-SGD when the task says so), read the reply.
+    Everything optional (client state, rank pruning, drift, fresh starts, local factors) is a
+    round feature (round_feature.py) that joins in at fixed hooks, in FEATURES order. The task's
+    DP settings are checked against `policy` before anything is trained; a private reply carries
+    only data-independent metrics (release.py).
     """
     config = msg.content[CONFIG_KEY]
     task = read_task(msg, context, policy)
@@ -137,43 +150,37 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
         policy.state_dir, context.run_id, data_fingerprint(task.to_dict(), context.node_config)
     )
     policy.check(dp, has_ledger=store.exists())
-    task = task.with_adapter(
+    task = task.with_adapter(  # a node of its own rank (HetLoRA, FLoRA)
         config.get(ADAPTER_RANK, task.adapter.rank), config.get(ADAPTER_ALPHA, task.adapter.alpha)
     )
-    pruning, spec = rank_pruning.RankPruning.start(context.state, config, task.adapter)
+    round_ = Round(task, config, context, policy, server_round, member(context))
+    features = [f for f in (feature.for_round(round_) for feature in FEATURES) if f is not None]
+    spec = task.adapter
+    for feature in features:
+        spec = feature.adapter(spec)
     task = task.with_adapter(spec.rank, spec.alpha)
     plain = task.to_dict()  # the model and data sections: runtime.py and client_data.py read them
     runtime = model_runtime(plain)
-    examples, _ = local_factors.split(
-        client_examples(plain, context.node_config), config, task.seed, member(context)
-    )
-    local = local_factors.local_names(config)
-    local_store = local_factors.LocalFactorFile(policy.state_dir, context.run_id, member(context))
+    examples = client_examples(plain, context.node_config)
     payload = msg.content[ARRAYS_KEY]
-    received, control = drift.split_control(from_record(payload))
-    plain, stacks, frozen = client_state.split_payload(received)
-    client_state.receive(context.state, config, stacks, frozen)
-    if pruning is not None:
-        plain = pruning.receive(plain)
-    runtime.reset(plain, client_state.held_stacks(context.state))
-    adapters.write_adapter(runtime.model, client_state.held_frozen(context.state))
-    if FRESH_SEED in config:
-        adapters.write_adapter(
-            runtime.model, adapters.fresh_lora(runtime.model, config[FRESH_SEED])
-        )
-    if local:
-        adapters.write_adapter(runtime.model, local_factors.held(context.state, local_store))
+    received = from_record(payload)
+    stacks: list[dict[str, torch.Tensor]] = []
+    for feature in features:
+        examples = feature.examples(examples)
+        received = feature.receive(received)
+        stacks += feature.stacks()
+    runtime.reset(received, stacks)
+    for feature in features:
+        feature.load(runtime.model)
 
     optimizer, steps = training.local_round(runtime.model, hp, len(examples))
     trained = adapters.select_keys(
         adapters.adapter_tensors(runtime.model), spec.trained_factors, spec.train_head
     )
-    correction = drift.start_round(
-        runtime.model, trained, task.client_opt, control, context.state, optimizer
-    )
-    penalty = pruning.penalty(runtime.model) if pruning is not None else None
+    for feature in features:
+        feature.before_training(runtime.model, optimizer, trained)
+    penalty = total_penalty(features, runtime.model)
     seed = training.sampler_seed(task.seed, server_round, member(context))
-    canaries = _gradient_canaries(task, context, runtime.model, trained)
     if dp.enabled:
         result, dp_metrics = privacy.private_round(
             runtime.model,
@@ -188,7 +195,7 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
             device=runtime.device,
             seed=seed,
             penalty=penalty,
-            canaries=canaries,
+            canaries=_gradient_canaries(task, context, runtime.model, trained),
         )
     else:
         result = training.train_steps(
@@ -203,30 +210,21 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
             max_grad_norm=hp.max_grad_norm,
             penalty=penalty,
         )
-    keys = adapters.select_keys(
-        adapters.adapter_tensors(runtime.model), spec.trained_factors, spec.train_head
-    )
-    if local:
-        kept = [
-            k for k in adapters.adapter_tensors(runtime.model) if local_factors.is_local(k, local)
-        ]
-        local_factors.keep(
-            context.state, local_store, adapters.read_adapter(runtime.model, kept), server_round
-        )
-        keys = [k for k in keys if not local_factors.is_local(k, local)]
-    controls = drift.finish_round(correction, control, context.state)
+    keys = list(trained)
+    for feature in features:
+        keys = feature.reply_keys(runtime.model, keys)
     tensors = adapters.read_adapter(runtime.model, keys)
-    if pruning is not None:
-        tensors = pruning.finish(context.state, tensors)
-    reply = to_record({**tensors, **controls})
+    for feature in reversed(features):
+        tensors = feature.finish(tensors)
+    reply = to_record(tensors)
     metrics = {
         NUM_EXAMPLES: result.num_examples,
         "steps": result.steps,
         BYTES_DOWN: record_bytes(payload),
         BYTES_UP: record_bytes(reply),
-        **client_state.version_metrics(context.state, config),
-        **(pruning.metrics() if pruning is not None else {}),
     }
+    for feature in features:
+        metrics.update(feature.metrics())
     if dp.enabled:
         metrics = privacy.private_reply_metrics({**metrics, **dp_metrics})
     else:
@@ -242,8 +240,6 @@ def _gradient_canaries(
     """A simulated audit's gradient canaries this client holds, on its trained tensors."""
     if task.canaries is None or task.canaries.kind != "gradient":
         return None
-    if not task.dp.enabled:
-        raise ValueError("gradient canaries audit DP-SGD's clipped sum: this round has no dp")
     live = adapters.adapter_tensors(model)
     return privacy.HeldCanaries.place(
         task.canaries,

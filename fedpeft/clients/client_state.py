@@ -26,7 +26,8 @@ from collections.abc import Mapping
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from fedpeft.adapters import FROZEN_PREFIX, STACK_PREFIX
+from fedpeft.adapters import FROZEN_PREFIX, STACK_PREFIX, write_adapter
+from fedpeft.clients.round_feature import Round, RoundFeature, Tensors
 from fedpeft.protocol import BASE_VERSION, FROZEN_FROM, FROZEN_VERSION, STACK_FROM, STACK_TO
 from fedpeft.records import from_record, to_record
 
@@ -132,3 +133,33 @@ def version_metrics(state: RecordDict, config: Mapping) -> dict[str, int]:
     if FROZEN_VERSION in config:
         metrics[FROZEN_VERSION] = int(versions[FROZEN_VERSION])
     return metrics
+
+
+class ClientState(RoundFeature):
+    """The round feature: take the channels' tensors from the payload, keep them, load them."""
+
+    def __init__(self, state: RecordDict, config: Mapping) -> None:
+        self.state, self.config = state, config
+
+    @classmethod
+    def for_round(cls, round_: Round) -> ClientState:
+        """Every round: a payload's stack and frozen keys never reach the adapter."""
+        return cls(round_.context.state, round_.config)
+
+    def receive(self, tensors: Tensors) -> Tensors:
+        """Store the payload's stacks and frozen factors; the adapter's tensors go on."""
+        plain, stacks, frozen = split_payload(tensors)
+        receive(self.state, self.config, stacks, frozen)
+        return plain
+
+    def stacks(self) -> list[Tensors]:
+        """The stacked modules this node holds, merged into the base before loading."""
+        return held_stacks(self.state)
+
+    def load(self, model: torch.nn.Module) -> None:
+        """Write the frozen factors this node holds into the model."""
+        write_adapter(model, held_frozen(self.state))
+
+    def metrics(self) -> dict[str, int]:
+        """The versions this node holds."""
+        return version_metrics(self.state, self.config)

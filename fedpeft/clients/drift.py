@@ -38,6 +38,7 @@ from flwr.app import RecordDict
 
 from fedpeft import adapters
 from fedpeft.adapters import CONTROL_PREFIX
+from fedpeft.clients.round_feature import Round, RoundFeature, Tensors
 from fedpeft.errors import ConfigError
 from fedpeft.records import from_record, to_record
 from fedpeft.round_task import DriftSettings
@@ -203,3 +204,34 @@ def finish_round(
     new, delta = correction.control_update(control, c_k)
     state[_STATE] = to_record(new)
     return {f"{CONTROL_PREFIX}{k}": v for k, v in delta.items()}
+
+
+class Drift(RoundFeature):
+    """The round feature: SCAFFOLD's c out of the payload, the correction hook, delta c back."""
+
+    def __init__(self, settings: DriftSettings, state: RecordDict) -> None:
+        self.settings, self.state = settings, state
+        self.control: Tensors = {}
+        self.correction: DriftCorrection | None = None
+
+    @classmethod
+    def for_round(cls, round_: Round) -> Drift:
+        """Every round: a payload with control variates the task did not ask for is refused."""
+        return cls(round_.task.client_opt, round_.context.state)
+
+    def receive(self, tensors: Tensors) -> Tensors:
+        """Take SCAFFOLD's c (`control.*`) out of the payload."""
+        rest, self.control = split_control(tensors)
+        return rest
+
+    def before_training(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trained: list[str]
+    ) -> None:
+        """Attach FedProx's and SCAFFOLD's correction to the optimiser (start_round)."""
+        self.correction = start_round(
+            model, trained, self.settings, self.control, self.state, optimizer
+        )
+
+    def finish(self, tensors: Tensors) -> Tensors:
+        """The reply with SCAFFOLD's delta c_k added (finish_round)."""
+        return {**tensors, **finish_round(self.correction, self.control, self.state)}

@@ -35,7 +35,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
+from fedpeft import adapters
 from fedpeft.adapters import HEAD_PREFIX
+from fedpeft.clients.round_feature import Round, RoundFeature
 from fedpeft.errors import FedPeftError
 from fedpeft.privacy.ledger_file import write_atomically
 from fedpeft.privacy.policy import NodePolicy, PolicyViolation
@@ -166,3 +168,37 @@ def check_release(settings: DPSettings, policy: NodePolicy, has_ledger: bool) ->
             "are computed on its own data and no DP accountant covers them "
             "(fedpeft/privacy/release.py); run without dp to get them"
         )
+
+
+class LocalFactors(RoundFeature):
+    """The round feature: hold a slice out, start from the node's own factors, keep them home."""
+
+    def __init__(self, round_: Round, names: tuple[str, ...]) -> None:
+        self.round, self.names = round_, names
+        self.store = LocalFactorFile(round_.policy.state_dir, round_.context.run_id, round_.member)
+
+    @classmethod
+    def for_round(cls, round_: Round) -> LocalFactors | None:
+        """When the config names local factors or a held-out fraction, else None."""
+        names = local_names(round_.config)
+        if not names and HOLDOUT_FRACTION not in round_.config:
+            return None
+        return cls(round_, names)
+
+    def examples(self, examples: list[dict]) -> list[dict]:
+        """The examples outside the held-out slice."""
+        return split(examples, self.round.config, self.round.task.seed, self.round.member)[0]
+
+    def load(self, model: torch.nn.Module) -> None:
+        """Start from this node's own local factors (none before its first round)."""
+        if self.names:
+            adapters.write_adapter(model, held(self.round.context.state, self.store))
+
+    def reply_keys(self, model: torch.nn.Module, keys: list[str]) -> list[str]:
+        """Keep the local factors at home (state and file); the rest go back."""
+        if not self.names:
+            return keys
+        kept = [k for k in adapters.adapter_tensors(model) if is_local(k, self.names)]
+        state = self.round.context.state
+        keep(state, self.store, adapters.read_adapter(model, kept), self.round.server_round)
+        return [k for k in keys if not is_local(k, self.names)]

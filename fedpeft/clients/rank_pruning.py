@@ -28,6 +28,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedpeft import adapters
 from fedpeft.adapters import AdapterSpec
+from fedpeft.clients.round_feature import Round, RoundFeature, Tensors
 from fedpeft.protocol import ADAPTER_RANK, RANK_MIN, RANK_PRUNE_GAMMA, RANK_PRUNE_LAMBDA
 
 _STATE = "fedpeft.rank"
@@ -63,14 +64,26 @@ def tail_score(factors: Mapping[str, torch.Tensor], start: int) -> torch.Tensor:
 
 
 @dataclass
-class RankPruning:
+class RankPruning(RoundFeature):
     """One node's pruning for one round: its rank, the settings, and the received tail score."""
 
     rank: int
     min_rank: int
     gamma: float
     lam: float
+    state: RecordDict
     received: float | None = None
+
+    @classmethod
+    def for_round(cls, round_: Round) -> RankPruning | None:
+        """Pruning when the round's config has `rank-min` (HetLoRA), else None."""
+        return cls.start(round_.context.state, round_.config, round_.task.adapter)[0]
+
+    def adapter(self, spec: AdapterSpec) -> AdapterSpec:
+        """The node's adapter at its held rank (alpha lowered with it, keeping alpha / rank)."""
+        if self.rank >= spec.rank:
+            return spec
+        return replace(spec, rank=self.rank, alpha=spec.alpha * self.rank / spec.rank)
 
     @classmethod
     def start(
@@ -89,14 +102,14 @@ class RankPruning:
         if rank < sent:
             adapter = replace(adapter, rank=rank, alpha=adapter.alpha * rank / sent)
         gamma, lam = float(config[RANK_PRUNE_GAMMA]), float(config[RANK_PRUNE_LAMBDA])
-        return cls(rank, int(config[RANK_MIN]), gamma, lam), adapter
+        return cls(rank, int(config[RANK_MIN]), gamma, lam, state), adapter
 
     @property
     def tail_start(self) -> int:
         """The tail's start t = floor(gamma r): its first row of A (column of B)."""
         return math.floor(self.gamma * self.rank)
 
-    def receive(self, payload: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def receive(self, payload: Mapping[str, torch.Tensor]) -> Tensors:
         """The payload at this node's rank; remembers the received module's tail score."""
         tensors = truncate(payload, self.rank)
         self.received = float(tail_score(tensors, self.tail_start))
@@ -110,15 +123,13 @@ class RankPruning:
         live = {k: v for k, v in tensors if k.endswith((".lora_A", ".lora_B"))}
         return lambda: self.lam * tail_score(live, self.tail_start)
 
-    def finish(
-        self, state: RecordDict, reply: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
+    def finish(self, reply: Tensors) -> Tensors:
         """Prune if the trained tail score fell below the received one; keep and cut to the rank."""
         if self.received is None:
             raise RuntimeError("RankPruning.finish before receive: no received tail score")
         if float(tail_score(reply, self.tail_start)) < self.received:
             self.rank = min(self.rank, max(self.min_rank, self.tail_start))
-        state[_STATE] = ConfigRecord({"rank": self.rank})
+        self.state[_STATE] = ConfigRecord({"rank": self.rank})
         return truncate(reply, self.rank)
 
     def metrics(self) -> dict[str, int]:

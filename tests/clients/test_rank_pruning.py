@@ -71,7 +71,7 @@ def test_pruning_fires_only_when_the_tail_score_drops_and_never_below_min_rank(
         received = pruning.receive(_factors(rank, g))
         start = math.floor(gamma * held)
         assert start == pruning.tail_start
-        reply = pruning.finish(state, _scale_tail(received, start, c))
+        reply = pruning.finish(_scale_tail(received, start, c))
         score = float(tail_score(received, start))
         if c < 1 and score > 0:
             held = min(held, max(min_rank, start))
