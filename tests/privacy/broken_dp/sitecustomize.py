@@ -19,3 +19,6 @@ if os.environ.get("FEDPEFT_BROKEN_DP") == "noise":
             open(marker, "a").close()
 
     _opt.DPOptimizer.add_noise = _no_noise
+    import opacus.optimizers.optimizer_fast_gradient_clipping as _ghost
+
+    _ghost.DPOptimizerFastGradientClipping.add_noise = _no_noise  # ghost clipping's own override
