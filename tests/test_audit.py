@@ -123,11 +123,11 @@ def _weak_noise(fraction: float):
     return weak
 
 
-def _audited(tmp_path, canaries: CanarySet, run: list[str] = RUN) -> dict:
+def _audited(tmp_path, canaries: CanarySet, run: list[str] = RUN, rounds: int = 3) -> dict:
     fed = prepare(compose_config(run))
     audit.insert_canaries(fed, canaries)
     initial = {k: v.clone() for k, v in fed.strategy.global_adapter.items()}
-    in_process_rounds(fed, 3, tmp_path, simulated=True)
+    in_process_rounds(fed, rounds, tmp_path, simulated=True)
     accounted = fed.strategy.privacy.max_epsilon()
     return audit.audit_federation(fed, canaries, accounted, 0.95, initial)
 
@@ -205,3 +205,14 @@ def test_canary_clients_join_the_rounds_and_give_a_client_level_estimate(tmp_pat
     assert record["canary_clients_inserted"] == 40
     with pytest.raises(ConfigError, match="canary_clients=1 must be 0"):
         audit.split_options(["canary_clients=1"])
+
+
+def test_gradient_canaries_catch_a_noise_free_causal_lm(tmp_path, monkeypatch, data_dir):
+    from tests.test_causal_federation import CAUSAL_RUN
+
+    monkeypatch.setattr(opacus_optimizer.DPOptimizer, "add_noise", _weak_noise(0.0))
+    run = [*CAUSAL_RUN, "strategy=fedavg", "dp=eps3", "train.batch_size=64"]
+    run += ["train.max_length=32", "federation.local_steps=20", "federation.rounds=1"]
+    record = _audited(tmp_path, CanarySet(500, seed=0, kind="gradient"), run, rounds=1)
+    assert record["canary_kind"] == "gradient" and 2.9 <= record["accounted_epsilon"] <= 3.0
+    assert audit.verdict(record) is not None  # measured 3.74 over 2 rounds of 10 steps
