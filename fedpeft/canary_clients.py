@@ -29,7 +29,7 @@ Tensors = dict[str, torch.Tensor]
 
 @dataclass
 class CanaryClients:
-    """k canary clients over the uploaded tensors `keys`, sampled each round at `rate`."""
+    """k canary clients over the uploaded tensors, each sampled every round at `rate`."""
 
     count: int
     seed: int

@@ -197,7 +197,8 @@ def client_examples(task: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
     examples = _partition_examples(
         key, int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])
     )
-    if (task.get("canaries") or {}).get("kind", "input") != "input" or not task.get("canaries"):
+    canaries = task.get("canaries")
+    if not canaries or canaries.get("kind", "input") != "input":
         return examples  # gradient canaries enter DP-SGD's clipped sum, not the data
     return examples + _canary_examples(
         key, int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])

@@ -466,13 +466,13 @@ class LowRankStrategy(Strategy):
             return None, None
         started = time.perf_counter()
         updates = [a.tensors for a in accepted]
-        p = lowrank.normalize_weights([a.weight for a in accepted])
+        weights = [a.weight for a in accepted]
+        p = lowrank.normalize_weights(weights)
         self._measure_noise(accepted, p)
         previous = self.drift.before(self.global_adapter, self.server_opt_keys())
         if self.canary_clients is None:
             self.aggregate_updates(updates, p)
         else:  # a simulated audit's canary clients join the round (canary_clients.py)
-            weights = [a.weight for a in accepted]
             self.aggregate_updates(
                 *self.canary_clients.join(server_round, self.global_adapter, updates, weights)
             )
