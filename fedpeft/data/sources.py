@@ -1,4 +1,4 @@
-"""`load_text_dataset`: the reader of each source, then a seeded test split and subsampling."""
+"""`load_text_dataset`: each source's reader, then seeded test and validation splits, subsets."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ _READERS = {
 def load_text_dataset(cfg: Mapping, seed: int = 0) -> TextDataset:
     """Load the source named by the `dataset` config group as train/test splits with int labels.
 
+    With `dataset.validation_fraction` set, that fraction of the training split is carved off
+    (seeded, stratified by label) and returned as the held-out split in place of the test split,
+    which is then never read: how `fedpeft compare tune=` scores its trials.
     Results are cached per process, so every client of a simulation reads and parses a source once.
     """
     return _load(parse_spec(cfg, seed))
@@ -45,15 +48,23 @@ def _load(spec: DatasetSpec) -> TextDataset:
                 f"dataset.test_fraction is null but dataset={spec.name} has no test split here: "
                 "set dataset.test_fraction=0.2 (or another fraction in (0, 1))"
             )
-        splitter = _split if "label" in train.column_names else split
-        train, test = splitter(train, spec.test_fraction, spec.seed)
+        train, test = _split(train, spec.test_fraction, spec.seed, "test_fraction")
+    if spec.validation_fraction is not None:
+        train, test = _split(train, spec.validation_fraction, spec.seed, "validation_fraction")
     train = _subsample(train, spec.max_train_examples, spec.seed)
     test = _subsample(test, spec.max_test_examples, spec.seed)
     return TextDataset(train=train, test=test, label_names=list(names))
 
 
-def _split(ds: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, ...]:
-    """Seeded train/test split, stratified by label unless a class is too small to stratify."""
+def _split(
+    ds: datasets.Dataset, fraction: float, seed: int, field: str
+) -> tuple[datasets.Dataset, ...]:
+    """Seeded split by `dataset.<field>`, stratified by label unless a class is too small for it.
+
+    Prompt/response pairs have no label and split plainly.
+    """
+    if "label" not in ds.column_names:
+        return split(ds, fraction, seed)
     if len(ds) < 2:
         raise DataError(
             f"only {len(ds)} labelled example(s) with text: too few to split off a test set"
@@ -66,7 +77,7 @@ def _split(ds: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.D
         except ValueError as err:
             reason = " ".join(str(err).split())[:200]
             raise ConfigError(
-                f"dataset.test_fraction={fraction} cannot split {len(ds)} examples ({reason}): "
+                f"dataset.{field}={fraction} cannot split {len(ds)} examples ({reason}): "
                 "pick a fraction that leaves examples on both sides"
             ) from err
     return parts["train"], parts["test"]

@@ -24,6 +24,7 @@ class DatasetSpec:
     text_column: str
     label_column: str
     test_fraction: float | None
+    validation_fraction: float | None
     max_train_examples: int | None
     max_test_examples: int | None
     subset: str | None
@@ -57,7 +58,8 @@ def parse_spec(cfg: Mapping, seed: int) -> DatasetSpec:
         location=location,
         text_column=str(_opt(c, "text_column") or "text"),
         label_column=str(_opt(c, "label_column") or "label"),
-        test_fraction=_fraction(_opt(c, "test_fraction")),
+        test_fraction=_fraction(_opt(c, "test_fraction"), "test_fraction"),
+        validation_fraction=_fraction(_opt(c, "validation_fraction"), "validation_fraction"),
         max_train_examples=_positive_int(_opt(c, "max_train_examples"), "max_train_examples"),
         max_test_examples=_positive_int(_opt(c, "max_test_examples"), "max_test_examples"),
         subset=_opt(c, "subset"),
@@ -78,11 +80,11 @@ def _opt(c: Mapping, key: str) -> Any:
     return None if value in (None, "???", "") else value
 
 
-def _fraction(value: Any) -> float | None:
+def _fraction(value: Any, field: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-        raise ConfigError(f"dataset.test_fraction must be a number in (0, 1), got {value!r}")
+        raise ConfigError(f"dataset.{field} must be a number in (0, 1) or null, got {value!r}")
     return float(value)
 
 
