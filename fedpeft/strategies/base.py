@@ -38,6 +38,7 @@ from fedpeft import lowrank
 from fedpeft.canary_clients import CanaryClients
 from fedpeft.protocol import ARRAYS_KEY, CONFIG_KEY, NUM_REPLIES, SERVER_ROUND, TASK_KEY, TRAIN_LOSS
 from fedpeft.records import TensorSpec, record_bytes, to_record
+from fedpeft.search_space import LEARNING_RATE, SearchSpace
 from fedpeft.strategies import update_noise
 from fedpeft.strategies.privacy_watch import PrivacyWatch
 from fedpeft.strategies.ranks import check_ranks, check_scaling
@@ -100,6 +101,9 @@ class LowRankStrategy(Strategy):
     #: "global": the server evaluates the global adapter on its held-out split; "personalised":
     #: there is no global model, clients score their own (configure_evaluate, aggregate_evaluate)
     evaluation: ClassVar[str] = "global"
+    #: what `fedpeft compare tune=` searches for this method (fedpeft/search_space.py): its
+    #: learning rate by default; a method adds what its paper tunes
+    search_space: ClassVar[SearchSpace] = LEARNING_RATE
 
     def __init__(
         self,

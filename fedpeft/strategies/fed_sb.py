@@ -31,6 +31,7 @@ import torch
 from fedpeft import lowrank
 from fedpeft.adapters import FROZEN_PREFIX
 from fedpeft.protocol import FROZEN_VERSION
+from fedpeft.search_space import LEARNING_RATE, Choice
 from fedpeft.strategies.base import LowRankStrategy
 
 INITS = ("lora_sb", "orthonormal")
@@ -82,6 +83,8 @@ class FedSB(LowRankStrategy):
     """
 
     name = "fed_sb"
+    #: the paper runs Fed-SB at r = 120-200 (R is r x r, so its bytes grow as r^2, not 2 d r)
+    search_space = {**LEARNING_RATE, "adapter.rank": Choice((16, 32, 64, 128))}
     kind = "sb"
     version_metric = FROZEN_VERSION
 
