@@ -2,14 +2,16 @@
 
 A study file holds `description`, `overrides` (a list; comma lists sweep, as on the command line),
 optionally `strategy_overrides` (strategy name -> overrides for that strategy's runs only),
-`target` (the accuracy for "rounds to target") and `out_dir`. `study=` also takes a path to such
-a file, so users keep their own studies next to their data.
+`target` (the accuracy for "rounds to target"), `out_dir` and `tune` (compare/tuning.py's
+TuneSettings as a mapping: every method tuned on a validation split before its final runs).
+`study=` also takes a path to such a file, so users keep their own studies next to their data.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -18,7 +20,7 @@ from fedpeft.config import CONFIG_DIR
 from fedpeft.errors import ConfigError
 
 STUDY_DIR = CONFIG_DIR / "study"
-KEYS = {"description", "overrides", "strategy_overrides", "target", "out_dir"}
+KEYS = {"description", "overrides", "strategy_overrides", "target", "out_dir", "tune"}
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Study:
     strategy_overrides: dict[str, list[str]] = field(default_factory=dict)
     target: float | None = None
     out_dir: str | None = None
+    tune: dict[str, Any] | None = None
 
 
 def study_names() -> list[str]:
@@ -58,6 +61,9 @@ def load_study(name_or_path: str) -> Study:
     if unknown:
         raise ConfigError(f"study file {path}: unknown key {unknown[0]!r}, use {sorted(KEYS)}")
     per_strategy = raw.get("strategy_overrides") or {}
+    tune = raw.get("tune")
+    if tune is not None and not isinstance(tune, dict):
+        raise ConfigError(f"study file {path}: tune must be a mapping, e.g. tune: {{trials: 8}}")
     return Study(
         name=path.stem,
         description=str(raw.get("description", "")).strip(),
@@ -65,4 +71,5 @@ def load_study(name_or_path: str) -> Study:
         strategy_overrides={str(k): [str(o) for o in v] for k, v in per_strategy.items()},
         target=None if raw.get("target") is None else float(raw["target"]),
         out_dir=raw.get("out_dir"),
+        tune=tune,
     )
