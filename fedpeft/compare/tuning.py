@@ -56,8 +56,11 @@ class TuneSettings:
 
     trials: int
     validation_fraction: float = 0.2
+    #: cap on the validation examples a trial scores (dataset.max_test_examples; None: all)
+    validation_examples: int | None = None
     seed: int = 0
-    prune_after: int = 1
+    #: the first round at which a trial may be pruned
+    prune_after: int = 2
     startup_trials: int = 3
 
     @classmethod
@@ -76,8 +79,13 @@ class TuneSettings:
             settings = cls(
                 trials=_integer(values["trials"], "trials", 1),
                 validation_fraction=float(values.get("validation_fraction", 0.2)),
+                validation_examples=(
+                    None
+                    if values.get("validation_examples") is None
+                    else _integer(values["validation_examples"], "validation_examples", 1)
+                ),
                 seed=_integer(values.get("seed", 0), "seed", 0),
-                prune_after=_integer(values.get("prune_after", 1), "prune_after", 1),
+                prune_after=_integer(values.get("prune_after", 2), "prune_after", 1),
                 startup_trials=_integer(values.get("startup_trials", 3), "startup_trials", 1),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -128,10 +136,10 @@ def group_runs(runs: Sequence[Run]) -> dict[tuple, list[Run]]:
 
 def trial_overrides(run: Run, settings: TuneSettings) -> list[str]:
     """A configuration's overrides for its trials: the tuning seed and the validation split."""
-    return merge(
-        run.overrides,
-        [f"seed={settings.seed}", f"dataset.validation_fraction={settings.validation_fraction}"],
-    )
+    extra = [f"seed={settings.seed}", f"dataset.validation_fraction={settings.validation_fraction}"]
+    if settings.validation_examples is not None:
+        extra.append(f"dataset.max_test_examples={settings.validation_examples}")
+    return merge(run.overrides, extra)
 
 
 def with_values(run: Run, overrides: Sequence[str]) -> Run:
@@ -261,7 +269,7 @@ def tune_config(
             seed=settings.seed, n_startup_trials=settings.startup_trials
         ),
         pruner=optuna.pruners.MedianPruner(
-            n_startup_trials=settings.startup_trials, n_warmup_steps=settings.prune_after
+            n_startup_trials=settings.startup_trials, n_warmup_steps=settings.prune_after - 1
         ),
         load_if_exists=True,
     )
@@ -395,9 +403,15 @@ def tuned_section(tuned: Sequence[Tuned], settings: TuneSettings) -> str:
     ]
     intro = (
         f"Every configuration had {settings.trials} trials (Optuna TPE, {settings.startup_trials} "
-        f"random first; median pruning from round {settings.prune_after}), each a federation at "
-        f"seed {settings.seed} scored on a {settings.validation_fraction:g} validation split "
-        "carved from the training data; the test split scored only the final runs above.\n"
+        f"random first; a trial behind the median of earlier ones at the same round stopped from "
+        f"round {settings.prune_after} on), each a federation at seed {settings.seed} scored on "
+        f"a {settings.validation_fraction:g} validation split carved from the training data"
+        + (
+            f" ({settings.validation_examples} of its examples)"
+            if settings.validation_examples
+            else ""
+        )
+        + "; the test split scored only the final runs above.\n"
     )
     return "## Tuned values\n\n" + intro + "\n" + markdown_table(header, rows)
 

@@ -63,8 +63,10 @@ def test_settings_from_the_command_line_and_a_study() -> None:
     assert TuneSettings.parse(None, "0") is None
     assert TuneSettings.parse({"trials": 8}, "0") is None  # tune=0 turns a study's tuning off
     assert TuneSettings.parse(None, "8") == TuneSettings(trials=8)
-    study = {"trials": 4, "validation_fraction": 0.1, "prune_after": 2, "seed": 7}
-    assert TuneSettings.parse(study, "6") == TuneSettings(6, 0.1, 7, 2)
+    study = {"trials": 4, "validation_fraction": 0.1, "prune_after": 3, "seed": 7}
+    assert TuneSettings.parse(study, "6") == TuneSettings(6, 0.1, None, 7, 3)
+    capped = TuneSettings.parse({"trials": 2, "validation_examples": 872})
+    assert capped.validation_examples == 872
 
 
 @pytest.mark.parametrize(
@@ -75,6 +77,7 @@ def test_settings_from_the_command_line_and_a_study() -> None:
         (None, "8.5", "trials='8.5' must be an integer"),
         ({"trials": True}, None, "trials=True must be an integer"),
         ({"trials": 4, "prune_after": 0}, None, "prune_after=0 must be an integer >= 1"),
+        ({"trials": 4, "validation_examples": 0}, None, "validation_examples=0 must be"),
         ({"trials": 4, "validation_fraction": 1.0}, None, "validation_fraction=1.0 must be in"),
         ({"trials": 4, "validation_fraction": "nan"}, None, "validation_fraction=nan must be in"),
         ({"trials": 4, "lr": [1, 2]}, None, "unknown key 'lr'"),
