@@ -5,25 +5,29 @@
 
 Besides Hydra overrides (comma lists sweep) it takes `out_dir=` (required unless the study names
 one), `jobs=` (runs at a time, default 1), `target=` (accuracy for "rounds to target") and
-`study=` (a packaged study or a study YAML; later overrides replace the study's) and `audit=`
-(a canary count: every run is a `fedpeft audit`, and the table shows its audited epsilon bound).
+`study=` (a packaged study or a study YAML; later overrides replace the study's), `audit=`
+(a canary count: every run is a `fedpeft audit`, and the table shows its audited epsilon bound)
+and `baseline=` (the strategy the paired differences are taken from; default fedavg when in the
+grid, else its first strategy). Besides results.csv it writes paired.csv (paired differences from
+the baseline, fedpeft/compare/paired.py) and budget.csv (accuracy at matched rounds, bytes,
+client compute and epsilon, fedpeft/compare/budget.py), both also sections of results.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
-from fedpeft.compare import aggregate, plots
+from fedpeft.compare import aggregate, budget, paired, plots
 from fedpeft.compare.cells import Outcome, run_grid
 from fedpeft.compare.grid import expand, merge
 from fedpeft.compare.studies import load_study
 from fedpeft.errors import ConfigError
 
-OPTIONS = ("out_dir", "jobs", "target", "study", "audit")
+OPTIONS = ("out_dir", "jobs", "target", "study", "audit", "baseline")
 
 
 @dataclass
@@ -34,6 +38,8 @@ class CompareResult:
     results_csv: Path
     table: Path
     plots: list[Path]
+    #: paired.csv and budget.csv
+    csvs: list[Path] = field(default_factory=list)
 
     @property
     def failed(self) -> list[Outcome]:
@@ -90,6 +96,7 @@ def compare(args: Sequence[str], console: Console | None = None) -> CompareResul
     )
     grid = merge(study.overrides, overrides) if study else overrides
     runs = expand(grid, study.strategy_overrides if study else None)
+    baseline = paired.choose_baseline(paired.grid_strategies(runs), options.get("baseline"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = f"fedpeft compare: {study.name}" if study else "fedpeft compare"
@@ -97,8 +104,21 @@ def compare(args: Sequence[str], console: Console | None = None) -> CompareResul
     outcomes = run_grid(runs, out, jobs=jobs, console=console, audit=audit)
     results = aggregate.load_results(runs, out)
     csv_path = aggregate.write_results_csv(results, out / "results.csv", target)
+    differences = paired.paired_differences(results, baseline)
+    matched = budget.budget_rows(results, target)
+    csvs = [
+        paired.write_csv(differences, out / "paired.csv"),
+        budget.write_csv(matched, out / "budget.csv"),
+    ]
+    sections = [paired.markdown(differences, baseline), budget.markdown(matched, target)]
     table = aggregate.write_table(
-        results, out / "results.md", target, title, study.description if study else "", grid
+        results,
+        out / "results.md",
+        target,
+        title,
+        study.description if study else "",
+        grid,
+        sections,
     )
     made = []
     if any(r.done for r in results):
@@ -106,4 +126,4 @@ def compare(args: Sequence[str], console: Console | None = None) -> CompareResul
             plots.accuracy_by_round(results, out / "accuracy_by_round.png"),
             plots.accuracy_vs_bytes(results, out / "accuracy_vs_bytes.png"),
         ]
-    return CompareResult(outcomes, csv_path, table, made)
+    return CompareResult(outcomes, csv_path, table, made, csvs)

@@ -12,7 +12,7 @@ import csv
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from fedpeft.strategies.update_noise import signal_norm
 
 DEFAULT_TARGET = 0.8
 SEED = "seed"
+STRATEGY = "strategy"
 
 
 @dataclass
@@ -77,11 +78,32 @@ class RunResult:
         ratios = self.signal_to_noise()
         return statistics.fmean(ratios) if ratios else None
 
+    @property
+    def method(self) -> str | None:
+        """The run's strategy: its swept value, else the one its summary names."""
+        return self.run.values.get(STRATEGY) or (self.summary or {}).get(STRATEGY)
+
     def cumulative_bytes(self) -> list[float]:
         """Bytes moved up and down until the end of each round, round 0 first."""
+        return self._running(("bytes_up", "bytes_down"), sum) or []
+
+    def cumulative_client_seconds(self) -> list[float] | None:
+        """Clients' training CPU seconds until each round's end; None where history lacks them."""
+        return self._running(("client_seconds",), sum)
+
+    def epsilon_by_round(self) -> list[float] | None:
+        """The ledger's largest client epsilon at each round's end; None for a non-private run."""
+        return self._running(("max_epsilon",), max)
+
+    def _running(
+        self, columns: Sequence[str], combine: Callable[[list[float]], float]
+    ) -> list[float] | None:
+        """History's columns combined round by round (sum or max); None when never logged."""
+        if all(row.get(c) in (None, "") for row in self.history for c in columns):
+            return None
         total, out = 0.0, []
         for row in self.history:
-            total += float(row.get("bytes_up") or 0) + float(row.get("bytes_down") or 0)
+            total = combine([total, *(float(row.get(c) or 0) for c in columns)])
             out.append(total)
         return out
 
@@ -153,18 +175,31 @@ def write_results_csv(results: Sequence[RunResult], path: Path, target: float) -
     return path
 
 
-def group_by_config(results: Sequence[RunResult]) -> dict[tuple, list[RunResult]]:
-    """Finished runs by configuration, in grid order."""
+def group_by_config(
+    results: Sequence[RunResult], without: str | None = None
+) -> dict[tuple, list[RunResult]]:
+    """Finished runs by configuration (less the swept key `without`, if given), in grid order."""
     groups: dict[tuple, list[RunResult]] = {}
     for result in results:
         if result.done:
-            groups.setdefault(result.config, []).append(result)
+            config = tuple((k, v) for k, v in result.config if k != without)
+            groups.setdefault(config, []).append(result)
     return groups
 
 
-def _fmt(values: Sequence[float], digits: int) -> str:
+def fmt_ci(values: Sequence[float], digits: int) -> str:
+    """`mean ± half-width` (95%, Student t), or the value alone from a single one."""
     mean, half = mean_ci(values)
     return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def partial_cell(values: Sequence[float | None], digits: int, none: str = "—") -> str:
+    """`fmt_ci` of the known values, "(k/n seeds)" when some are None, `none` when all are."""
+    known = [float(v) for v in values if v is not None]
+    if not known:
+        return none
+    text = fmt_ci(known, digits)
+    return text if len(known) == len(values) else f"{text} ({len(known)}/{len(values)} seeds)"
 
 
 def _accuracy_cell(
@@ -177,7 +212,7 @@ def _accuracy_cell(
     """
     found = [s.get(key) for s in summaries] if key is not None else list(values)
     known = [float(v) for v in found if v is not None]
-    text = _fmt(known, 4) if known else "—"
+    text = fmt_ci(known, 4) if known else "—"
     if any(s.get("evaluation") == "personalised" for s in summaries):
         text += " (personalised)"
     return text
@@ -185,11 +220,7 @@ def _accuracy_cell(
 
 def _rounds_cell(group: Sequence[RunResult], target: float) -> str:
     reached = [rounds_to_target(r.accuracy(), target) for r in group]
-    hits = [float(r) for r in reached if r is not None]
-    if not hits:
-        return "not reached"
-    text = _fmt(hits, 1)
-    return text if len(hits) == len(group) else f"{text} ({len(hits)}/{len(group)} seeds)"
+    return partial_cell(reached, 1, "not reached")
 
 
 def _audited_cell(group: Sequence[RunResult]) -> str:
@@ -201,7 +232,7 @@ def _audited_cell(group: Sequence[RunResult]) -> str:
     ]
     if not bounds:
         return "—"
-    text = _fmt([b for b, _ in bounds], 2)
+    text = fmt_ci([b for b, _ in bounds], 2)
     above = sum(1 for b, eps in bounds if eps is not None and b > eps)
     return f"{text} (above the ledger in {above}/{len(bounds)})" if above else text
 
@@ -248,10 +279,10 @@ def table_rows(results: Sequence[RunResult], target: float) -> tuple[list[str], 
                     [r.summary for r in group], None, [r.best_accuracy() for r in group]
                 ),
                 _rounds_cell(group, target),
-                _fmt([(r.summary["bytes_up"] + r.summary["bytes_down"]) / 1e6 for r in group], 2),
-                _fmt([r.summary["wall_time_s"] for r in group], 1),
-                _fmt(eps, 2) if eps else "—",
-                *([_fmt(snr, 2) if snr else "—"] if noisy else []),
+                fmt_ci([(r.summary["bytes_up"] + r.summary["bytes_down"]) / 1e6 for r in group], 2),
+                fmt_ci([r.summary["wall_time_s"] for r in group], 1),
+                fmt_ci(eps, 2) if eps else "—",
+                *([fmt_ci(snr, 2) if snr else "—"] if noisy else []),
                 *([_audited_cell(group)] if audited else []),
             ]
         )
@@ -272,8 +303,12 @@ def write_table(
     title: str,
     description: str = "",
     grid: Sequence[str] = (),
+    sections: Sequence[str] = (),
 ) -> Path:
-    """results.md: the summary table, the grid it ran, how to read it, and any unfinished runs."""
+    """results.md: the summary table, the grid it ran, how to read it, and any unfinished runs.
+
+    `sections` (markdown, e.g. the paired differences) follow the summary table.
+    """
     header, rows = table_rows(results, target)
     parts = [f"# {title}\n"]
     if description:
@@ -292,6 +327,7 @@ def write_table(
         "accounted for.\n"
     )
     parts.append(markdown_table(header, rows))
+    parts += [section for section in sections if section]
     failed = [r for r in results if not r.done]
     if failed:
         parts.append(f"Unfinished runs ({len(failed)}), left out of the table:\n")

@@ -2,6 +2,8 @@
 
 A line per strategy (or per value of the first swept key when the strategy is not swept), a panel
 per combination of the other swept keys; the band is the 95% confidence interval over seeds.
+Against bytes, a dashed vertical line marks each panel's equal-bytes budget (fedpeft/compare/
+budget.py) when the lines are strategies.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedpeft.compare.aggregate import RunResult, group_by_config, mean_ci
+from fedpeft.compare.budget import matched_bytes
 
 HUE = "strategy"
 
@@ -21,10 +24,15 @@ def _layout(configs: Sequence[tuple]) -> tuple[str | None, list[tuple]]:
     hue = HUE if HUE in keys else (keys[0] if keys else None)
     panels = []
     for config in configs:
-        panel = tuple((k, v) for k, v in config if k != hue)
+        panel = _panel(config, hue)
         if panel not in panels:
             panels.append(panel)
     return hue, panels
+
+
+def _panel(config: tuple, hue: str | None) -> tuple:
+    """The panel a configuration's line is drawn in: its values other than the hue's."""
+    return tuple((k, v) for k, v in config if k != hue)
 
 
 def _band(series: Sequence[Sequence[float]]) -> tuple[list[float], list[float], list[float]]:
@@ -57,6 +65,7 @@ def _plot(
     xlabel: str,
     log_x: bool,
     first: int,
+    budget: Callable[[list[RunResult]], float | None] | None = None,
 ) -> Path:
     import matplotlib
 
@@ -73,8 +82,9 @@ def _plot(
         # Ten colours, then the same ten dashed: all thirteen methods stay told apart.
         palette = [plt.get_cmap("tab10")(i) for i in range(10)]
         ax.set_prop_cycle(plt.cycler(linestyle=["-", "--", ":"]) * plt.cycler(color=palette))
+        shown = [r for c, g in groups.items() if _panel(c, hue) == panel for r in g]
         for config, group in groups.items():
-            if tuple((k, v) for k, v in config if k != hue) != panel:
+            if _panel(config, hue) != panel:
                 continue
             label = dict(config).get(hue, "runs") if hue else "runs"
             xs, _, _ = _band([x_of(r)[first:] for r in group])
@@ -82,6 +92,10 @@ def _plot(
             xs, ys, lows, highs = _evaluated(xs, ys, lows, highs)
             (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=f"{label}")
             ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.2)
+        matched = budget(shown) if budget and hue == HUE else None
+        if matched:
+            label = f"equal bytes ({matched / 1e6:.3g} MB)"
+            ax.axvline(matched, color="0.35", linestyle="--", linewidth=1, label=label)
         ax.set(xlabel=xlabel, ylabel="held-out accuracy")
         ax.set_title(", ".join(f"{k}={v}" for k, v in panel) or "all runs", fontsize=10)
         if log_x:
@@ -107,4 +121,5 @@ def accuracy_by_round(results: Sequence[RunResult], path: Path) -> Path:
 
 def accuracy_vs_bytes(results: Sequence[RunResult], path: Path) -> Path:
     """accuracy_vs_bytes.png: accuracy against cumulative bytes moved (log axis), from round 1."""
-    return _plot(results, path, RunResult.cumulative_bytes, "cumulative bytes (up + down)", True, 1)
+    xlabel = "cumulative bytes (up + down)"
+    return _plot(results, path, RunResult.cumulative_bytes, xlabel, True, 1, matched_bytes)

@@ -4,7 +4,9 @@ import pytest
 from matplotlib.image import imread
 
 from fedpeft.compare import plots
+from fedpeft.compare.grid import Run
 from tests.compare.test_aggregate import _result
+from tests.compare.test_budget import _group
 
 
 def test_both_plots_are_written(grid_dir):
@@ -47,3 +49,32 @@ def test_seeds_with_rounds_not_evaluated_plot(tmp_path):
     assert math.isnan(means[1]) and means[3] == pytest.approx(0.61)
     image = imread(plots.accuracy_by_round(results, tmp_path / "a.png"))
     assert image.shape[0] > 200
+
+
+def _drawn(monkeypatch, draw):
+    """The figure a plot function drew (pyplot.close is kept from discarding it)."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    draw()
+    return figures[-1]
+
+
+def test_accuracy_vs_bytes_marks_the_equal_bytes_budget(tmp_path, monkeypatch):
+    results = _group()
+    fig = _drawn(monkeypatch, lambda: plots.accuracy_vs_bytes(results, tmp_path / "b.png"))
+    (ax,) = fig.axes
+    a, b, budget = ax.get_lines()
+    assert [a.get_label(), b.get_label()] == ["a", "b"]
+    # a line and a band per method, the mean over seeds: A's bytes, B's at 0.25 MB a round
+    assert list(a.get_xdata()) == [100_000, 200_000, 300_000]
+    assert list(a.get_ydata()) == pytest.approx([0.61, 0.71, 0.82])
+    assert list(b.get_xdata()) == [250_000, 500_000] and len(ax.collections) == 2
+    assert list(budget.get_xdata()) == [300_000, 300_000]
+    assert budget.get_linestyle() == "--" and budget.get_label() == "equal bytes (0.3 MB)"
+    # lines that are not strategies (a grid sweeping dp alone): no budget line
+    for result in results:
+        result.run = Run((), (("dp", str(result.seed)),), "x")
+    fig = _drawn(monkeypatch, lambda: plots.accuracy_vs_bytes(results, tmp_path / "c.png"))
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["0", "1"]
