@@ -181,7 +181,7 @@ def compare(args: Sequence[str]) -> int:
     result = run_compare(args)
     out = Console()
     out.print(Markdown(result.table.read_text()))
-    written = [result.results_csv, result.table, *result.plots]
+    written = [result.results_csv, result.table, *result.csvs, *result.plots]
     out.print("results: " + ", ".join(map(str, written)))
     if result.failed:
         print(f"fedpeft: {len(result.failed)} runs failed (see the table)", file=sys.stderr)
@@ -230,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "overrides",
         nargs="*",
         help="Hydra overrides, comma lists sweep (strategy=fedavg,fedsvd seed=0,1), plus "
-        "out_dir=, jobs=, target= and study=<name>",
+        "out_dir=, jobs=, target=, study=<name>, audit=<canaries>, baseline=<strategy> and "
+        "tune=<trials per method>",
     )
     aud = sub.add_parser("audit", help="a federation with canaries: an empirical epsilon bound")
     aud.add_argument(

@@ -11,6 +11,9 @@ and `baseline=` (the strategy the paired differences are taken from; default fed
 grid, else its first strategy). Besides results.csv it writes paired.csv (paired differences from
 the baseline, fedpeft/compare/paired.py) and budget.csv (accuracy at matched rounds, bytes,
 client compute and epsilon, fedpeft/compare/budget.py), both also sections of results.md.
+`tune=<trials>` (or a study's `tune:` mapping) first tunes every configuration's method on a
+validation split with that many Optuna trials and runs the grid with the chosen values
+(fedpeft/compare/tuning.py: tuned.json and a "Tuned values" section); `tune=0` turns it off.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedpeft.compare import aggregate, budget, paired, plots
+from fedpeft.compare import aggregate, budget, paired, plots, tuning
 from fedpeft.compare.cells import Outcome, run_grid
 from fedpeft.compare.grid import expand, merge
 from fedpeft.compare.studies import load_study
 from fedpeft.errors import ConfigError
 
-OPTIONS = ("out_dir", "jobs", "target", "study", "audit", "baseline")
+OPTIONS = ("out_dir", "jobs", "target", "study", "audit", "baseline", "tune")
 
 
 @dataclass
@@ -94,12 +97,18 @@ def compare(args: Sequence[str], console: Console | None = None) -> CompareResul
         lambda v: v == 0 or 2 <= v <= 100_000,
         "0 (no audit) or a canary count in [2, 100000], e.g. audit=1000",
     )
+    settings = tuning.TuneSettings.parse(study.tune if study else None, options.get("tune"))
     grid = merge(study.overrides, overrides) if study else overrides
     runs = expand(grid, study.strategy_overrides if study else None)
     baseline = paired.choose_baseline(paired.grid_strategies(runs), options.get("baseline"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = f"fedpeft compare: {study.name}" if study else "fedpeft compare"
+    sections = []
+    if settings is not None:
+        runs, tuned = tuning.tune_grid(runs, out, settings, jobs=jobs, console=console)
+        tuning.write_tuned(tuned, out / "tuned.json")
+        sections.append(tuning.tuned_section(tuned, settings))
     console.print(f"[bold]{title}[/bold]: {len(runs)} runs in {out}, {jobs} at a time")
     outcomes = run_grid(runs, out, jobs=jobs, console=console, audit=audit)
     results = aggregate.load_results(runs, out)
@@ -110,7 +119,7 @@ def compare(args: Sequence[str], console: Console | None = None) -> CompareResul
         paired.write_csv(differences, out / "paired.csv"),
         budget.write_csv(matched, out / "budget.csv"),
     ]
-    sections = [paired.markdown(differences, baseline), budget.markdown(matched, target)]
+    sections += [paired.markdown(differences, baseline), budget.markdown(matched, target)]
     table = aggregate.write_table(
         results,
         out / "results.md",

@@ -22,6 +22,7 @@ def test_packaged_studies():
         "hetero_rank",
         "label_skew",
         "methods11",
+        "methods11_tuned",
         "methods13",
     ]
 
@@ -132,4 +133,24 @@ def test_study_from_a_file_and_bad_studies(tmp_path):
         load_study(str(path))
     path.write_text("description: no overrides\n")
     with pytest.raises(ConfigError, match="needs a list `overrides:`"):
+        load_study(str(path))
+
+
+def test_methods11_tuned_is_methods11_with_every_method_tuned_first():
+    tuned, plain = load_study("methods11_tuned"), load_study("methods11")
+    assert tuned.tune == {
+        "trials": 6,
+        "validation_fraction": 0.2,
+        "validation_examples": 872,
+        "prune_after": 2,
+        "seed": 0,
+    }
+    assert merge(tuned.overrides, ["seed=0,1,2"]) == plain.overrides
+    assert tuned.strategy_overrides == plain.strategy_overrides
+
+
+def test_a_study_with_a_bad_tune_is_refused(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("overrides: [strategy=fedavg]\ntune: 8\n")
+    with pytest.raises(ConfigError, match="tune must be a mapping"):
         load_study(str(path))

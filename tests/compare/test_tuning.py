@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -9,10 +10,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from fedpeft.cli import main
 from fedpeft.compare.tuning import TuneSettings, _recover, _spent, run_trial
 from fedpeft.errors import ConfigError
+from tests.conftest import FAST_RUN
 
 #: a stand-in federation: writes history.csv a round at a time (accuracies from argv), starts a
 #: child that would outlive it, then summary.json; argv: folder, seconds per round, accuracies
@@ -129,3 +133,32 @@ def test_an_interrupted_trial_is_rerun_with_its_values_and_does_not_spend_the_bu
     value = rerun.suggest_float("train.lr", 1e-4, 1e-2, log=True)  # the enqueued value
     assert value == pytest.approx(cut.params["train.lr"])
     assert rerun.user_attrs == {"rerun_of": cut.number}
+
+
+def test_compare_tunes_on_validation_then_scores_the_tuned_runs_on_test(tmp_path, capsys):
+    out = tmp_path / "tuned"
+    grid = [*FAST_RUN, "federation.rounds=1", "strategy=fedavg", "seed=0", f"out_dir={out}"]
+    assert main(["compare", *grid, "tune=2"]) == 0
+    (row,) = json.loads((out / "tuned.json").read_text())
+    assert row["strategy"] == "fedavg"
+    assert row["trials"] == {"complete": 2, "pruned": 0, "failed": 0}
+    trials = sorted((out / "tuning").glob("*/trial-*/config.yaml"))
+    assert len(trials) == 2
+    tried = set()
+    for path in trials:
+        cfg = OmegaConf.load(path)
+        assert cfg.seed == 0 and cfg.dataset.validation_fraction == 0.2
+        assert 3e-4 <= cfg.train.lr <= 3e-2  # two decades around fedavg's own 3e-3
+        tried.add(cfg.train.lr)
+    assert row["values"]["train.lr"] in tried
+    (final,) = list(out.glob("run-*/config.yaml"))  # nothing swept but the one seed
+    cfg = OmegaConf.load(final)
+    assert cfg.train.lr == row["values"]["train.lr"]
+    assert cfg.dataset.validation_fraction is None  # the final run is scored on the test split
+    table = (out / "results.md").read_text()
+    assert "## Tuned values" in table and "train.lr=" in table and "2 / 0 / 0" in table
+    # a rerun finds the finished trials and the tuned run: nothing runs again
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
+    assert main(["compare", *grid, "tune=2"]) == 0
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
+    assert "1 of 1 runs already done" in capsys.readouterr().err
