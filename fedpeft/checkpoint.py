@@ -36,6 +36,8 @@ RESUMABLE_CHANGES = (
     "federation.client_cpus",
     "federation.client_gpus",
     "eval.every",
+    "federation.stop_at",
+    "tracking",
 )
 
 

@@ -14,6 +14,8 @@ from omegaconf.errors import OmegaConfBaseException
 from fedpeft.errors import ConfigError
 from fedpeft.models import ModelSpec, check_compute_dtype, resolve_device
 from fedpeft.privacy.settings import validate_dp
+from fedpeft.stop_rule import StopAt
+from fedpeft.tracking import TrackingSettings
 from fedpeft.training import PRECISIONS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -213,6 +215,8 @@ def validate(cfg: DictConfig) -> None:
     _validate_robustness(cfg)
     _validate_strategy_params(cfg)
     _validate_drift(cfg)
+    StopAt.from_config(cfg)
+    TrackingSettings.from_config(cfg)
 
 
 def _validate_drift(cfg: DictConfig) -> None:

@@ -14,6 +14,8 @@ from fedpeft.errors import ConfigError
 EXTRAS: dict[str, tuple[str, str]] = {
     "bitsandbytes": ("bitsandbytes", "quant"),
     "lm_eval": ("lm-eval", "eval"),
+    "tensorboard": ("tensorboard", "track"),
+    "mlflow": ("mlflow-skinny", "track"),
 }
 
 

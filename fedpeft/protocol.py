@@ -47,6 +47,8 @@ NUM_EXAMPLES = "num-examples"
 CLIENT_ID = "client-id"
 STEPS = "steps"
 TRAIN_LOSS = "train-loss"
+#: the process CPU seconds of the node's local training (time.process_time()); not under DP
+CLIENT_SECONDS = "client-seconds"
 BYTES_DOWN = "bytes-down"
 BYTES_UP = "bytes-up"
 #: the version of the stacked base a node holds (FLoRA, FedEx-LoRA); FROZEN_VERSION likewise

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedpeft.protocol import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
+from fedpeft.protocol import ARRAYS_KEY, CLIENT_SECONDS, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
 
 
 def addressees(messages: Iterable[Message]) -> dict[str, int]:
@@ -66,6 +66,8 @@ def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
 NPY_HEADER_BYTES = 256
 #: Most entries a reply's MetricRecord may hold.
 MAX_METRICS = 64
+#: Most CPU seconds a reply may claim for its round (about 30 years): sums stay finite.
+MAX_CLIENT_SECONDS = 1e9
 
 
 def _decode(key: str, array: Array, spec: TensorSpec) -> torch.Tensor:
@@ -105,8 +107,9 @@ def validate_update(
     A reply must hold one ArrayRecord and one MetricRecord and nothing else, no more bytes than
     the expected tensors need (checked before anything is decoded), exactly the expected keys
     with the expected shapes and dtypes (declared and actual), finite values, an optional bound
-    on each tensor's Frobenius norm, a finite train-loss if any, and a positive integer
-    num-examples no larger than `max_num_examples`.
+    on each tensor's Frobenius norm, a finite train-loss if any, client-seconds in
+    [0, MAX_CLIENT_SECONDS] if any, and a positive integer num-examples no larger than
+    `max_num_examples`.
     """
     if ARRAYS_KEY not in content.array_records:
         raise UpdateRejected(f"no '{ARRAYS_KEY}' ArrayRecord in the reply")
@@ -137,6 +140,15 @@ def validate_update(
     loss = metrics.get(TRAIN_LOSS, 0.0)
     if not isinstance(loss, int | float) or not math.isfinite(loss):
         raise UpdateRejected(f"train-loss={loss} is not a finite number")
+    seconds = metrics.get(CLIENT_SECONDS, 0.0)
+    if not (
+        isinstance(seconds, int | float)
+        and not isinstance(seconds, bool)
+        and 0 <= seconds <= MAX_CLIENT_SECONDS
+    ):
+        raise UpdateRejected(
+            f"{CLIENT_SECONDS}={seconds} is not a number of seconds in [0, {MAX_CLIENT_SECONDS:g}]"
+        )
     num_examples = metrics.get(NUM_EXAMPLES)
     if not isinstance(num_examples, int | float) or not math.isfinite(num_examples):
         raise UpdateRejected(f"{NUM_EXAMPLES} is missing or not a number")

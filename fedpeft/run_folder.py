@@ -22,6 +22,8 @@ HISTORY_FIELDS = (
     "round_time_s",
     "aggregate_time_s",
     "wall_time_s",
+    # CPU seconds of the clients' local training, summed over the round's accepted replies
+    "client_seconds",
     "sampled",
     "replied",
     "failed",

@@ -22,7 +22,9 @@ from fedpeft.config import compose_config
 from fedpeft.errors import ConfigError
 from fedpeft.federation import Federation, prepare
 from fedpeft.run_folder import RunFolder
+from fedpeft.stop_rule import StopAt
 from fedpeft.strategies.base import LowRankStrategy
+from fedpeft.tracking import Tracking
 
 #: Longest failure reason kept in history.csv (the log has it whole).
 REASON_CHARS = 300
@@ -64,6 +66,9 @@ def _row(server_round: int, metrics: dict[str, float], fed: Federation, **extra:
         "failed": len(stats.failed),
         "rejected": len(stats.rejected),
         "max_epsilon": max(eps.values()) if eps else None,
+        "client_seconds": (
+            round(stats.client_seconds, 6) if stats.client_seconds is not None else None
+        ),
         "client_train_loss": {str(k): round(v, 5) for k, v in stats.client_loss.items()},
         "client_epsilon": {str(k): v for k, v in eps.items()},
         "failures": {
@@ -133,13 +138,17 @@ def run_federation(
     depend on Flower's node ids and replies cannot claim more than their node declared: in a
     simulation when the node is first sampled, in a deployment when it joins.
     With `resume=<run_dir>` in the config the run continues from that folder's checkpoint
-    (`resumed`, when the caller has loaded it already).
+    (`resumed`, when the caller has loaded it already). A `federation.stop_at.*` rule that is
+    met makes its round the last (evaluated, saved and checkpointed like any last round).
     """
     cfg, strategy = fed.cfg, fed.strategy
     console = console or Console(stderr=True)
     if resumed is None:
         resumed = resume_point(cfg, run_dir)
     folder = RunFolder(run_dir, cfg)
+    tracking = Tracking.open(cfg, folder.path, resumed.server_round + 1 if resumed else 0)
+    stop_at = StopAt.from_config(cfg)
+    stopped = None
     asked: set[int] = set()
     if identify:
         wait_for_nodes(grid, expected_nodes or cfg.federation.num_clients, strategy.wait_timeout)
@@ -157,9 +166,9 @@ def run_federation(
     else:
         started = time.perf_counter()
         metrics = evaluate_round(grid, fed, 0)
-        folder.record_round(
-            _row(0, metrics, fed, round_time_s=0.0, wall_time_s=time.perf_counter() - started)
-        )
+        row = _row(0, metrics, fed, round_time_s=0.0, wall_time_s=time.perf_counter() - started)
+        folder.record_round(row)
+        tracking.log_round(row)
         console.print(f"round 0: {_scores(metrics)}")
         total_up = total_down = 0
     first = resumed.server_round + 1 if resumed is not None else 1
@@ -180,20 +189,29 @@ def run_federation(
             messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
             replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
             strategy.aggregate_train(server_round, replies)
-            evaluated = server_round % cfg.eval.every == 0 or server_round == rounds
-            metrics = evaluate_round(grid, fed, server_round) if evaluated else {}
             total_up += strategy.stats.bytes_up
             total_down += strategy.stats.bytes_down
+            budgets = {
+                "total_bytes": total_up + total_down,
+                "max_epsilon": max_epsilon_so_far(folder.rows, strategy.stats.client_epsilon),
+            }
+            last = server_round == rounds
+            # a budget met: this round is the last, so its adapter is evaluated whatever eval.every
+            budget_met = not last and stop_at.check(server_round, accuracy=None, **budgets)
+            evaluated = bool(budget_met) or server_round % cfg.eval.every == 0 or last
+            metrics = evaluate_round(grid, fed, server_round) if evaluated else {}
+            accuracy = metrics.get("accuracy")
+            stopped = None if last else stop_at.check(server_round, accuracy=accuracy, **budgets)
             now = time.perf_counter()
-            folder.record_round(
-                _row(
-                    server_round,
-                    metrics,
-                    fed,
-                    round_time_s=now - round_start,
-                    wall_time_s=now - started,
-                )
+            row = _row(
+                server_round,
+                metrics,
+                fed,
+                round_time_s=now - round_start,
+                wall_time_s=now - started,
             )
+            folder.record_round(row)
+            tracking.log_round(row)
             fed.save_adapter(folder.adapter_dir)
             tensors, state = strategy.state_dict()
             totals = {"bytes_up": total_up, "bytes_down": total_down, "wall_time_s": now - started}
@@ -214,6 +232,12 @@ def run_federation(
                 + f"  up {stats.bytes_up / 1e6:.2f} MB"
                 f"  down {stats.bytes_down / 1e6:.2f} MB"
             )
+            if stopped is not None:
+                console.print(
+                    f"stopping after round {server_round}: federation.stop_at.{stopped.rule}="
+                    f"{stopped.threshold:g} reached ({stopped.rule} {stopped.value:g})"
+                )
+                break
     epsilons = [r["max_epsilon"] for r in folder.rows if r["max_epsilon"] is not None]
     summary = {
         "strategy": cfg.strategy.name,
@@ -230,6 +254,8 @@ def run_federation(
         "bytes_down": total_down,
         "wall_time_s": round(time.perf_counter() - started, 3),
         "max_epsilon": max(epsilons) if epsilons else None,
+        "client_seconds": total_client_seconds(folder.rows),
+        "stopped_early": stopped.to_dict() if stopped is not None else None,
         "adapter_dir": str(folder.adapter_dir.resolve()),
         "run_dir": str(folder.path.resolve()),
         "partition_sizes": fed.partition_sizes,
@@ -246,7 +272,20 @@ def run_federation(
     }
     folder.plot_accuracy(f"{cfg.strategy.name} on {cfg.dataset.name}")
     folder.write_summary(summary)
+    tracking.finish(summary)
     return summary
+
+
+def max_epsilon_so_far(rows: Sequence[Mapping], current: Mapping[int, float]) -> float | None:
+    """The largest client epsilon in the history's rows and the current round's (None: none)."""
+    epsilons = [r["max_epsilon"] for r in rows if r.get("max_epsilon") is not None]
+    return max([*epsilons, *current.values()], default=None)
+
+
+def total_client_seconds(rows: Sequence[Mapping]) -> float | None:
+    """The clients' training CPU seconds over all rounds (None when no reply reported any)."""
+    seconds = [r["client_seconds"] for r in rows if r.get("client_seconds") is not None]
+    return round(sum(seconds), 6) if seconds else None
 
 
 def personalised_summary(strategy: LowRankStrategy, rows: Sequence[Mapping]) -> dict[str, Any]:

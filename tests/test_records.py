@@ -15,9 +15,10 @@ from fedpeft.records import (
 EXPECTED = {"l.lora_B": TensorSpec((6, 2)), "head.w": TensorSpec((3,))}
 
 
-def _reply(tensors, num_examples=10):
+def _reply(tensors, num_examples=10, **metrics):
     arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in tensors.items()})
-    return RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": num_examples})})
+    metrics = {"num-examples": num_examples, **metrics}
+    return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
 
 
 def _good():
@@ -59,6 +60,18 @@ def test_bad_tensors_rejected(mutate, reason):
 def test_bad_num_examples_rejected(n):
     with pytest.raises(UpdateRejected, match="num-examples"):
         validate_update(_reply(_good(), n), EXPECTED, max_num_examples=100)
+
+
+@pytest.mark.parametrize("seconds", [0, 0.0, 12.5, 1e9])
+def test_client_seconds_in_range_pass(seconds):
+    reply = _reply(_good(), **{"client-seconds": seconds})
+    assert validate_update(reply, EXPECTED, max_num_examples=100)[1] == 10
+
+
+@pytest.mark.parametrize("seconds", [-0.5, float("nan"), float("inf"), 2e9, [1.0, 2.0]])
+def test_bad_client_seconds_rejected(seconds):
+    with pytest.raises(UpdateRejected, match="client-seconds"):
+        validate_update(_reply(_good(), **{"client-seconds": seconds}), EXPECTED, 100)
 
 
 def test_norm_bound():

@@ -1,5 +1,6 @@
 """Real federations through Flower's simulation engine (Ray) with tiny_bert on a slice of SST-2."""
 
+import csv
 import json
 
 import pytest
@@ -49,15 +50,29 @@ def test_run_folder_contract(audited_run):
         "bytes_down",
         "wall_time_s",
         "max_epsilon",
+        "client_seconds",
+        "stopped_early",
         "adapter_dir",
     ):
         assert key in summary
     assert summary["rounds_completed"] == 2 and len(summary["accuracy_by_round"]) == 3
-    assert summary["max_epsilon"] is None
+    assert summary["max_epsilon"] is None and summary["stopped_early"] is None
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     history = (run_dir / "history.csv").read_text().splitlines()
     assert history[0].startswith("round,accuracy") and len(history) == 4
     assert (run_dir / "config.yaml").is_file() and (run_dir / "accuracy.png").stat().st_size > 1000
+
+
+def test_client_seconds_are_summed_per_round_from_the_replies(audited_run):
+    summary, _, received, run_dir = audited_run
+    with (run_dir / "history.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["client_seconds"] == ""  # round 0 trains nothing
+    replied = [float(m.content.metric_records["metrics"]["client-seconds"]) for m in received]
+    assert len(replied) == 4 and all(s > 0 for s in replied)
+    per_round = [float(r["client_seconds"]) for r in rows[1:]]
+    assert per_round == pytest.approx([sum(replied[:2]), sum(replied[2:])], abs=1e-5)
+    assert summary["client_seconds"] == pytest.approx(sum(replied), abs=1e-5)
 
 
 def test_saved_adapter_loads_in_plain_peft_and_reproduces_accuracy(audited_run):
@@ -113,3 +128,54 @@ def test_each_method_runs_two_rounds(strategy, up_per_client, every, tmp_path, d
     head = 2 * hidden + 2
     assert summary["bytes_up"] == 2 * 2 * up_per_client(layers, rank, hidden, head) * 4
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_bytes_budget_stops_the_run_and_evaluates_its_last_round(tmp_path, data_dir, capsys):
+    # about 67.6 kB move per round (two clients, both ways): round 1 meets 50 kB; eval.every=2
+    # would have skipped its evaluation
+    summary = simulate(
+        [
+            *FAST_RUN,
+            "federation.rounds=3",
+            "eval.every=2",
+            "federation.stop_at.bytes=50000",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    moved = summary["bytes_up"] + summary["bytes_down"]
+    assert summary["stopped_early"] == {
+        "rule": "bytes",
+        "round": 1,
+        "value": float(moved),
+        "threshold": 50000.0,
+    }
+    assert summary["rounds_completed"] == 1 and moved >= 50000
+    assert summary["accuracy_by_round"][1] is not None
+    assert summary["final_accuracy"] == summary["accuracy_by_round"][1]
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert len((tmp_path / "history.csv").read_text().splitlines()) == 3
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "checkpoint" / "tensors-00001.pt").is_file()
+    printed = capsys.readouterr().err
+    assert "stopping after round 1: federation.stop_at.bytes=50000 reached" in printed
+    metrics = plain_peft_metrics([*FAST_RUN], summary["adapter_dir"])
+    assert metrics["accuracy"] == pytest.approx(summary["final_accuracy"], abs=1e-9)
+
+
+def test_an_accuracy_target_stops_the_run_after_the_round_that_meets_it(tmp_path, data_dir):
+    summary = simulate(
+        [
+            *FAST_RUN,
+            "federation.rounds=3",
+            "federation.stop_at.accuracy=0.01",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    accuracy = summary["accuracy_by_round"][1]
+    assert summary["stopped_early"] == {
+        "rule": "accuracy",
+        "round": 1,
+        "value": accuracy,
+        "threshold": 0.01,
+    }
+    assert summary["rounds_completed"] == 1 and summary["final_accuracy"] == accuracy

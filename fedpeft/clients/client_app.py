@@ -7,6 +7,7 @@ example count, see fedpeft/identity.py). Simulations add their own mods (simulat
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -31,6 +32,7 @@ from fedpeft.protocol import (
     BYTES_DOWN,
     BYTES_UP,
     CLIENT_ID,
+    CLIENT_SECONDS,
     CONFIG_KEY,
     IDENTITY_ACTION,
     METRICS_KEY,
@@ -181,6 +183,7 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
         feature.before_training(runtime.model, optimizer, trained)
     penalty = total_penalty(features, runtime.model)
     seed = training.sampler_seed(task.seed, server_round, member(context))
+    cpu_started = time.process_time()
     if dp.enabled:
         result, dp_metrics = privacy.private_round(
             runtime.model,
@@ -210,6 +213,7 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
             max_grad_norm=hp.max_grad_norm,
             penalty=penalty,
         )
+    cpu_seconds = time.process_time() - cpu_started
     keys = list(trained)
     for feature in features:
         keys = feature.reply_keys(runtime.model, keys)
@@ -227,8 +231,9 @@ def train_round(msg: Message, context: Context, policy: privacy.NodePolicy) -> M
         metrics.update(feature.metrics())
     if dp.enabled:
         metrics = privacy.private_reply_metrics({**metrics, **dp_metrics})
-    else:
+    else:  # CPU time follows the examples' lengths (dynamic padding): not released under DP
         metrics[TRAIN_LOSS] = result.loss
+        metrics[CLIENT_SECONDS] = cpu_seconds
     return Message(
         RecordDict({ARRAYS_KEY: reply, METRICS_KEY: metrics_record(metrics)}), reply_to=msg
     )

@@ -24,3 +24,6 @@ class RoundStats:
     #: expected norm of the DP noise in it (update_noise.py); None when not measured
     update_norm: float | None = None
     dp_noise_norm: float | None = None
+    #: CPU seconds of local training summed over the accepted replies that report it (private
+    #: replies do not); None when none did
+    client_seconds: float | None = None

@@ -19,7 +19,7 @@ import torch
 from flwr.app import Message
 from flwr.supercore import log
 
-from fedpeft.protocol import EPSILON, METRICS_KEY, TRAIN_LOSS
+from fedpeft.protocol import CLIENT_SECONDS, EPSILON, METRICS_KEY, TRAIN_LOSS
 from fedpeft.records import (
     TensorSpec,
     UpdateRejected,
@@ -149,6 +149,8 @@ def screen_replies(
             continue
         if TRAIN_LOSS in metrics:  # private replies carry none (privacy/release.py)
             stats.client_loss[member] = float(metrics[TRAIN_LOSS])
+        if CLIENT_SECONDS in metrics:  # validated by validate_update
+            stats.client_seconds = (stats.client_seconds or 0.0) + float(metrics[CLIENT_SECONDS])
         stats.bytes_up += tensor_bytes(tensors)
         controls = {k: tensors.pop(k) for k in control_specs}
         stats.accepted.append(member)

@@ -79,7 +79,7 @@ def _lie(value: np.ndarray, data: np.ndarray) -> Array:
 def _hostile(kind: str, node: int, good: dict[str, np.ndarray]) -> Message:
     """A reply from `node` that is valid except for one hostile property."""
     arrays = {k: _array(v) for k, v in good.items()}
-    metrics: dict = {"num-examples": 10, "train-loss": 0.5}
+    metrics: dict = {"num-examples": 10, "train-loss": 0.5, "client-seconds": 2.0}
     extra = None
     key = next(k for k in good if ".lora_" in k)
     value = good[key]
@@ -129,6 +129,12 @@ def _hostile(kind: str, node: int, good: dict[str, np.ndarray]) -> Message:
         metrics.pop("num-examples")
     elif kind == "nan_loss":
         metrics["train-loss"] = float("inf")
+    elif kind in ("nan_seconds", "negative_seconds", "huge_seconds"):
+        metrics["client-seconds"] = {
+            "nan_seconds": float("nan"),
+            "negative_seconds": -1.0,
+            "huge_seconds": 1e300,
+        }[kind]
     else:
         raise AssertionError(kind)
     return _message(node, arrays, metrics, extra)
@@ -155,6 +161,9 @@ HOSTILE = [
     "nan_examples",
     "no_examples",
     "nan_loss",
+    "nan_seconds",
+    "negative_seconds",
+    "huge_seconds",
 ]
 
 
@@ -185,7 +194,9 @@ def test_hostile_replies_are_rejected_and_the_rest_aggregated(
     valid_nodes = nodes[: len(valid)]
     replies = [
         _message(
-            n, {k: _array(v) for k, v in good[n].items()}, {"num-examples": w, "train-loss": 0.5}
+            n,
+            {k: _array(v) for k, v in good[n].items()},
+            {"num-examples": w, "train-loss": 0.5, "client-seconds": 1.5},
         )
         for n, w in zip(valid_nodes, valid)
     ]
@@ -202,6 +213,8 @@ def test_hostile_replies_are_rejected_and_the_rest_aggregated(
     assert all(attacked.stats.rejected.values())
     assert set(attacked.stats.failed) == set(nodes[len(valid) + len(hostile) :])
     assert attacked.stats.replied == len(valid)
+    # only the accepted replies' CPU seconds count (hostile ones claim 2.0 or a bad value)
+    assert attacked.stats.client_seconds == pytest.approx(1.5 * len(valid))
     assert attacked.global_adapter.keys() == reference.global_adapter.keys()
     for key, value in attacked.global_adapter.items():
         assert torch.isfinite(value).all(), key
@@ -237,5 +250,8 @@ def test_every_hostile_kind_is_rejected_with_its_reason(kind):
         "oversized_array": "oversized payload",
         "extra_config": "unexpected records",
         "nan_loss": "train-loss",
+        "nan_seconds": "client-seconds",
+        "negative_seconds": "client-seconds",
+        "huge_seconds": "client-seconds",
     }.get(kind, "num-examples")
     assert expected in reason, reason
