@@ -259,6 +259,18 @@ def mlflow_store(uri: str | None, run_dir: Path) -> tuple[str, str]:
     return f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri()
 
 
+def create_mlflow_store(uri: str, experiment: str) -> None:
+    """Create a shared store and its experiment once, before parallel runs log into it."""
+    require("mlflow", "tracking.mlflow")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    tracking_uri, artifacts = mlflow_store(uri, Path(uri))
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment, artifact_location=artifacts)
+
+
 #: tracking.<name> -> its backend
 BACKENDS: dict[str, type[Tracker]] = {
     "tensorboard": TensorBoardTracker,

@@ -14,6 +14,9 @@ client compute and epsilon, fedpeft/compare/budget.py), both also sections of re
 `tune=<trials>` (or a study's `tune:` mapping) first tunes every configuration's method on a
 validation split with that many Optuna trials and runs the grid with the chosen values
 (fedpeft/compare/tuning.py: tuned.json and a "Tuned values" section); `tune=0` turns it off.
+With `tracking.mlflow=true` every run logs into one MLflow store, <out_dir>/mlruns, under an
+experiment named after the study; with `tracking.tensorboard=true`, `tensorboard --logdir
+<out_dir>` shows every run.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from fedpeft import tracking
 from fedpeft.compare import aggregate, budget, paired, plots, tuning
 from fedpeft.compare.cells import Outcome, run_grid
-from fedpeft.compare.grid import expand, merge
+from fedpeft.compare.grid import Run, expand, merge
 from fedpeft.compare.studies import load_study
+from fedpeft.config import compose_config
 from fedpeft.errors import ConfigError
 
 OPTIONS = ("out_dir", "jobs", "target", "study", "audit", "baseline", "tune")
@@ -104,6 +109,7 @@ def compare(args: Sequence[str], console: Console | None = None) -> CompareResul
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = f"fedpeft compare: {study.name}" if study else "fedpeft compare"
+    runs = _share_tracking(runs, out, study.name if study else "fedpeft-compare")
     sections = []
     if settings is not None:
         runs, tuned = tuning.tune_grid(runs, out, settings, jobs=jobs, console=console)
@@ -136,3 +142,18 @@ def compare(args: Sequence[str], console: Console | None = None) -> CompareResul
             plots.accuracy_vs_bytes(results, out / "accuracy_vs_bytes.png"),
         ]
     return CompareResult(outcomes, csv_path, table, made, csvs)
+
+
+def _share_tracking(runs: Sequence[Run], out: Path, experiment: str) -> list[Run]:
+    """With MLflow on, point every run at one store under out_dir (created here, once).
+
+    Tracking keys are not part of a run's hash (grid.IGNORED): the runs keep their folders.
+    """
+    cfg = compose_config(list(runs[0].overrides))
+    if not cfg.tracking.mlflow or cfg.tracking.mlflow_uri is not None:
+        return list(runs)
+    store = (out / "mlruns").resolve()
+    name = experiment if cfg.tracking.experiment == "fedpeft" else cfg.tracking.experiment
+    tracking.create_mlflow_store(str(store), name)
+    extra = [f"tracking.mlflow_uri='{store}'", f"tracking.experiment={name}"]
+    return [Run(tuple(merge(r.overrides, extra)), r.swept, r.digest) for r in runs]

@@ -27,8 +27,9 @@ from fedpeft.errors import ConfigError
 
 #: longest readable part of a run folder's name; the config hash keeps it unique
 MAX_SLUG = 100
-#: config keys that do not change a run's result, left out of its hash
-IGNORED = ("run_dir", "verbose")
+#: config keys that do not change a run's result, left out of its hash (turning the trackers on
+#: for a finished study must not run it again)
+IGNORED = ("run_dir", "verbose", "tracking")
 
 
 @dataclass(frozen=True)

@@ -135,8 +135,16 @@ def group_runs(runs: Sequence[Run]) -> dict[tuple, list[Run]]:
 
 
 def trial_overrides(run: Run, settings: TuneSettings) -> list[str]:
-    """A configuration's overrides for its trials: the tuning seed and the validation split."""
-    extra = [f"seed={settings.seed}", f"dataset.validation_fraction={settings.validation_fraction}"]
+    """A configuration's overrides for its trials: the tuning seed and the validation split.
+
+    Trials log to no tracker: a study's MLflow experiment holds its scored runs only.
+    """
+    extra = [
+        f"seed={settings.seed}",
+        f"dataset.validation_fraction={settings.validation_fraction}",
+        "tracking.tensorboard=false",
+        "tracking.mlflow=false",
+    ]
     if settings.validation_examples is not None:
         extra.append(f"dataset.max_test_examples={settings.validation_examples}")
     return merge(run.overrides, extra)

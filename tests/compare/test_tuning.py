@@ -138,7 +138,7 @@ def test_an_interrupted_trial_is_rerun_with_its_values_and_does_not_spend_the_bu
 def test_compare_tunes_on_validation_then_scores_the_tuned_runs_on_test(tmp_path, capsys):
     out = tmp_path / "tuned"
     grid = [*FAST_RUN, "federation.rounds=1", "strategy=fedavg", "seed=0", f"out_dir={out}"]
-    assert main(["compare", *grid, "tune=2"]) == 0
+    assert main(["compare", *grid, "tune=2", "tracking.mlflow=true"]) == 0
     (row,) = json.loads((out / "tuned.json").read_text())
     assert row["strategy"] == "fedavg"
     assert row["trials"] == {"complete": 2, "pruned": 0, "failed": 0}
@@ -155,6 +155,13 @@ def test_compare_tunes_on_validation_then_scores_the_tuned_runs_on_test(tmp_path
     cfg = OmegaConf.load(final)
     assert cfg.train.lr == row["values"]["train.lr"]
     assert cfg.dataset.validation_fraction is None  # the final run is scored on the test split
+    from mlflow.tracking import MlflowClient  # the study's one store holds the scored run only
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fedpeft-compare")
+    (logged,) = client.search_runs([experiment.experiment_id])
+    assert logged.info.run_name == final.parent.name
+    assert logged.data.params["train.lr"] == str(cfg.train.lr)
     table = (out / "results.md").read_text()
     assert "## Tuned values" in table and "train.lr=" in table and "2 / 0 / 0" in table
     # a rerun finds the finished trials and the tuned run: nothing runs again
