@@ -18,6 +18,8 @@ def test_packaged_studies():
         "dp_recipe_head",
         "fedsvd_dp_cpu",
         "fedsvd_dp_gpu",
+        "fedsvd_dp_tuned",
+        "fedsvd_dp_tuned_control",
         "fedsvd_table2_small",
         "hetero_rank",
         "label_skew",
@@ -154,3 +156,16 @@ def test_a_study_with_a_bad_tune_is_refused(tmp_path):
     path.write_text("overrides: [strategy=fedavg]\ntune: 8\n")
     with pytest.raises(ConfigError, match="tune must be a mapping"):
         load_study(str(path))
+
+
+def test_the_tuned_dp_ordering_and_its_control_share_one_federation():
+    private, control = _runs("fedsvd_dp_tuned"), _runs("fedsvd_dp_tuned_control")
+    assert len(private) == 3 * 2 * 3 and len(control) == 3 * 3
+    for runs in (private, control):
+        cfg = compose_config(list(runs[0].overrides))
+        assert cfg.federation.rounds * cfg.federation.local_steps == 80
+        assert (cfg.adapter.alpha, cfg.adapter.train_head, cfg.train.batch_size) == (8, False, 128)
+        assert cfg.model.pooling == "mean" and cfg.partition.alpha == 0.5
+    cfg = compose_config(list(private[-1].overrides))
+    assert (cfg.train.optimizer, cfg.dp.max_grad_norm, cfg.dp.enabled) == ("sgd", 0.05, True)
+    assert load_study("fedsvd_dp_tuned").tune["trials"] == 4
