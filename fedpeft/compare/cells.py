@@ -84,6 +84,19 @@ def _report(outcome: Outcome, out_dir: Path, console: Console) -> None:
         console.print(f"[red]failed[/red] {outcome.run.name} (exit {code}): see {log}")
 
 
+def progress_bar(console: Console, label: str, unit: str) -> Progress:
+    """A transient bar over a grid's runs or trials: label, bar, done / total, time elapsed."""
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
 def run_grid(
     runs: Sequence[Run],
     out_dir: Path,
@@ -100,15 +113,8 @@ def run_grid(
     todo = [r for r in runs if r.name not in outcomes]
     if outcomes:
         console.print(f"{len(outcomes)} of {len(runs)} runs already done in {out_dir}: skipped")
-    columns = (
-        TextColumn("[bold]compare"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("runs"),
-        TimeElapsedColumn(),
-    )
     with (
-        Progress(*columns, console=console, transient=True) as progress,
+        progress_bar(console, "compare", "runs") as progress,
         ThreadPoolExecutor(max_workers=jobs) as pool,
     ):
         bar = progress.add_task("compare", total=len(runs), completed=len(outcomes))

@@ -32,9 +32,9 @@ import optuna
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedpeft.compare.aggregate import markdown_table
+from fedpeft.compare.cells import progress_bar
 from fedpeft.compare.grid import Run, config_digest, merge, slug
 from fedpeft.config import compose_config
 from fedpeft.errors import ConfigError
@@ -337,15 +337,8 @@ def tune_grid(
         f"{settings.validation_fraction:g} validation split of the training data "
         f"(seed {settings.seed})"
     )
-    columns = (
-        TextColumn("[bold]tune"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("trials"),
-        TimeElapsedColumn(),
-    )
     with (
-        Progress(*columns, console=console, transient=True) as progress,
+        progress_bar(console, "tune", "trials") as progress,
         ThreadPoolExecutor(jobs) as pool,
     ):
         bar = progress.add_task("tune", total=len(groups) * settings.trials)
