@@ -262,14 +262,13 @@ def plan_search(config: tuple, run: Run, settings: TuneSettings, root: Path) -> 
     return Search(config, tuple(base), cfg.strategy.name, space, centre, folder)
 
 
-def tune_config(
-    search: Search, settings: TuneSettings, console: Console, advance: Callable[[int], None]
-) -> Tuned:
-    """Run one configuration's trials until `settings.trials` have spent the budget."""
-    space, folder = search.space, search.folder
-    tuned = Tuned(search.config, search.strategy, {k: r.describe() for k, r in space.items()})
-    folder.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(
+def open_study(settings: TuneSettings, folder: Path) -> optuna.Study:
+    """A configuration's study in <folder>/optuna.db (created, or loaded to resume).
+
+    TPE seeded by the tuning seed, its first `startup_trials` proposals at random; the median
+    pruner compares from round `prune_after` on (Optuna's warm-up is the first prunable step).
+    """
+    return optuna.create_study(
         study_name="tune",
         storage=f"sqlite:///{folder / 'optuna.db'}",
         direction="maximize",
@@ -277,10 +276,20 @@ def tune_config(
             seed=settings.seed, n_startup_trials=settings.startup_trials
         ),
         pruner=optuna.pruners.MedianPruner(
-            n_startup_trials=settings.startup_trials, n_warmup_steps=settings.prune_after - 1
+            n_startup_trials=settings.startup_trials, n_warmup_steps=settings.prune_after
         ),
         load_if_exists=True,
     )
+
+
+def tune_config(
+    search: Search, settings: TuneSettings, console: Console, advance: Callable[[int], None]
+) -> Tuned:
+    """Run one configuration's trials until `settings.trials` have spent the budget."""
+    space, folder = search.space, search.folder
+    tuned = Tuned(search.config, search.strategy, {k: r.describe() for k, r in space.items()})
+    folder.mkdir(parents=True, exist_ok=True)
+    study = open_study(settings, folder)
     _recover(study)
     advance(_spent(study))
     while _spent(study) < settings.trials:

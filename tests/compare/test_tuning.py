@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from fedpeft.cli import main
-from fedpeft.compare.tuning import TuneSettings, _recover, _spent, run_trial
+from fedpeft.compare.tuning import TuneSettings, _recover, _spent, open_study, run_trial
 from fedpeft.errors import ConfigError
 from tests.conftest import FAST_RUN
 
@@ -110,6 +110,20 @@ def test_a_trial_behind_the_median_is_pruned_and_its_processes_end(tmp_path) -> 
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(child), "the pruned trial's process group outlived it"
+
+
+@pytest.mark.parametrize("prune_after", [1, 2, 3])
+def test_no_trial_is_pruned_before_round_prune_after(tmp_path, prune_after) -> None:
+    settings = TuneSettings(trials=3, prune_after=prune_after, startup_trials=1)
+    study = open_study(settings, tmp_path)
+    good = study.ask()
+    for step in (1, 2, 3):
+        good.report(0.9, step)
+    study.tell(good, 0.9)
+    bad = study.ask()
+    for step in (1, 2, 3):
+        bad.report(0.1, step)
+        assert bad.should_prune() == (step >= prune_after), step
 
 
 def test_a_failed_run_scores_nothing(tmp_path) -> None:
