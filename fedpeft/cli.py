@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -171,6 +172,10 @@ def audit(args: Sequence[str]) -> dict:
     return record
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def compare(args: Sequence[str]) -> int:
     """Run a grid of federations (fedpeft.compare), show its table; 1 when a run failed."""
     from rich.console import Console
@@ -178,6 +183,9 @@ def compare(args: Sequence[str]) -> int:
 
     from fedpeft.compare import compare as run_compare
 
+    # SIGTERM ends the grid like Ctrl-C: running trials (their own process groups) are stopped
+    # and no further run starts; a rerun resumes
+    signal.signal(signal.SIGTERM, _interrupt)
     result = run_compare(args)
     out = Console()
     out.print(Markdown(result.table.read_text()))

@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -189,11 +190,15 @@ def trial_command(overrides: Sequence[str], folder: Path) -> list[str]:
     return [sys.executable, "-m", "fedpeft.cli", "simulate", *overrides, f"run_dir='{folder}'"]
 
 
-def run_trial(trial: optuna.Trial, command: Sequence[str], folder: Path) -> float | None:
+def run_trial(
+    trial: optuna.Trial, command: Sequence[str], folder: Path, stop: threading.Event | None = None
+) -> float | None:
     """Run one trial's federation, reporting each evaluated round; prune it if the pruner says.
 
     `command` writes its run folder (history.csv per round, summary.json at the end) in
     `folder`. Returns the final validation accuracy, or None when the run failed (see its log).
+    When `stop` is set (compare was interrupted) the trial's processes end and KeyboardInterrupt
+    is raised; the trial stays "running" in the study, to be run again on resume.
     """
     folder.mkdir(parents=True, exist_ok=True)
     reported = 0
@@ -213,7 +218,10 @@ def run_trial(trial: optuna.Trial, command: Sequence[str], folder: Path) -> floa
                             raise optuna.TrialPruned(f"round {server_round}: {accuracy:.4f}")
                 if finished:
                     break
-                time.sleep(POLL_S)
+                if stop is not None and stop.wait(POLL_S):
+                    raise KeyboardInterrupt("compare was interrupted")
+                if stop is None:
+                    time.sleep(POLL_S)
         except BaseException:
             _stop(proc)
             raise
@@ -283,7 +291,11 @@ def open_study(settings: TuneSettings, folder: Path) -> optuna.Study:
 
 
 def tune_config(
-    search: Search, settings: TuneSettings, console: Console, advance: Callable[[int], None]
+    search: Search,
+    settings: TuneSettings,
+    console: Console,
+    advance: Callable[[int], None],
+    stop: threading.Event | None = None,
 ) -> Tuned:
     """Run one configuration's trials until `settings.trials` have spent the budget."""
     space, folder = search.space, search.folder
@@ -293,13 +305,15 @@ def tune_config(
     _recover(study)
     advance(_spent(study))
     while _spent(study) < settings.trials:
+        if stop is not None and stop.is_set():
+            raise KeyboardInterrupt("compare was interrupted")
         trial = study.ask()
         values = {key: r.suggest(trial, key, search.centre[key]) for key, r in space.items()}
         overrides = merge(search.base, [f"{k}={v!r}" for k, v in values.items()])
         started = time.perf_counter()
         try:
             trial_dir = folder / f"trial-{trial.number}"
-            accuracy = run_trial(trial, trial_command(overrides, trial_dir), trial_dir)
+            accuracy = run_trial(trial, trial_command(overrides, trial_dir), trial_dir, stop)
         except optuna.TrialPruned as pruned:
             trial.set_user_attr("seconds", time.perf_counter() - started)
             study.tell(trial, state=TrialState.PRUNED)
@@ -341,6 +355,7 @@ def tune_grid(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     groups = group_runs(runs)
     root = out_dir / "tuning"
+    stop = threading.Event()
     console.print(
         f"[bold]tuning[/bold] {len(groups)} configurations x {settings.trials} trials on a "
         f"{settings.validation_fraction:g} validation split of the training data "
@@ -359,10 +374,15 @@ def tune_grid(
             plan_search(config, group[0], settings, root) for config, group in groups.items()
         ]
         futures = {
-            search.config: pool.submit(tune_config, search, settings, console, advance)
+            search.config: pool.submit(tune_config, search, settings, console, advance, stop)
             for search in searches
         }
-        results = {config: future.result() for config, future in futures.items()}
+        try:
+            results = {config: future.result() for config, future in futures.items()}
+        except BaseException:  # interrupted: the running trials end, no further one starts
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     tuned_runs = []
     for config, group in groups.items():
         extra = results[config].overrides()

@@ -183,3 +183,39 @@ def test_compare_tunes_on_validation_then_scores_the_tuned_runs_on_test(tmp_path
     assert main(["compare", *grid, "tune=2"]) == 0
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
     assert "1 of 1 runs already done" in capsys.readouterr().err
+
+
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_text().replace("\0", " "):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return [pid for pid in found if _alive(pid)]
+
+
+def test_sigterm_to_compare_ends_the_running_trial_too(tmp_path) -> None:
+    import signal
+    import subprocess
+
+    out = tmp_path / "stopped"
+    grid = [*FAST_RUN, "strategy=fedavg", "seed=0", f"out_dir={out}", "tune=2"]
+    compare = subprocess.Popen(
+        [sys.executable, "-m", "fedpeft.cli", "compare", *grid],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.glob("tuning/*/trial-0/simulate.log")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    trial = next(out.glob("tuning/*/trial-0"))
+    assert _processes_naming(str(trial)), "the trial was not running"
+    compare.send_signal(signal.SIGTERM)
+    assert compare.wait(timeout=60) != 0
+    deadline = time.monotonic() + 30
+    while _processes_naming(str(trial)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_naming(str(trial)), "the trial outlived compare"
+    assert not (trial / "summary.json").exists()
