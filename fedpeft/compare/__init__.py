@@ -13,7 +13,8 @@ the baseline, fedpeft/compare/paired.py) and budget.csv (accuracy at matched rou
 client compute and epsilon, fedpeft/compare/budget.py), both also sections of results.md.
 `tune=<trials>` (or a study's `tune:` mapping) first tunes every configuration's method on a
 validation split with that many Optuna trials and runs the grid with the chosen values
-(fedpeft/compare/tuning.py: tuned.json and a "Tuned values" section); `tune=0` turns it off.
+(fedpeft/compare/tuning.py: tuned.json, trials.csv with every trial, and a "Tuned values"
+section); `tune=0` turns it off.
 With `tracking.mlflow=true` every run logs into one MLflow store, <out_dir>/mlruns, under an
 experiment named after the study; with `tracking.tensorboard=true`, `tensorboard --logdir
 <out_dir>` shows every run.
@@ -114,6 +115,7 @@ def compare(args: Sequence[str], console: Console | None = None) -> CompareResul
     if settings is not None:
         runs, tuned = tuning.tune_grid(runs, out, settings, jobs=jobs, console=console)
         tuning.write_tuned(tuned, out / "tuned.json")
+        tuning.write_trials(out / "tuning", out / "trials.csv")
         sections.append(tuning.tuned_section(tuned, settings))
     console.print(f"[bold]{title}[/bold]: {len(runs)} runs in {out}, {jobs} at a time")
     outcomes = run_grid(runs, out, jobs=jobs, console=console, audit=audit)

@@ -390,6 +390,39 @@ def tune_grid(
     return tuned_runs, list(results.values())
 
 
+def write_trials(tuning_dir: Path, path: Path) -> Path:
+    """trials.csv: every trial of every configuration's study so far, one row each.
+
+    Reads the studies' databases (<out_dir>/tuning/*/optuna.db), so it also reports a tuning
+    that was interrupted: the values tried, the trial's state, its validation accuracy by round
+    and at the end, and its wall time.
+    """
+    rows = []
+    for db in sorted(tuning_dir.glob("*/optuna.db")):
+        study = optuna.load_study(study_name="tune", storage=f"sqlite:///{db}")
+        for t in study.get_trials(deepcopy=False):
+            rows.append(
+                {
+                    "configuration": db.parent.name,
+                    "trial": t.number,
+                    "state": t.state.name.lower(),
+                    "values": json.dumps(t.params, sort_keys=True),
+                    "accuracy_by_round": json.dumps(
+                        {int(k): round(v, 6) for k, v in sorted(t.intermediate_values.items())}
+                    ),
+                    "validation_accuracy": t.value,
+                    "seconds": round(t.user_attrs.get("seconds", 0.0), 1),
+                }
+            )
+    fields = ["configuration", "trial", "state", "values", "accuracy_by_round"]
+    fields += ["validation_accuracy", "seconds"]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def write_tuned(tuned: Sequence[Tuned], path: Path) -> Path:
     """tuned.json: every configuration's space, chosen values and trial counts."""
     rows = [

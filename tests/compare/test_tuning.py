@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
@@ -176,6 +177,10 @@ def test_compare_tunes_on_validation_then_scores_the_tuned_runs_on_test(tmp_path
     (logged,) = client.search_runs([experiment.experiment_id])
     assert logged.info.run_name == final.parent.name
     assert logged.data.params["train.lr"] == str(cfg.train.lr)
+    (tried,) = list(csv.DictReader((out / "trials.csv").open()))
+    assert tried["state"] == "complete" and json.loads(tried["values"]) == row["values"]
+    assert float(tried["validation_accuracy"]) == row["validation_accuracy"]
+    assert list(json.loads(tried["accuracy_by_round"])) == ["1"]  # reported for pruning
     table = (out / "results.md").read_text()
     assert "## Tuned values" in table and "train.lr=" in table and "1 / 0 / 0" in table
     # a rerun finds the finished trials and the tuned run: nothing runs again
