@@ -278,6 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedPeftError as exc:
         print(f"fedpeft: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.command != "compare":
+            raise
+        print("fedpeft: compare interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -210,7 +210,8 @@ def test_sigterm_to_compare_ends_the_running_trial_too(tmp_path) -> None:
     compare = subprocess.Popen(
         [sys.executable, "-m", "fedpeft.cli", "compare", *grid],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 120
     while not list(out.glob("tuning/*/trial-0/simulate.log")) and time.monotonic() < deadline:
@@ -218,7 +219,10 @@ def test_sigterm_to_compare_ends_the_running_trial_too(tmp_path) -> None:
     trial = next(out.glob("tuning/*/trial-0"))
     assert _processes_naming(str(trial)), "the trial was not running"
     compare.send_signal(signal.SIGTERM)
-    assert compare.wait(timeout=60) != 0
+    _, err = compare.communicate(timeout=60)
+    assert compare.returncode == 130
+    assert "compare interrupted: rerun the same command to resume" in err
+    assert "Traceback" not in err
     deadline = time.monotonic() + 30
     while _processes_naming(str(trial)) and time.monotonic() < deadline:
         time.sleep(0.2)
