@@ -13,6 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fedpeft.errors import ConfigError
 from fedpeft.models import ModelSpec, check_compute_dtype, resolve_device
+from fedpeft.privacy.client_level import ClientDPSettings, ClientNoise
 from fedpeft.privacy.settings import validate_dp
 from fedpeft.stop_rule import StopAt
 from fedpeft.tracking import TrackingSettings
@@ -215,6 +216,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_robustness(cfg)
     _validate_strategy_params(cfg)
     _validate_drift(cfg)
+    _validate_client_dp(cfg)
     StopAt.from_config(cfg)
     TrackingSettings.from_config(cfg)
 
@@ -267,6 +269,37 @@ def _validate_drift(cfg: DictConfig) -> None:
             f"{field} with strategy={cfg.strategy.name}: {reason}; set {off}, or use a method "
             f"that composes with it ({', '.join(_composing(option))})",
         )
+
+
+def _validate_client_dp(cfg: DictConfig) -> None:
+    """The `client_dp` group, checked, and the method's own word on composing with it."""
+    from fedpeft.strategies import STRATEGIES
+
+    raw = cfg.get("client_dp")
+    plain = {} if raw is None else OmegaConf.to_container(raw, resolve=True)
+    settings = ClientDPSettings.parse(plain, "client_dp")
+    if not settings.enabled:
+        return
+    params_raw = cfg.strategy.get("params")
+    params = {} if params_raw is None else OmegaConf.to_container(params_raw, resolve=True)
+    reason = STRATEGIES[cfg.strategy.name].client_dp_refusal(params)
+    composing = sorted(n for n, k in STRATEGIES.items() if k.client_dp_refusal({}) is None)
+    _require(
+        reason is None,
+        f"client_dp.enabled=true with strategy={cfg.strategy.name}: {reason}; use a method "
+        f"whose aggregate is a sum of the clients' tensors ({', '.join(composing)})",
+    )
+    _require(
+        not bool((cfg.get("client_opt") or {}).get("scaffold", False)),
+        "client_dp.enabled=true with client_opt.scaffold=true: each client's control variate "
+        "would reach the server outside the clipped and noised sum; set client_opt.scaffold=false",
+    )
+    ClientNoise.calibrate(
+        settings,
+        population=cfg.federation.num_clients,
+        sample_rate=float(cfg.federation.fraction),
+        rounds=cfg.federation.rounds,
+    )
 
 
 def _composing(option: str) -> list[str]:

@@ -16,9 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 from fedpeft import adapters, data, models, privacy, tasks, training
 from fedpeft.causal import evaluation as causal_evaluation
 from fedpeft.errors import ConfigError
+from fedpeft.privacy.client_level import ClientDPSettings, ClientNoise
 from fedpeft.round_task import RoundTask
 from fedpeft.runtime import ModelRuntime, adapter_spec, model_runtime, model_spec
 from fedpeft.strategies import STRATEGIES, LowRankStrategy
+from fedpeft.strategies.client_dp import ClientLevelDP
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,24 @@ def strategy_params(cfg: DictConfig, sizes: Sequence[int] = ()) -> dict[str, Any
     if "total_steps" in allowed and params.get("total_steps") is None:
         params["total_steps"] = planned_steps(cfg, sizes)
     return params
+
+
+def client_level_dp(cfg: DictConfig) -> ClientLevelDP | None:
+    """The server's client-level DP mechanism, calibrated for this run (None when off).
+
+    The population is federation.num_clients, each Poisson-sampled at federation.fraction, over
+    federation.rounds rounds.
+    """
+    settings = ClientDPSettings.parse(plain_group(cfg, "client_dp") or {}, "client_dp")
+    if not settings.enabled:
+        return None
+    noise = ClientNoise.calibrate(
+        settings,
+        population=cfg.federation.num_clients,
+        sample_rate=float(cfg.federation.fraction),
+        rounds=cfg.federation.rounds,
+    )
+    return ClientLevelDP(settings, noise, seed=cfg.seed)
 
 
 def plain_group(cfg: DictConfig, group: str) -> dict[str, Any] | None:
@@ -355,6 +375,7 @@ def prepare(cfg: DictConfig, deployed: bool = False) -> Federation:
             server_opt=plain_group(cfg, "server_opt"),
             scaffold=bool((cfg.get("client_opt") or {}).get("scaffold", False)),
             num_clients=num_clients,
+            client_dp=client_level_dp(cfg),
             **strategy_params(cfg, sizes),
         )
     except ValueError as exc:

@@ -64,6 +64,19 @@ def weighted_average(stack: Tensor, weights: Tensor) -> Tensor:
     return out.to(stack.dtype)
 
 
+def clip_rows(stack: Tensor, bound: float) -> tuple[Tensor, Tensor]:
+    """Scale each client's flattened update to L2 norm at most `bound` (DP-FedAvg's flat clip).
+
+    stack (K, D) -> (clipped (K, D) in stack's dtype, norms (K,) in float64 before clipping).
+    Norms accumulate in float64, so a row of norm exactly `bound` is not rescaled by rounding.
+    """
+    if stack.ndim != 2:
+        raise ValueError(f"clip_rows takes a (clients, coordinates) stack: {tuple(stack.shape)}")
+    norms = torch.linalg.vector_norm(stack.double(), dim=1)
+    scale = torch.clamp(bound / norms.clamp_min(torch.finfo(torch.float64).tiny), max=1.0)
+    return (stack.double() * scale[:, None]).to(stack.dtype), norms
+
+
 def flora_stack(
     a_list: Sequence[Tensor], b_list: Sequence[Tensor], weights: Tensor, scalings: Sequence[float]
 ) -> tuple[Tensor, Tensor]:

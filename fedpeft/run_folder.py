@@ -29,6 +29,9 @@ HISTORY_FIELDS = (
     "failed",
     "rejected",
     "max_epsilon",
+    # client-level DP (client_dp): the run's client-level epsilon so far, the bound clipped to
+    "client_level_epsilon",
+    "clip_norm",
     "client_train_loss",
     "client_epsilon",
     "failures",

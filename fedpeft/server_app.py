@@ -24,6 +24,7 @@ from fedpeft.federation import Federation, prepare
 from fedpeft.run_folder import RunFolder
 from fedpeft.stop_rule import StopAt
 from fedpeft.strategies.base import LowRankStrategy
+from fedpeft.strategies.round_stats import RoundStats
 from fedpeft.tracking import Tracking
 
 #: Longest failure reason kept in history.csv (the log has it whole).
@@ -66,6 +67,8 @@ def _row(server_round: int, metrics: dict[str, float], fed: Federation, **extra:
         "failed": len(stats.failed),
         "rejected": len(stats.rejected),
         "max_epsilon": max(eps.values()) if eps else None,
+        "client_level_epsilon": stats.client_dp.epsilon if stats.client_dp else None,
+        "clip_norm": stats.client_dp.clip_norm if stats.client_dp else None,
         "client_seconds": (
             round(stats.client_seconds, 6) if stats.client_seconds is not None else None
         ),
@@ -193,7 +196,7 @@ def run_federation(
             total_down += strategy.stats.bytes_down
             budgets = {
                 "total_bytes": total_up + total_down,
-                "max_epsilon": max_epsilon_so_far(folder.rows, strategy.stats.client_epsilon),
+                "max_epsilon": max_epsilon_so_far(folder.rows, strategy.stats),
             }
             last = server_round == rounds
             # a budget met: this round is the last, so its adapter is evaluated whatever eval.every
@@ -254,6 +257,7 @@ def run_federation(
         "bytes_down": total_down,
         "wall_time_s": round(time.perf_counter() - started, 3),
         "max_epsilon": max(epsilons) if epsilons else None,
+        **client_level_summary(strategy),
         "client_seconds": total_client_seconds(folder.rows),
         "stopped_early": stopped.to_dict() if stopped is not None else None,
         "adapter_dir": str(folder.adapter_dir.resolve()),
@@ -276,10 +280,34 @@ def run_federation(
     return summary
 
 
-def max_epsilon_so_far(rows: Sequence[Mapping], current: Mapping[int, float]) -> float | None:
-    """The largest client epsilon in the history's rows and the current round's (None: none)."""
-    epsilons = [r["max_epsilon"] for r in rows if r.get("max_epsilon") is not None]
-    return max([*epsilons, *current.values()], default=None)
+def max_epsilon_so_far(rows: Sequence[Mapping], current: RoundStats) -> float | None:
+    """The largest epsilon so far, example-level (any client's) or client-level (None: none).
+
+    The history's rows hold the rounds before; `current` is the round just aggregated.
+    """
+    columns = ("max_epsilon", "client_level_epsilon")
+    epsilons = [r[c] for r in rows for c in columns if r.get(c) is not None]
+    now = [*current.client_epsilon.values()]
+    if current.client_dp is not None:
+        now.append(current.client_dp.epsilon)
+    return max([*epsilons, *now], default=None)
+
+
+def client_level_summary(strategy: LowRankStrategy) -> dict[str, Any]:
+    """summary.json's client-level DP fields: (epsilon, delta) spent, z, rounds, final bound."""
+    mechanism = strategy.client_dp
+    if mechanism is None:
+        return {"client_level_epsilon": None}
+    noise = mechanism.noise
+    return {
+        "client_level_epsilon": mechanism.epsilon(),
+        "client_level_delta": noise.delta,
+        "client_level_noise_multiplier": noise.noise_multiplier,
+        "client_level_sample_rate": noise.sample_rate,
+        "client_level_rounds": mechanism.rounds,
+        "client_level_clip_norm": mechanism.clip_norm,
+        "client_level_clipping": mechanism.settings.clipping,
+    }
 
 
 def total_client_seconds(rows: Sequence[Mapping]) -> float | None:
@@ -297,7 +325,7 @@ def personalised_summary(strategy: LowRankStrategy, rows: Sequence[Mapping]) -> 
     if strategy.evaluation != "personalised":
         return {}
     last = rows[-1] if rows else {}
-    private = bool((strategy.task.get("dp") or {}).get("enabled"))
+    private = bool((strategy.task.get("dp") or {}).get("enabled")) or strategy.client_dp is not None
     return {
         "final_accuracy_weighted": last.get("accuracy_weighted"),
         "final_accuracy_min": last.get("accuracy_min"),

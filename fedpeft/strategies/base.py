@@ -9,12 +9,14 @@ round 1 (`calibration_examples`, `calibrate`), and a plain-LoRA export for savin
 `base_stacks`). A method that keeps per-node state on clients names the reply metric that reports
 it (`version_metric`); the roster then tracks node -> version and resets a node to 0 when it fails
 or does not reply in time. The method's parameters, checks and refusals live on its class
-(`options`, `check_params`, `drift_refusal`, `base_refusal`, `resume_refusal`).
+(`options`, `check_params`, `drift_refusal`, `base_refusal`, `resume_refusal`,
+`client_dp_refusal`).
 
 The base does the rest through pieces that know no strategy: the roster (identities, declared
 counts, ranks, sampling; roster.py), reply screening (screening.py), the server's drift
 correction (server optimiser and SCAFFOLD's c; server_drift.py), the ledger watch
-(privacy_watch.py) and the measured DP noise (update_noise.py). `state_dict` and
+(privacy_watch.py), the measured DP noise (update_noise.py) and client-level DP's clipping and
+noise (client_dp.py). `state_dict` and
 `load_state_dict` gather their state for a resumed server; methods extend both with their own.
 """
 
@@ -40,6 +42,7 @@ from fedpeft.protocol import ARRAYS_KEY, CONFIG_KEY, NUM_REPLIES, SERVER_ROUND, 
 from fedpeft.records import TensorSpec, record_bytes, to_record
 from fedpeft.search_space import LEARNING_RATE, SearchSpace
 from fedpeft.strategies import update_noise
+from fedpeft.strategies.client_dp import ClientLevelDP
 from fedpeft.strategies.privacy_watch import PrivacyWatch
 from fedpeft.strategies.ranks import check_ranks, check_scaling
 from fedpeft.strategies.roster import Roster
@@ -83,6 +86,9 @@ class LowRankStrategy(Strategy):
     num_clients : int or None
         N, the number of clients in the federation (SCAFFOLD's |S| / N); None: the nodes
         connected when the round was sampled.
+    client_dp : ClientLevelDP or None
+        Client-level DP (client_dp.py): nodes are Poisson-sampled at `fraction`, each update is
+        clipped, their sum noised and divided by the expected cohort; None: off.
     """
 
     #: the method's config name (`strategy=<name>`), declared by each method's class
@@ -104,6 +110,12 @@ class LowRankStrategy(Strategy):
     #: what `fedpeft compare tune=` searches for this method (fedpeft/search_space.py): its
     #: learning rate by default; a method adds what its paper tunes
     search_space: ClassVar[SearchSpace] = LEARNING_RATE
+    #: whether the server step is a sum of the replied tensors followed by post-processing, so
+    #: that client-level DP composes with it (client_dp.py); `client_dp_note` says why not
+    sums_replies: ClassVar[bool] = False
+    client_dp_note: ClassVar[str] = (
+        "its aggregate is not a sum of the clients' tensors, so there is no sum to clip and noise"
+    )
 
     def __init__(
         self,
@@ -121,6 +133,7 @@ class LowRankStrategy(Strategy):
         server_opt: Mapping[str, Any] | None = None,
         scaffold: bool = False,
         num_clients: int | None = None,
+        client_dp: ClientLevelDP | None = None,
     ) -> None:
         self.global_adapter = {k: v.detach().clone().float() for k, v in global_adapter.items()}
         self.task = dict(task)
@@ -146,6 +159,9 @@ class LowRankStrategy(Strategy):
             self._refuse("scaffold", "true")
         controls = {k: self.global_adapter[k] for k in self.up_keys()} if scaffold else None
         self.drift = ServerDrift(server_opt, controls)
+        if client_dp is not None and (reason := self.client_dp_refusal({})) is not None:
+            raise ValueError(f"client_dp.enabled=true with {self.method()}: {reason}")
+        self.client_dp = client_dp
 
     # -- what each method defines -------------------------------------------------------------
     @abstractmethod
@@ -216,6 +232,11 @@ class LowRankStrategy(Strategy):
             check_ranks(ranks if isinstance(ranks, list) else [ranks])
         if "scaling" in params:
             check_scaling(params["scaling"])
+
+    @classmethod
+    def client_dp_refusal(cls, params: Mapping[str, Any]) -> str | None:
+        """Why client-level DP cannot wrap this method with strategy.params `params`, or None."""
+        return None if cls.sums_replies else cls.client_dp_note
 
     @classmethod
     def base_refusal(cls, quantization: str, params: Mapping[str, Any]) -> str | None:
@@ -359,6 +380,10 @@ class LowRankStrategy(Strategy):
             "privacy": self.privacy.state(),
             **drift_meta,
         }
+        if self.client_dp is not None:
+            dp_tensors, dp_meta = self.client_dp.state_dict()
+            tensors.update(dp_tensors)
+            meta.update(dp_meta)
         return tensors, meta
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
@@ -373,6 +398,8 @@ class LowRankStrategy(Strategy):
         self.roster.load(meta)
         self.privacy = PrivacyWatch.from_state(meta.get("privacy"))
         self.drift.load_state_dict(tensors, meta)
+        if self.client_dp is not None:
+            self.client_dp.load_state_dict(tensors, meta)
 
     # -- Flower's Strategy interface ----------------------------------------------------------
     def summary(self) -> None:
@@ -404,6 +431,7 @@ class LowRankStrategy(Strategy):
             server_round=server_round,
             identify_timeout=self.identify_sampled_timeout,
             task=self.task,
+            poisson=self.client_dp is not None,
         )
         messages = []
         for node_id in sampled:
@@ -459,6 +487,8 @@ class LowRankStrategy(Strategy):
         )
         self.awaited = RoundReplies()
         self.accept(accepted)
+        if self.client_dp is not None:
+            return self._aggregate_client_dp(accepted)
         if len(accepted) < self.min_clients:
             log(
                 WARNING,
@@ -493,6 +523,32 @@ class LowRankStrategy(Strategy):
         if self.stats.train_loss is not None:
             metrics = {TRAIN_LOSS: self.stats.train_loss, **metrics}
         return self.global_record(), MetricRecord(metrics)
+
+    def _aggregate_client_dp(
+        self, accepted: Sequence[Accepted]
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """Fold `global + noisy mean update` in as the round's one reply (client_dp.py).
+
+        Every round releases, whatever replied (no replies: noise alone), since the accountant
+        counts every round. Nothing clients report about their data (losses, CPU time, the
+        update's norm) reaches the history: only the noised tensors are released.
+        """
+        assert self.client_dp is not None
+        started = time.perf_counter()
+        keys = self.up_keys()
+        start = {k: self.global_adapter[k] for k in keys}
+        updates = [{k: a.tensors[k].float() - start[k] for k in keys} for a in accepted]
+        mean = self.client_dp.noisy_mean(updates, {k: start[k].shape for k in keys})
+        reply = {k: start[k] + mean[k] for k in keys}
+        one = torch.ones(1)
+        previous = self.drift.before(self.global_adapter, self.server_opt_keys())
+        self.aggregate_updates([reply], one)
+        population = self.num_clients or self.roster.connected or 1
+        self.drift.step(self.global_adapter, previous, [], one, population)
+        self.stats.aggregate_s = time.perf_counter() - started
+        self.stats.client_loss, self.stats.client_seconds = {}, None
+        self.stats.client_dp = self.client_dp.last
+        return self.global_record(), MetricRecord({NUM_REPLIES: len(accepted)})
 
     def _measure_noise(self, accepted: Sequence[Accepted], p: torch.Tensor) -> None:
         """Record the round's ||Delta|| and, for private SGD replies, its expected noise norm."""

@@ -83,6 +83,7 @@ class FedSB(LowRankStrategy):
     """
 
     name = "fed_sb"
+    sums_replies = True
     #: the paper runs Fed-SB at r = 120-200 (R is r x r, so its bytes grow as r^2, not 2 d r)
     search_space = {**LEARNING_RATE, "adapter.rank": Choice((16, 32, 64, 128))}
     kind = "sb"

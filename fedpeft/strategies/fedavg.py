@@ -49,6 +49,7 @@ class FedAvgLoRA(LowRankStrategy):
     """
 
     name = "fedavg"
+    sums_replies = True
     kind = "lora"
 
     def __init__(
@@ -76,6 +77,17 @@ class FedAvgLoRA(LowRankStrategy):
                 f"client_opt.scaffold=true with {self.method()}: "
                 + str(self.drift_refusal("scaffold", {"ranks": ranks}))
             )
+
+    @classmethod
+    def client_dp_refusal(cls, params: Mapping[str, Any]) -> str | None:
+        """Client-level DP composes with one rank for all; per-client ranks are refused."""
+        if params.get("ranks") is not None and cls.sums_replies:
+            return (
+                "strategy.params.ranks gives clients factors of different shapes in different "
+                "frames, so their updates have no common sum to clip and noise: drop "
+                "strategy.params.ranks"
+            )
+        return super().client_dp_refusal(params)
 
     @classmethod
     def drift_refusal(cls, option: str, params: Mapping[str, Any]) -> str | None:

@@ -52,6 +52,11 @@ class FedExLoRA(FedAvgLoRA, VersionedBase):
     """
 
     name = "fedex_lora"
+    sums_replies = False
+    client_dp_note = (
+        "its residual sum_k p_k B_k A_k - B A needs each client's product B_k A_k, a full-size "
+        "matrix per client outside the sum of factors that is clipped and noised"
+    )
     kind = "lora"
 
     def __init__(self, *args, **kwargs) -> None:

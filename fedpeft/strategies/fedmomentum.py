@@ -48,6 +48,11 @@ class FedMomentum(FedExLoRA):
     """
 
     name = "fedmomentum"
+    sums_replies = False
+    client_dp_note = (
+        "it forms the exact aggregate of each client's product B_k A_k from the stacked "
+        "factors, which needs every client's update in the clear"
+    )
     kind = "lora"
     #: FedAvg's per-client ranks: one frame (one base) for every client here
     refused_options = frozenset({"ranks", "scaling"})

@@ -54,6 +54,11 @@ class FedRotLoRA(FedAvgLoRA):
     """
 
     name = "fedrot_lora"
+    sums_replies = False
+    client_dp_note = (
+        "it fits a rotation to each client's own factors before averaging; composing it needs "
+        "that rotation inside the clipped update, which is not built"
+    )
     kind = "lora"
     #: FedAvg's per-client ranks: one frame (one base) for every client here
     refused_options = frozenset({"ranks", "scaling"})

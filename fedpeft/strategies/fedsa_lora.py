@@ -92,6 +92,7 @@ class FedSALoRA(LowRankStrategy):
         "variate would cover part of each personal model (not composed yet)"
     )
     name = "fedsa_lora"
+    sums_replies = True
     kind = "lora"
     evaluation: ClassVar[str] = "personalised"
 
@@ -123,8 +124,12 @@ class FedSALoRA(LowRankStrategy):
 
     @property
     def private(self) -> bool:
-        """Whether clients train under DP (then they release no personalised metrics)."""
-        return bool((self.task.get("dp") or {}).get("enabled"))
+        """Whether the run is private, at either level (then no personalised metrics are released).
+
+        Under client-level DP a client's accuracy on its own data would reach the history outside
+        the noised sum.
+        """
+        return bool((self.task.get("dp") or {}).get("enabled")) or self.client_dp is not None
 
     def down_keys(self, node_id: int) -> list[str]:
         """A_bar: the only global tensor."""

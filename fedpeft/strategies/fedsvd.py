@@ -37,6 +37,7 @@ class FedSVD(LowRankStrategy):
     """
 
     name = "fedsvd"
+    sums_replies = True
     kind = "frozen_a"
 
     def __init__(self, *args, refactor_every: int = 1, **kwargs) -> None:

@@ -29,6 +29,7 @@ class FFALoRA(LowRankStrategy):
     """
 
     name = "ffa_lora"
+    sums_replies = True
     kind = "frozen_a"
 
     @classmethod

@@ -59,6 +59,11 @@ class FlexLoRA(LowRankStrategy):
     """
 
     name = "flexlora"
+    sums_replies = False
+    client_dp_note = (
+        "it truncates the SVD of the sum of each client's product B_k A_k, which needs every "
+        "client's product, not a noised sum of factors"
+    )
     kind = "lora"
 
     def __init__(

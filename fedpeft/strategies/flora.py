@@ -133,6 +133,11 @@ class FLoRA(VersionedBase):
     """
 
     name = "flora"
+    sums_replies = False
+    client_dp_note = (
+        "it stacks every client's factors into the next module, so each client's update is in "
+        "the model itself, not in a sum the server could noise"
+    )
     kind = "lora"
 
     def __init__(

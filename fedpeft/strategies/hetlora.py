@@ -108,6 +108,12 @@ class HetLoRA(LowRankStrategy):
         "not the p_k-weighted average a server optimiser or a control variate is defined on"
     )
     name = "hetlora"
+    sums_replies = False
+    client_dp_note = (
+        "its aggregation weighs each client by its own update's norm (sparsity weights) and "
+        "reads each client's self-pruned rank, both data-dependent choices outside the noised "
+        "sum"
+    )
     kind = "lora"
 
     def __init__(

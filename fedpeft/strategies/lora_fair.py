@@ -59,6 +59,11 @@ class LoRAFAIR(FedAvgLoRA):
     """
 
     name = "lora_fair"
+    sums_replies = False
+    client_dp_note = (
+        "its correction is fitted to each client's product B_k A_k, which needs every client's "
+        "update in the clear beyond their noised sum"
+    )
 
     def __init__(
         self,

@@ -69,6 +69,7 @@ class RoLoRA(LowRankStrategy):
         "or control variate per tensor would mix its A and B rounds (not composed yet)"
     )
     name = "rolora"
+    sums_replies = True
     kind = "frozen_a"
     version_metric = FROZEN_VERSION
 

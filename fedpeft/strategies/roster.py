@@ -134,8 +134,13 @@ class Roster:
         server_round: int,
         identify_timeout: float | None = None,
         task: Mapping[str, Any] | None = None,
+        poisson: bool = False,
     ) -> list[int]:
         """This round's nodes, sampled by identity, in identity order.
+
+        Fixed-size sampling draws max(min_clients, fraction x connected) nodes without
+        replacement; `poisson` (client-level DP, whose accountant assumes it) takes each node
+        independently with probability `fraction`, so a round may have fewer than min_clients.
 
         With `identify_timeout` (simulations), a sampled node not identified yet is asked who it is
         before its first train message; until then it is sampled under `expected_names`. Costs
@@ -162,7 +167,10 @@ class Roster:
                 len(nodes),
                 len(eligible),
             )
-        sampled = self.rng.sample(eligible, min(size, len(eligible)))
+        if poisson:
+            sampled = [n for n in eligible if self.rng.random() < fraction]
+        else:
+            sampled = self.rng.sample(eligible, min(size, len(eligible)))
         new = sorted((n for n in sampled if n not in self.identities), key=self.order)
         if lazy and new:
             self._ask(grid, new, set(nodes), task or {}, float(identify_timeout))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fedpeft.strategies.client_dp import Release
+
 
 @dataclass
 class RoundStats:
@@ -27,3 +29,5 @@ class RoundStats:
     #: CPU seconds of local training summed over the accepted replies that report it (private
     #: replies do not); None when none did
     client_seconds: float | None = None
+    #: what client-level DP released this round (bound, epsilon so far); None when off
+    client_dp: Release | None = None

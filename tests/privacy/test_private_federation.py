@@ -9,7 +9,7 @@ import csv
 
 import pytest
 
-from fedpeft.cli import simulate
+from fedpeft.cli import main, simulate
 from fedpeft.config import compose_config
 from fedpeft.federation import prepare
 from fedpeft.strategies import STRATEGIES
@@ -58,3 +58,59 @@ def test_a_client_out_of_budget_refuses_and_the_run_goes_on(tmp_path, data_dir):
     assert rows[1]["failed"] == "0" and rows[2]["failed"] == "2" and rows[2]["replied"] == "0"
     assert len(reasons) == 2 and all("budget exhausted: ε would reach" in r for r in reasons)
     assert summary["max_epsilon"] <= 3.0
+
+
+#: client-level DP on FAST_RUN's two clients, both sampled each round (q = 1): a fixed bound,
+#: since the adaptive rule's noisy count needs a cohort of dozens
+CLIENT_LEVEL = ["client_dp=eps3", "client_dp.clipping=fixed", "client_dp.clip_norm=0.5"]
+
+
+@pytest.mark.parametrize(
+    "strategy", sorted(n for n, k in STRATEGIES.items() if k.client_dp_refusal({}) is None)
+)
+def test_each_composing_method_runs_client_level_rounds(strategy, tmp_path, data_dir):
+    cfg = compose_config([*FAST_RUN, f"strategy={strategy}", *CLIENT_LEVEL])
+    fed = prepare(cfg)
+    start = {k: v.clone() for k, v in fed.strategy.global_adapter.items()}
+    rounds = in_process_rounds(fed, 2, tmp_path)
+    mechanism = fed.strategy.client_dp
+    assert mechanism.rounds == 2 and 0 < rounds[0]["client_dp"].epsilon < mechanism.epsilon()
+    assert mechanism.epsilon() <= 3.0 * (1 + 1e-6)
+    assert all(not r["client_loss"] and r["train_loss"] is None for r in rounds)
+    sent = fed.strategy.up_keys()
+    assert any(not fed.strategy.global_adapter[k].equal(start[k]) for k in sent if k in start)
+
+
+def test_a_client_level_simulation_reports_its_epsilon(tmp_path, data_dir):
+    summary = simulate([*FAST_RUN, *CLIENT_LEVEL, "federation.rounds=3", f"run_dir={tmp_path}"])
+    assert summary["rounds_completed"] == 3
+    assert 2.9 <= summary["client_level_epsilon"] <= 3.0 * (1 + 1e-6)
+    assert summary["client_level_delta"] == 1e-5 and summary["client_level_rounds"] == 3
+    assert summary["max_epsilon"] is None  # no example-level DP in this run
+    with open(tmp_path / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    eps = [float(r["client_level_epsilon"]) for r in rows[1:]]
+    assert eps == sorted(eps) and eps[-1] == pytest.approx(summary["client_level_epsilon"])
+    assert all(r["train_loss"] == "" and r["client_seconds"] == "" for r in rows[1:])
+    assert all(float(r["clip_norm"]) == 0.5 for r in rows[1:])
+
+
+def test_both_levels_on_one_run_are_both_reported(tmp_path, data_dir):
+    summary = simulate(
+        [*FAST_RUN, "dp=eps3", *CLIENT_LEVEL, "federation.rounds=1", f"run_dir={tmp_path}"]
+    )
+    assert 0 < summary["max_epsilon"] <= 3.0 and 0 < summary["client_level_epsilon"] <= 3.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["strategy=flora"], "client_dp.enabled=true with strategy=flora: it stacks"),
+        (["strategy=fedavg", "strategy.params.ranks=[2,4]"], "strategy.params.ranks"),
+        (["client_opt.scaffold=true", "train.optimizer=sgd"], "client_opt.scaffold=false"),
+        (["client_dp.clipping=adaptive"], "count_stddev above"),
+    ],
+)
+def test_what_does_not_compose_exits_2_with_the_reason(overrides, fragment, capsys):
+    assert main(["simulate", *FAST_RUN, *CLIENT_LEVEL, *overrides]) == 2
+    assert fragment in capsys.readouterr().err
