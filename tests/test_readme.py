@@ -51,7 +51,7 @@ def test_a_methods_row_gives_its_adapter_kind_and_options(name):
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_a_methods_composability_is_what_its_class_and_config_say(name):
-    ranks, fedprox, scaffold, server_opt = COMPOSES[name]
+    ranks, fedprox, scaffold, server_opt, client_level = COMPOSES[name]
     cls, has_ranks = STRATEGIES[name], "ranks" in _params(name)
     assert ranks == ("yes" if has_ranks else "refused")
     assert fedprox == "yes"  # client-side: every method's clients can add the proximal term
@@ -66,6 +66,15 @@ def test_a_methods_composability_is_what_its_class_and_config_say(name):
     )
     assert scaffold == expected
     assert server_opt == ("yes" if cls.drift_refusal("server_opt", {}) is None else "refused")
+    dp_plain = cls.client_dp_refusal({}) is None
+    dp_ranks = has_ranks and cls.client_dp_refusal({"ranks": [4, 8]}) is None
+    assert client_level == (
+        "refused"
+        if not dp_plain
+        else "yes"
+        if dp_ranks or not has_ranks
+        else "yes (refused with ranks)"
+    )
 
 
 def test_the_quickstart_is_exactly_two_commands():

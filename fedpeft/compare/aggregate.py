@@ -157,6 +157,7 @@ def run_row(result: RunResult, target: float) -> dict[str, Any]:
         total_bytes=s["bytes_up"] + s["bytes_down"] if s else None,
         wall_time_s=s.get("wall_time_s"),
         max_epsilon=s.get("max_epsilon"),
+        client_level_epsilon=s.get("client_level_epsilon"),
         audited_epsilon_lower_bound=s.get("audited_epsilon_lower_bound"),
         signal_to_noise=result.mean_signal_to_noise(),
         run_dir=str(result.folder),
@@ -223,6 +224,16 @@ def _rounds_cell(group: Sequence[RunResult], target: float) -> str:
     return partial_cell(reached, 1, "not reached")
 
 
+def _client_level_cell(group: Sequence[RunResult]) -> str:
+    """Mean ± CI of the runs' client-level epsilons ("—" for runs without client-level DP)."""
+    eps = [
+        r.summary["client_level_epsilon"]
+        for r in group
+        if r.summary.get("client_level_epsilon") is not None
+    ]
+    return fmt_ci(eps, 2) if eps else "—"
+
+
 def _audited_cell(group: Sequence[RunResult]) -> str:
     """Mean ± CI of the runs' audited lower bounds; flagged when any exceeds its run's epsilon."""
     bounds = [
@@ -241,8 +252,9 @@ def table_rows(results: Sequence[RunResult], target: float) -> tuple[list[str], 
     """Header and rows of the summary table, a row per configuration.
 
     A "signal / noise" column (mean over rounds, then over seeds) is added when any run logged
-    a DP noise norm, and an "audited ε ≥" column when any run was audited (`audit=`): the mean
-    of the runs' empirical lower bounds, marked when one exceeds its own run's ledger.
+    a DP noise norm, an "audited ε ≥" column when any run was audited (`audit=`): the mean
+    of the runs' empirical lower bounds, marked when one exceeds its own run's ledger, and a
+    "client-level ε" column when any run was under client-level DP (`client_dp`).
     """
     groups = group_by_config(results)
     snrs = {
@@ -252,6 +264,9 @@ def table_rows(results: Sequence[RunResult], target: float) -> tuple[list[str], 
     noisy = any(snrs.values())
     audited = any(
         r.summary.get("audited_epsilon_lower_bound") is not None for r in results if r.done
+    )
+    client_level = any(
+        (r.summary or {}).get("client_level_epsilon") is not None for r in results if r.done
     )
     keys = [k for k, _ in next(iter(groups))] if groups else []
     header = [
@@ -263,6 +278,7 @@ def table_rows(results: Sequence[RunResult], target: float) -> tuple[list[str], 
         "total MB",
         "wall time (s)",
         "final ε",
+        *(["client-level ε"] if client_level else []),
         *(["signal / noise"] if noisy else []),
         *(["audited ε ≥"] if audited else []),
     ]
@@ -282,6 +298,7 @@ def table_rows(results: Sequence[RunResult], target: float) -> tuple[list[str], 
                 fmt_ci([(r.summary["bytes_up"] + r.summary["bytes_down"]) / 1e6 for r in group], 2),
                 fmt_ci([r.summary["wall_time_s"] for r in group], 1),
                 fmt_ci(eps, 2) if eps else "—",
+                *([_client_level_cell(group)] if client_level else []),
                 *([fmt_ci(snr, 2) if snr else "—"] if noisy else []),
                 *([_audited_cell(group)] if audited else []),
             ]

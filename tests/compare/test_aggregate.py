@@ -122,3 +122,15 @@ def test_audited_column_shows_the_bound_and_flags_one_above_its_ledger():
     assert rows[0][-1].startswith("0.40 ± ") and "above" not in rows[0][-1]
     assert rows[1][-1] == "4.36 (above the ledger in 1/1)"
     assert "audited ε ≥" not in table_rows([_result("fedavg", 0, [0.5])], 0.8)[0]
+
+
+def test_client_level_column_appears_with_client_level_runs():
+    private = [_result("fedavg", s, [0.5, 0.8]) for s in (0, 1)]
+    for result, eps in zip(private, (2.98, 3.0), strict=True):
+        result.summary["client_level_epsilon"] = eps
+    plain = _result("ffa_lora", 0, [0.5, 0.9])
+    header, rows = table_rows([*private, plain], 0.8)
+    column = header.index("client-level ε")
+    assert header[column - 1] == "final ε"
+    assert rows[0][column].startswith("2.99 ± ") and rows[1][column] == "—"
+    assert "client-level ε" not in table_rows([plain], 0.8)[0]
