@@ -81,25 +81,18 @@ def test_each_composing_method_runs_client_level_rounds(strategy, tmp_path, data
     assert any(not fed.strategy.global_adapter[k].equal(start[k]) for k in sent if k in start)
 
 
-def test_a_client_level_simulation_reports_its_epsilon(tmp_path, data_dir):
-    summary = simulate([*FAST_RUN, *CLIENT_LEVEL, "federation.rounds=3", f"run_dir={tmp_path}"])
-    assert summary["rounds_completed"] == 3
+def test_a_simulation_under_both_levels_reports_both_epsilons(tmp_path, data_dir):
+    summary = simulate([*FAST_RUN, "dp=eps3", *CLIENT_LEVEL, f"run_dir={tmp_path}"])
+    assert summary["rounds_completed"] == 2
     assert 2.9 <= summary["client_level_epsilon"] <= 3.0 * (1 + 1e-6)
-    assert summary["client_level_delta"] == 1e-5 and summary["client_level_rounds"] == 3
-    assert summary["max_epsilon"] is None  # no example-level DP in this run
+    assert summary["client_level_delta"] == 1e-5 and summary["client_level_rounds"] == 2
+    assert 0 < summary["max_epsilon"] <= 3.0  # the example level's, accounted on the nodes
     with open(tmp_path / "history.csv") as f:
         rows = list(csv.DictReader(f))
     eps = [float(r["client_level_epsilon"]) for r in rows[1:]]
     assert eps == sorted(eps) and eps[-1] == pytest.approx(summary["client_level_epsilon"])
     assert all(r["train_loss"] == "" and r["client_seconds"] == "" for r in rows[1:])
     assert all(float(r["clip_norm"]) == 0.5 for r in rows[1:])
-
-
-def test_both_levels_on_one_run_are_both_reported(tmp_path, data_dir):
-    summary = simulate(
-        [*FAST_RUN, "dp=eps3", *CLIENT_LEVEL, "federation.rounds=1", f"run_dir={tmp_path}"]
-    )
-    assert 0 < summary["max_epsilon"] <= 3.0 and 0 < summary["client_level_epsilon"] <= 3.0
 
 
 @pytest.mark.parametrize(
