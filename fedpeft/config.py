@@ -217,6 +217,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_strategy_params(cfg)
     _validate_drift(cfg)
     _validate_client_dp(cfg)
+    _validate_secagg(cfg)
     StopAt.from_config(cfg)
     TrackingSettings.from_config(cfg)
 
@@ -299,6 +300,46 @@ def _validate_client_dp(cfg: DictConfig) -> None:
         population=cfg.federation.num_clients,
         sample_rate=float(cfg.federation.fraction),
         rounds=cfg.federation.rounds,
+    )
+
+
+def _validate_secagg(cfg: DictConfig) -> None:
+    """The `secagg` group: SecAgg+'s settings, and what secure aggregation composes with."""
+    from fedpeft.secure_sum import secagg_settings
+    from fedpeft.strategies import STRATEGIES
+
+    settings = secagg_settings(cfg)
+    if not settings.enabled:
+        return
+    raw = cfg.get("client_dp")
+    dp = ClientDPSettings.parse({} if raw is None else OmegaConf.to_container(raw, resolve=True))
+    _require(
+        dp.enabled,
+        "secagg.enabled=true needs client_dp.enabled=true (e.g. client_dp=eps3): secure "
+        "aggregation here sums client-level DP's clipped updates, and SecAgg+ on its own (a "
+        "plain weighted mean) is not supported; set client_dp=eps3 or secagg.enabled=false",
+    )
+    name = cfg.strategy.name
+    klass = STRATEGIES[name]
+    usable = sorted(n for n, k in STRATEGIES.items() if k.sums_replies and k.version_metric is None)
+    _require(
+        klass.version_metric is None,
+        f"secagg.enabled=true with strategy={name}: its clients report the version of the state "
+        "they hold in their reply's metrics, which secure aggregation does not release; use "
+        f"one of {', '.join(usable)}, or set secagg.enabled=false",
+    )
+    fed = cfg.federation
+    _require(
+        fed.num_clients >= 2,
+        f"secagg.enabled=true with federation.num_clients={fed.num_clients}: SecAgg+ needs at "
+        "least 2 nodes per round; use federation.num_clients >= 2",
+    )
+    _require(
+        fed.num_clients <= settings.max_cohort(),
+        f"secagg.enabled=true with federation.num_clients={fed.num_clients}: a cohort of more "
+        f"than {settings.max_cohort()} nodes can wrap the quantised sum modulo "
+        f"secagg.modulus_range={settings.modulus_range}; lower secagg.quantization_range "
+        f"(now {settings.quantization_range})",
     )
 
 

@@ -22,6 +22,7 @@ from fedpeft.config import compose_config
 from fedpeft.errors import ConfigError
 from fedpeft.federation import Federation, prepare
 from fedpeft.run_folder import RunFolder
+from fedpeft.secure_sum import SecureSum
 from fedpeft.stop_rule import StopAt
 from fedpeft.strategies.base import LowRankStrategy
 from fedpeft.strategies.round_stats import RoundStats
@@ -143,6 +144,8 @@ def run_federation(
     With `resume=<run_dir>` in the config the run continues from that folder's checkpoint
     (`resumed`, when the caller has loaded it already). A `federation.stop_at.*` rule that is
     met makes its round the last (evaluated, saved and checkpointed like any last round).
+    With `secagg.enabled` each round's train messages go through SecAgg+ (secure_sum.py) and the
+    strategy releases the noised secure sum instead of screening replies.
     """
     cfg, strategy = fed.cfg, fed.strategy
     console = console or Console(stderr=True)
@@ -151,6 +154,7 @@ def run_federation(
     folder = RunFolder(run_dir, cfg)
     tracking = Tracking.open(cfg, folder.path, resumed.server_round + 1 if resumed else 0)
     stop_at = StopAt.from_config(cfg)
+    secure = SecureSum.from_config(cfg, strategy)
     stopped = None
     asked: set[int] = set()
     if identify:
@@ -190,8 +194,11 @@ def run_federation(
             if identify and not simulated:
                 strategy.roster.identify_new(grid, asked, strategy.task, strategy.wait_timeout)
             messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
-            replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
-            strategy.aggregate_train(server_round, replies)
+            if secure is not None:  # SecAgg+: the server sees only the sum (secure_sum.py)
+                secure.run_round(grid, server_round, messages)
+            else:
+                replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
+                strategy.aggregate_train(server_round, replies)
             total_up += strategy.stats.bytes_up
             total_down += strategy.stats.bytes_down
             budgets = {

@@ -24,6 +24,7 @@ from fedpeft.clients.local_factors import LocalFactors
 from fedpeft.clients.node_config import node_task
 from fedpeft.clients.rank_pruning import RankPruning
 from fedpeft.clients.round_feature import Round, RoundFeature, total_penalty
+from fedpeft.clients.secure_sum_mods import secure_sum_mod
 from fedpeft.identity import member
 from fedpeft.protocol import (
     ADAPTER_ALPHA,
@@ -128,9 +129,13 @@ def identity_reply(msg: Message, context: Context, policy: privacy.NodePolicy) -
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secure_sum_mod])
 def train(msg: Message, context: Context) -> Message:
-    """A deployed node's local round, held to the privacy policy in its own node config."""
+    """A deployed node's local round, held to the privacy policy in its own node config.
+
+    Under secure aggregation (`secagg.enabled`) `secure_sum_mod` runs SecAgg+ around it
+    (secure_sum_mods.py); `generic_errors`, the app's own mod, stays outside both.
+    """
     return train_round(msg, context, privacy.NodePolicy.from_node_config(context.node_config))
 
 

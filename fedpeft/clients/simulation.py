@@ -8,6 +8,7 @@
   Ray actor served before. Deployed clients keep their own unseeded RNG: a seed the server knows
   must not drive anything private there (DP noise draws from the same RNG).
 - fault injection (faults.py).
+- secure aggregation (`secure_sum_mod`, outermost; clients/secure_sum_mods.py), as deployed.
 - where it ran: each local round logs the client, the round and the Ray node whose actor ran it
   (`ray_node_log`), in that worker's log on that node (and on the driver with verbose=true), so
   that a run on a Ray cluster shows which machine trained which client.
@@ -27,6 +28,7 @@ from flwr.supercore import log
 
 from fedpeft.clients import faults
 from fedpeft.clients.client_app import evaluate_round, identity_reply, train_round
+from fedpeft.clients.secure_sum_mods import secure_sum_mod
 from fedpeft.identity import member
 from fedpeft.privacy.policy import NodePolicy
 from fedpeft.protocol import CONFIG_KEY, IDENTITY_ACTION, SERVER_ROUND, TASK_KEY
@@ -71,7 +73,8 @@ def simulation_app(policy: NodePolicy) -> ClientApp:
         return train_round(msg, context, policy)
 
     app = ClientApp()
-    app.train(mods=[ray_node_log, faults.fault_mod, seeded_rng])(train)
+    # secure_sum_mod first: SecAgg+'s own messages carry no round config for the others to read
+    app.train(mods=[secure_sum_mod, ray_node_log, faults.fault_mod, seeded_rng])(train)
 
     def identity(msg: Message, context: Context) -> Message:
         return identity_reply(msg, context, policy)

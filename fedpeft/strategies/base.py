@@ -47,7 +47,13 @@ from fedpeft.strategies.privacy_watch import PrivacyWatch
 from fedpeft.strategies.ranks import check_ranks, check_scaling
 from fedpeft.strategies.roster import Roster
 from fedpeft.strategies.round_stats import RoundStats
-from fedpeft.strategies.screening import Accepted, ReplyRules, RoundReplies, screen_replies
+from fedpeft.strategies.screening import (
+    Accepted,
+    ReplyRules,
+    RoundReplies,
+    record_failure,
+    screen_replies,
+)
 from fedpeft.strategies.server_drift import ServerDrift
 
 
@@ -539,6 +545,52 @@ class LowRankStrategy(Strategy):
         start = {k: self.global_adapter[k] for k in keys}
         updates = [{k: a.tensors[k].float() - start[k] for k in keys} for a in accepted]
         mean = self.client_dp.noisy_mean(updates, {k: start[k].shape for k in keys})
+        return self._fold_client_dp(start, mean, len(accepted), started)
+
+    def aggregate_secure_sum(
+        self,
+        server_round: int,
+        clipped_sum: Mapping[str, torch.Tensor] | None,
+        unclipped: float,
+        replied: int,
+        failed: Mapping[int, str],
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """Release `global + (clipped_sum + noise) / (q N)` from a securely aggregated round.
+
+        `clipped_sum` is the sum over the `replied` nodes of their updates under `up_keys`, each
+        clipped by the node to the bound `client_dp.clip_norm` it was sent (None: the round
+        halted, noise alone is released, as every round counts); `unclipped` is how many were
+        within the bound. `failed` maps the sampled nodes without a masked vector to a reason.
+        The noise, the adaptive bound and the fold are client-level DP's own (client_dp.py).
+        """
+        if self.client_dp is None:
+            raise ValueError("secure aggregation releases client-level DP's noisy sum: enable it")
+        self.server_round = server_round
+        self.awaited = RoundReplies()
+        for node, reason in failed.items():
+            record_failure(self.stats, self.roster, node, reason, server_round)
+        self.stats.replied = replied
+        started = time.perf_counter()
+        keys = self.up_keys()
+        start = {k: self.global_adapter[k] for k in keys}
+        shapes = {k: start[k].shape for k in keys}
+        if clipped_sum is None:
+            flat = torch.zeros(sum(v.numel() for v in start.values()), dtype=torch.float64)
+        else:
+            flat = torch.cat([clipped_sum[k].reshape(-1).double() for k in keys])
+        mean = self.client_dp.release_sum(flat, unclipped, replied, shapes)
+        return self._fold_client_dp(start, mean, replied, started)
+
+    def _fold_client_dp(
+        self,
+        start: Mapping[str, torch.Tensor],
+        mean: Mapping[str, torch.Tensor],
+        replied: int,
+        started: float,
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """Fold `start + mean` in as the round's one reply, then step the drift parts."""
+        assert self.client_dp is not None
+        keys = list(start)
         reply = {k: start[k] + mean[k] for k in keys}
         one = torch.ones(1)
         previous = self.drift.before(self.global_adapter, self.server_opt_keys())
@@ -548,7 +600,7 @@ class LowRankStrategy(Strategy):
         self.stats.aggregate_s = time.perf_counter() - started
         self.stats.client_loss, self.stats.client_seconds = {}, None
         self.stats.client_dp = self.client_dp.last
-        return self.global_record(), MetricRecord({NUM_REPLIES: len(accepted)})
+        return self.global_record(), MetricRecord({NUM_REPLIES: replied})
 
     def _measure_noise(self, accepted: Sequence[Accepted], p: torch.Tensor) -> None:
         """Record the round's ||Delta|| and, for private SGD replies, its expected noise norm."""

@@ -82,13 +82,35 @@ class ClientLevelDP:
         rows = [torch.cat([u[k].reshape(-1).double() for k in keys]) for u in updates]
         stack = torch.stack(rows) if rows else torch.zeros(0, size, dtype=torch.float64)
         clipped, norms = lowrank.clip_rows(stack, self.clip_norm)
+        unclipped = float((norms <= self.clip_norm).double().sum())
+        return self.release_sum(clipped.sum(0), unclipped, len(rows), shapes)
+
+    def release_sum(
+        self,
+        clipped_sum: torch.Tensor,
+        unclipped: float,
+        count: int,
+        shapes: Mapping[str, torch.Size],
+    ) -> dict[str, torch.Tensor]:
+        """(clipped_sum + N(0, (z_update C)^2 I)) / (q N), as tensors of `shapes`.
+
+        `clipped_sum` is the flat sum of the round's `count` updates, each clipped to the current
+        bound (a zero vector when none replied), and `unclipped` how many of them were within it:
+        noisy_mean computes both on the server, secure aggregation (fedpeft/secure_sum.py) gets
+        them as one masked sum. Steps the bound when clipping is adaptive and records the round's
+        release in `last`.
+        """
+        keys = list(shapes)
+        size = sum(int(torch.Size(shapes[k]).numel()) for k in keys)
+        if clipped_sum.numel() != size:
+            raise ValueError(f"a clipped sum of {clipped_sum.numel()} entries for {size} entries")
         std = self.noise.update_multiplier * self.clip_norm
         noise = torch.normal(0.0, std, (size,), generator=self.generator, dtype=torch.float64)
-        mean = (clipped.sum(0) + noise) / self.noise.expected_cohort
+        mean = (clipped_sum.double() + noise) / self.noise.expected_cohort
         used = self.clip_norm
         fraction = None
         if self.adaptive:
-            shifted = float((norms <= used).double().sum()) - 0.5 * len(rows)
+            shifted = unclipped - 0.5 * count
             count_noise = torch.normal(
                 0.0, self.noise.count_stddev, (1,), generator=self.generator, dtype=torch.float64
             )

@@ -1,0 +1,118 @@
+"""Client mods of secure aggregation: SecAgg+ around fedpeft's Message-API train handler.
+
+Flower's `secaggplus_mod` speaks the legacy records (`fitins.*` in, `fitres.*` out) and raises on
+a train message without its own `secaggplus_configs` record. `secure_sum_mod`, the outermost mod
+of a train handler, hands only SecAgg+ messages to it, with `fitins_adapter` inside it: the
+adapter turns the legacy FitIns back into fedpeft's `arrays`/`config` message, runs the handler,
+and replies with the node's clipped update, never its metrics. The server (fedpeft/secure_sum.py)
+sees only the sum of the masked vectors.
+
+What the server sends in the FitIns config, beside the round's own config entries:
+`SECAGG_NAMES`, the names of the FitIns tensors in order (legacy Parameters carry none);
+`SECAGG_UPDATE_KEYS`, the tensors whose update u = trained - received the node sums, in order;
+`SECAGG_CLIP_NORM`, the bound C the update is clipped to (its L2 norm, all tensors together);
+`SECAGG_COUNT`, whether the node appends C x 1[||u|| <= C] (adaptive clipping's count, summed
+securely too). A tensor the node does not load but must subtract comes as `BASE_PREFIX` + name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.common import (
+    Code,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+
+from fedpeft.protocol import ARRAYS_KEY, CONFIG_KEY
+
+#: the FitIns config entries the server adds under secure aggregation (module docstring)
+SECAGG_NAMES = "secagg-names"
+SECAGG_UPDATE_KEYS = "secagg-update-keys"
+SECAGG_CLIP_NORM = "secagg-clip-norm"
+SECAGG_COUNT = "secagg-count"
+#: prefix of a tensor sent only as the start of an update (not loaded by the node)
+BASE_PREFIX = "secagg-base."
+
+Handler = Callable[[Message, Context], Message]
+
+
+def secure_sum_mod(msg: Message, context: Context, call_next: Handler) -> Message:
+    """Flower mod: SecAgg+ (with `fitins_adapter`) for its own messages, plain rounds untouched."""
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+
+    def adapted(inner: Message, ctx: Context) -> Message:
+        return fitins_adapter(inner, ctx, call_next)
+
+    return secaggplus_mod(msg, context, adapted)
+
+
+def fitins_adapter(msg: Message, context: Context, call_next: Handler) -> Message:
+    """Flower mod: FitIns -> fedpeft's train message; its reply -> a FitRes of the clipped update.
+
+    The FitRes holds the update's tensors in `SECAGG_UPDATE_KEYS` order (plus the count entry),
+    weight 1 (SecAgg+ then returns the plain mean, which the server multiplies back to the sum)
+    and no metrics: a train loss or a CPU time would reach the server in the clear.
+    """
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    config = dict(fitins.config)
+    names = json.loads(str(config.pop(SECAGG_NAMES)))
+    keys = json.loads(str(config.pop(SECAGG_UPDATE_KEYS)))
+    clip_norm = float(config.pop(SECAGG_CLIP_NORM))
+    count = bool(config.pop(SECAGG_COUNT))
+    tensors = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
+    payload = {k: v for k, v in tensors.items() if not k.startswith(BASE_PREFIX)}
+    base = {k: payload[k] for k in keys if k in payload}
+    base.update({k[len(BASE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(BASE_PREFIX)})
+    msg.content = RecordDict(
+        {
+            ARRAYS_KEY: ArrayRecord(
+                {k: Array(np.ascontiguousarray(v)) for k, v in payload.items()}
+            ),
+            CONFIG_KEY: ConfigRecord(config),
+        }
+    )
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    trained = {k: v.numpy() for k, v in reply.content[ARRAYS_KEY].items()}
+    update = clipped_update(trained, base, keys, clip_norm, count)
+    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(update), 1, {})
+    reply.content = compat.fitres_to_recorddict(fitres, keep_input=False)
+    return reply
+
+
+def clipped_update(
+    trained: dict[str, np.ndarray],
+    base: dict[str, np.ndarray],
+    keys: list[str],
+    clip_norm: float,
+    count: bool,
+) -> list[np.ndarray]:
+    """[clip_C(u)_k for k in keys] (+ [C x 1[||u|| <= C]] when `count`), u = trained - base.
+
+    The norm is of all the update's tensors together, as the server's clipping computes it.
+    """
+    missing = [k for k in keys if k not in trained or k not in base]
+    if missing:
+        raise ValueError(
+            f"secure aggregation: the reply or the payload lacks {', '.join(missing)}; every "
+            "node must send the same tensors"
+        )
+    update = [trained[k].astype(np.float64) - base[k].astype(np.float64) for k in keys]
+    norm = float(np.sqrt(sum(float(np.square(u).sum()) for u in update)))
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    out = [u * scale for u in update]
+    if count:
+        out.append(np.array([clip_norm if norm <= clip_norm else 0.0]))
+    return out

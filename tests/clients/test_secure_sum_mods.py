@@ -1,0 +1,103 @@
+"""The client side of secure aggregation (fedpeft/clients/secure_sum_mods.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedpeft.clients.secure_sum_mods import (
+    BASE_PREFIX,
+    SECAGG_CLIP_NORM,
+    SECAGG_COUNT,
+    SECAGG_NAMES,
+    SECAGG_UPDATE_KEYS,
+    clipped_update,
+    fitins_adapter,
+    secure_sum_mod,
+)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def context() -> Context:
+    return Context(1, 7, {}, RecordDict(), {})
+
+
+def test_a_plain_train_message_skips_secure_aggregation():
+    msg = Message(
+        RecordDict({"config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
+    seen = []
+    out = secure_sum_mod(msg, context(), lambda m, c: seen.append(m) or m)
+    assert seen == [msg] and out is msg
+
+
+def test_the_update_is_clipped_as_a_whole_and_its_count_entry_follows():
+    base = {"a": np.zeros((2, 2)), "b": np.ones(3)}
+    trained = {"a": np.full((2, 2), 3.0), "b": np.ones(3) + 4.0, "extra": np.zeros(1)}
+    out = clipped_update(trained, base, ["b", "a"], clip_norm=2.0, count=True)
+    assert [x.shape for x in out] == [(3,), (2, 2), (1,)]
+    norm = np.sqrt(sum(float((x**2).sum()) for x in out[:2]))
+    assert norm == pytest.approx(2.0) and out[2][0] == 0.0  # clipped: not counted
+    small = clipped_update(trained, base, ["a"], clip_norm=10.0, count=True)
+    np.testing.assert_allclose(small[0], trained["a"])
+    assert small[1][0] == 10.0  # within the bound: C x 1
+    with pytest.raises(ValueError, match="lacks c"):
+        clipped_update(trained, base, ["a", "c"], clip_norm=1.0, count=False)
+
+
+def test_the_adapter_hands_the_handler_fedpeft_records_and_returns_only_the_update():
+    payload = {"a": np.ones((2, 2), np.float32), BASE_PREFIX + "b": np.full(3, 2.0, np.float32)}
+    config = {
+        "server-round": 3,
+        "task": "{}",
+        SECAGG_NAMES: json.dumps(list(payload)),
+        SECAGG_UPDATE_KEYS: json.dumps(["a", "b"]),
+        SECAGG_CLIP_NORM: 100.0,
+        SECAGG_COUNT: False,
+    }
+    fitins = FitIns(ndarrays_to_parameters(list(payload.values())), config)
+    msg = Message(
+        compat.fitins_to_recorddict(fitins, keep_input=True),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
+    seen = {}
+
+    def handler(inner: Message, ctx: Context) -> Message:
+        seen["arrays"] = {k: v.numpy() for k, v in inner.content["arrays"].items()}
+        seen["config"] = dict(inner.content["config"])
+        trained = {"a": np.full((2, 2), 1.5, np.float32), "b": np.full(3, 2.5, np.float32)}
+        arrays = ArrayRecord({k: Array(v) for k, v in trained.items()})
+        metrics = MetricRecord({"train-loss": 0.5, "num-examples": 9})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=inner)
+
+    out = fitins_adapter(msg, context(), handler)
+    assert list(seen["arrays"]) == ["a"]  # the base is subtracted, never loaded
+    assert seen["config"] == {"server-round": 3, "task": "{}"}
+    fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
+    assert fitres.num_examples == 1 and fitres.metrics == {}
+    assert "metrics" not in out.content
+    update = parameters_to_ndarrays(fitres.parameters)
+    np.testing.assert_allclose(update[0], np.full((2, 2), 0.5))
+    np.testing.assert_allclose(update[1], np.full(3, 0.5))
