@@ -13,7 +13,6 @@ noise: z_update^-2 + (2 sigma_count)^-2 = z^-2 (docs/privacy.md, "Client-level D
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params
@@ -21,17 +20,20 @@ from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 from fedpeft.errors import ConfigError
 from fedpeft.privacy.calibration import calibrate_noise
 from fedpeft.privacy.ledger import spent_epsilon
-from fedpeft.privacy.settings import ACCOUNTANTS, MAX_DELTA, MAX_EPSILON, MAX_NOISE_MULTIPLIER
+from fedpeft.privacy.settings import (
+    ACCOUNTANTS,
+    MAX_DELTA,
+    MAX_EPSILON,
+    MAX_NOISE_MULTIPLIER,
+    check_values,
+    enabled_settings,
+    within,
+)
 from fedpeft.schema import finite_number
 
 CLIPPINGS = ("fixed", "adaptive")
 #: Largest clipping bound accepted (an update norm of a LoRA adapter is far below it).
 MAX_CLIP_NORM = 1e6
-
-
-def _in(value: object, low: float, high: float) -> bool:
-    """`value` a finite number with low < value <= high."""
-    return finite_number(value) and low < value <= high
 
 
 @dataclass(frozen=True)
@@ -60,63 +62,49 @@ class ClientDPSettings:
     @classmethod
     def parse(cls, raw: object, where: str = "client_dp") -> ClientDPSettings:
         """Validate a `client_dp` mapping: unknown keys, NaN, inf and out-of-range are refused."""
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{where} must be a mapping of client-level DP settings")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(str(k) for k in raw if k not in known)
-        if unknown:
-            raise ConfigError(
-                f"{where} has unknown key(s) {', '.join(unknown)}: the client-level DP settings "
-                f"are {', '.join(sorted(known))}"
-            )
-        enabled = raw.get("enabled", False)
-        if not isinstance(enabled, bool):
-            raise ConfigError(f"{where}.enabled={enabled} must be true or false")
-        if not enabled:
+        v = enabled_settings(
+            raw,
+            {f.name for f in fields(cls)},
+            where,
+            "client-level DP settings",
+            "state every setting (client_dp=custom lists them)",
+        )
+        if v is None:
             return cls()
-        missing = sorted(known - set(raw))
-        if missing:
-            raise ConfigError(
-                f"{where} has enabled=true but no {', '.join(missing)}: state every setting "
-                "(client_dp=custom lists them)"
-            )
-        v = dict(raw)
         checks = [
             (
                 "target_epsilon",
-                _in(v["target_epsilon"], 0, MAX_EPSILON),
+                within(v["target_epsilon"], 0, MAX_EPSILON),
                 f"in (0, {MAX_EPSILON:g}]",
             ),
             (
                 "delta",
-                v["delta"] is None or (_in(v["delta"], 0, 1) and v["delta"] < 1),
+                v["delta"] is None or (within(v["delta"], 0, 1) and v["delta"] < 1),
                 "in (0, 1), e.g. 1e-6 (or null for 1/N)",
             ),
             (
                 "noise_multiplier",
                 v["noise_multiplier"] is None
-                or _in(v["noise_multiplier"], 0, MAX_NOISE_MULTIPLIER),
+                or within(v["noise_multiplier"], 0, MAX_NOISE_MULTIPLIER),
                 f"in (0, {MAX_NOISE_MULTIPLIER:g}] (or null to calibrate to target_epsilon)",
             ),
             ("clipping", v["clipping"] in CLIPPINGS, f"one of {', '.join(CLIPPINGS)}"),
-            ("clip_norm", _in(v["clip_norm"], 0, MAX_CLIP_NORM), f"in (0, {MAX_CLIP_NORM:g}]"),
+            ("clip_norm", within(v["clip_norm"], 0, MAX_CLIP_NORM), f"in (0, {MAX_CLIP_NORM:g}]"),
             (
                 "target_quantile",
                 finite_number(v["target_quantile"]) and 0 <= v["target_quantile"] <= 1,
                 "a quantile in [0, 1], e.g. 0.5",
             ),
-            ("clip_lr", _in(v["clip_lr"], 0, 10), "in (0, 10], e.g. 0.2"),
+            ("clip_lr", within(v["clip_lr"], 0, 10), "in (0, 10], e.g. 0.2"),
             (
                 "count_stddev",
-                v["count_stddev"] is None or _in(v["count_stddev"], 0, 1e9),
+                v["count_stddev"] is None or within(v["count_stddev"], 0, 1e9),
                 "positive (or null: expected cohort / 20)",
             ),
             ("accountant", v["accountant"] in ACCOUNTANTS, f"one of {', '.join(ACCOUNTANTS)}"),
             ("reproducible", isinstance(v["reproducible"], bool), "true or false"),
         ]
-        for key, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"{where}.{key}={v[key]} must be {expected}")
+        check_values(where, v, checks)
         numbers = (
             "target_epsilon",
             "delta",

@@ -26,7 +26,7 @@ MAX_PLANNED_ROUNDS = 1_000_000
 MAX_PHYSICAL_BATCH = 1_000_000
 
 
-def _in(value: object, low: float, high: float) -> bool:
+def within(value: object, low: float, high: float) -> bool:
     """`value` a finite number with low < value <= high."""
     return finite_number(value) and low < value <= high
 
@@ -61,47 +61,38 @@ class DPSettings:
         of 0 and accountants outside ACCOUNTANTS are refused with a ConfigError naming the key.
         A server's task and a user's config go through this same check.
         """
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{where} must be a mapping of DP settings, got {type(raw).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(str(k) for k in raw if k not in known)
-        if unknown:
-            raise ConfigError(
-                f"{where} has unknown key(s) {', '.join(unknown)}: the DP settings are "
-                f"{', '.join(sorted(known))}"
-            )
-        enabled = raw.get("enabled", False)
-        if not isinstance(enabled, bool):
-            raise ConfigError(f"{where}.enabled={enabled} must be true or false")
-        if not enabled:
+        values = enabled_settings(
+            raw,
+            known,
+            where,
+            "DP settings",
+            "a private task states every DP setting (a missing one is refused, never defaulted)",
+        )
+        if values is None:
             return cls()
-        missing = sorted(known - set(raw))
-        if missing:
-            raise ConfigError(
-                f"{where} has enabled=true but no {', '.join(missing)}: a private task states "
-                "every DP setting (a missing one is refused, never defaulted)"
-            )
-        values = dict(raw)
         checks = [
             (
                 "target_epsilon",
-                _in(values["target_epsilon"], 0.0, MAX_EPSILON),
+                within(values["target_epsilon"], 0.0, MAX_EPSILON),
                 f"a finite number in (0, {MAX_EPSILON:g}], e.g. 3",
             ),
             (
                 "delta",
-                values["delta"] is None or _in(values["delta"], 0.0, 1.0) and values["delta"] < 1,
+                values["delta"] is None
+                or within(values["delta"], 0.0, 1.0)
+                and values["delta"] < 1,
                 "a finite number in (0, 1), e.g. 1e-5 (or null for 1/n per client)",
             ),
             (
                 "max_grad_norm",
-                _in(values["max_grad_norm"], 0.0, MAX_GRAD_NORM),
+                within(values["max_grad_norm"], 0.0, MAX_GRAD_NORM),
                 f"a finite number in (0, {MAX_GRAD_NORM:g}], e.g. 1.0",
             ),
             (
                 "noise_multiplier",
                 values["noise_multiplier"] is None
-                or _in(values["noise_multiplier"], 0.0, MAX_NOISE_MULTIPLIER),
+                or within(values["noise_multiplier"], 0.0, MAX_NOISE_MULTIPLIER),
                 f"a finite number in (0, {MAX_NOISE_MULTIPLIER:g}] (or null to calibrate); "
                 "0 would be no noise at all",
             ),
@@ -128,9 +119,7 @@ class DPSettings:
             ),
             ("reproducible", isinstance(values["reproducible"], bool), "true or false"),
         ]
-        for key, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"{where}.{key}={values[key]} must be {expected}")
+        check_values(where, values, checks)
         numbers = ("target_epsilon", "delta", "max_grad_norm", "noise_multiplier")
         return cls(
             **{k: float(v) if k in numbers and v is not None else v for k, v in values.items()}
@@ -140,6 +129,42 @@ class DPSettings:
     def from_task(cls, task: Mapping[str, Any]) -> DPSettings:
         """The settings in a task dict (disabled when the task has none), checked by `parse`."""
         return cls.parse(task.get("dp") or {}, "dp")
+
+
+def enabled_settings(
+    raw: object, known: set[str], where: str, kind: str, missing_note: str
+) -> dict[str, Any] | None:
+    """A DP group's values when enabled, None when disabled; fail closed on its shape.
+
+    A non-mapping, unknown keys (even when disabled), a non-bool `enabled` and, when enabled, any
+    missing key raise a ConfigError naming `where` and the `kind` of settings.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a mapping of {kind}, got {type(raw).__name__}")
+    unknown = sorted(str(k) for k in raw if k not in known)
+    if unknown:
+        raise ConfigError(
+            f"{where} has unknown key(s) {', '.join(unknown)}: the {kind} are "
+            f"{', '.join(sorted(known))}"
+        )
+    enabled = raw.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{where}.enabled={enabled} must be true or false")
+    if not enabled:
+        return None
+    missing = sorted(known - set(raw))
+    if missing:
+        raise ConfigError(f"{where} has enabled=true but no {', '.join(missing)}: {missing_note}")
+    return dict(raw)
+
+
+def check_values(
+    where: str, values: Mapping[str, Any], checks: list[tuple[str, bool, str]]
+) -> None:
+    """Raise a ConfigError for the first (key, ok, expected) check that failed, naming the key."""
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{where}.{key}={values[key]} must be {expected}")
 
 
 def default_delta(num_examples: int) -> float:
