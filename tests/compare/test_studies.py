@@ -13,6 +13,7 @@ def _runs(name, *extra):
 
 def test_packaged_studies():
     assert study_names() == [
+        "client_dp_cross_device",
         "comm_efficiency",
         "dp_recipe",
         "dp_recipe_head",
@@ -108,6 +109,18 @@ def test_fedsvd_dp_studies_are_the_papers_federation(name, rounds):
         assert cfg.model.pooling == ("cls" if name == "fedsvd_dp_gpu" else "mean")
 
 
+def test_client_dp_cross_device_runs_the_composing_methods_at_both_levels():
+    runs = _runs("client_dp_cross_device")
+    assert len(runs) == 3 * 3 * 3
+    assert {r.values["client_dp"] for r in runs} == {"off", "eps3", "eps8"}
+    for run in runs[:9]:  # compose_config refuses a method that does not compose
+        cfg = compose_config(list(run.overrides))
+        assert cfg.federation.num_clients == 1000 and cfg.federation.fraction == 0.05
+        if cfg.client_dp.enabled:
+            assert cfg.client_dp.clipping == "adaptive"
+            assert cfg.client_dp.target_epsilon in (3, 8)
+
+
 def test_hetero_rank_gives_both_methods_the_same_ranks():
     runs = _runs("hetero_rank")
     assert sorted({r.values["strategy"] for r in runs}) == ["fedavg", "flora"]
@@ -128,7 +141,10 @@ def test_study_from_a_file_and_bad_studies(tmp_path):
     path.write_text("description: two seeds\noverrides: [model=tiny_bert, 'seed=0,1']\n")
     study = load_study(str(path))
     assert study.name == "mine" and len(expand(study.overrides)) == 2
-    with pytest.raises(ConfigError, match="study=nope is unknown: choose one of comm_efficiency"):
+    with pytest.raises(
+        ConfigError,
+        match="study=nope is unknown: choose one of client_dp_cross_device, comm_efficiency",
+    ):
         load_study("nope")
     path.write_text("overrides: [seed=0]\ntargett: 0.9\n")
     with pytest.raises(ConfigError, match="unknown key 'targett'"):
