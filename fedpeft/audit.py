@@ -213,11 +213,17 @@ def client_level_estimate(
     initial: dict[str, torch.Tensor],
     final: dict[str, torch.Tensor],
     delta: float,
+    accounted: float | None = None,
 ) -> dict[str, Any]:
-    """Andrew et al.'s client-level epsilon estimate from the canary clients' cosines."""
+    """Andrew et al.'s client-level epsilon estimate from the canary clients' cosines.
+
+    `accounted`: the run's client-level epsilon under `client_dp` (None: not accounted), set
+    beside the estimate.
+    """
     inserted, null = clients.cosines(initial, final)
     estimate = estimate_epsilon(inserted, null, delta)
     return {
+        "accounted_client_level_epsilon": accounted,
         "epsilon_estimate": estimate.epsilon,
         "epsilon_two_gaussians": estimate.epsilon_two_gaussians,
         "delta": delta,
@@ -227,8 +233,8 @@ def client_level_estimate(
         "cosine_inserted": [estimate.mean_inserted, estimate.std_inserted],
         "cosine_null": [estimate.mean_null, estimate.std_null],
         "estimator": "Andrew et al. (ICLR 2024), one-shot estimate from canary clients' "
-        "cosines with the final model; an estimate, not a bound, and fedpeft accounts no "
-        "client-level DP",
+        "cosines with the final model; an estimate, not a bound (the accounted client-level "
+        "epsilon is client_dp's)",
     }
 
 
@@ -332,11 +338,13 @@ def audit(args: Sequence[str], simulate: Callable[..., dict]) -> dict[str, Any]:
         prepared["initial"],
     )
     if "clients" in prepared:
+        mechanism = prepared["fed"].strategy.client_dp
         record["client_level"] = client_level_estimate(
             prepared["clients"],
             prepared["initial"],
             prepared["fed"].strategy.global_adapter,
-            record["delta"],
+            record["delta"] if mechanism is None else mechanism.noise.delta,
+            None if mechanism is None else mechanism.epsilon(),
         )
     write_audit(Path(result["run_dir"]), record)
     return record

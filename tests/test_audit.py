@@ -1,6 +1,7 @@
 """`fedpeft audit`: canaries reach the clients, the bound stays under an honest run's epsilon and
 rises above a broken (noise-free) run's, and the command fails on the broken one."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -217,6 +218,41 @@ def test_canary_clients_join_the_rounds_and_give_a_client_level_estimate(tmp_pat
     assert record["canary_clients_inserted"] == 40
     with pytest.raises(ConfigError, match="canary_clients=1 must be 0"):
         audit.split_options(["canary_clients=1"])
+
+
+def test_canary_clients_estimate_client_level_dps_accounted_epsilon(tmp_path, data_dir):
+    """Canary clients join client_dp's clipped sum; their estimate meets the accounted epsilon.
+
+    Every client in every round (q = 1), so the Gaussian mechanism's epsilon is nearly tight: an
+    estimate from 200 canaries falls either side of it (measured 2.98 and 3.65 against 3.00
+    accounted over two noise draws; 7.41 against 8.00 at client_dp=eps8). Noise missing or too
+    small drives it far above (55 against a true 10 without the server's noise,
+    docs/privacy.md).
+    """
+    overrides = [*FAST_RUN, "federation.rounds=3", "client_dp=eps3", "client_dp.clipping=fixed"]
+    fed = prepare(compose_config([*overrides, "client_dp.reproducible=true"]))
+    clients = audit.add_canary_clients(fed, 200, seed=0)
+    initial = {k: v.clone() for k, v in fed.strategy.global_adapter.items()}
+    in_process_rounds(fed, 3, tmp_path, simulated=True)
+    assert (clients.rounds_in == 3).all()
+    mechanism = fed.strategy.client_dp
+    record = audit.client_level_estimate(
+        clients, initial, fed.strategy.global_adapter, mechanism.noise.delta, mechanism.epsilon()
+    )
+    accounted = record["accounted_client_level_epsilon"]
+    assert accounted == mechanism.epsilon() and 2.9 <= accounted <= 3.0 * (1 + 1e-6)
+    assert 0.6 * accounted <= record["epsilon_estimate"] <= 1.5 * accounted
+    # A server that adds a tenth of the accounted noise is caught by the same estimate.
+    weak = prepare(compose_config([*overrides, "client_dp.reproducible=true"]))
+    weak.strategy.client_dp.noise = dataclasses.replace(
+        weak.strategy.client_dp.noise, update_multiplier=mechanism.noise.update_multiplier / 10
+    )
+    clients = audit.add_canary_clients(weak, 200, seed=0)
+    in_process_rounds(weak, 3, tmp_path / "weak", simulated=True)
+    leaky = audit.client_level_estimate(
+        clients, initial, weak.strategy.global_adapter, mechanism.noise.delta, accounted
+    )
+    assert leaky["epsilon_estimate"] > 2 * accounted
 
 
 def test_gradient_canaries_catch_a_noise_free_causal_lm(tmp_path, monkeypatch, data_dir):

@@ -537,13 +537,18 @@ class LowRankStrategy(Strategy):
 
         Every round releases, whatever replied (no replies: noise alone), since the accountant
         counts every round. Nothing clients report about their data (losses, CPU time, the
-        update's norm) reaches the history: only the noised tensors are released.
+        update's norm) reaches the history: only the noised tensors are released. A simulated
+        audit's canary clients join the clipped sum like any client.
         """
         assert self.client_dp is not None
         started = time.perf_counter()
         keys = self.up_keys()
         start = {k: self.global_adapter[k] for k in keys}
-        updates = [{k: a.tensors[k].float() - start[k] for k in keys} for a in accepted]
+        replies = [{k: a.tensors[k] for k in keys} for a in accepted]
+        if self.canary_clients is not None:  # `fedpeft audit canary_clients=k`
+            weights = [a.weight for a in accepted]
+            replies, _ = self.canary_clients.join(self.server_round, start, replies, weights)
+        updates = [{k: r[k].float() - start[k] for k in keys} for r in replies]
         mean = self.client_dp.noisy_mean(updates, {k: start[k].shape for k in keys})
         return self._fold_client_dp(start, mean, len(accepted), started)
 
