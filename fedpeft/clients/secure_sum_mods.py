@@ -34,6 +34,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedpeft.protocol import ARRAYS_KEY, CONFIG_KEY
+from fedpeft.schema import finite_number
 
 #: the FitIns config entries the server adds under secure aggregation (module docstring)
 SECAGG_NAMES = "secagg-names"
@@ -66,11 +67,13 @@ def fitins_adapter(msg: Message, context: Context, call_next: Handler) -> Messag
     """
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = dict(fitins.config)
-    names = json.loads(str(config.pop(SECAGG_NAMES)))
-    keys = json.loads(str(config.pop(SECAGG_UPDATE_KEYS)))
-    clip_norm = float(config.pop(SECAGG_CLIP_NORM))
-    count = bool(config.pop(SECAGG_COUNT))
-    tensors = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
+    names, keys, clip_norm, count = secagg_instructions(config)
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    if len(arrays) != len(names):
+        raise ValueError(
+            f"secure aggregation: {len(arrays)} tensors arrived under {len(names)} names"
+        )
+    tensors = dict(zip(names, arrays, strict=True))
     payload = {k: v for k, v in tensors.items() if not k.startswith(BASE_PREFIX)}
     base = {k: payload[k] for k in keys if k in payload}
     base.update({k[len(BASE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(BASE_PREFIX)})
@@ -90,6 +93,36 @@ def fitins_adapter(msg: Message, context: Context, call_next: Handler) -> Messag
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(update), 1, {})
     reply.content = compat.fitres_to_recorddict(fitres, keep_input=False)
     return reply
+
+
+def secagg_instructions(config: dict) -> tuple[list[str], list[str], float, bool]:
+    """Pop and check what the server added to the FitIns config; refuse anything malformed.
+
+    Names and update keys must be JSON lists of distinct strings (the keys among the names or
+    their `BASE_PREFIX` forms), the bound a finite positive number, the count flag a bool.
+    """
+    try:
+        names = json.loads(str(config.pop(SECAGG_NAMES)))
+        keys = json.loads(str(config.pop(SECAGG_UPDATE_KEYS)))
+        clip_norm = config.pop(SECAGG_CLIP_NORM)
+        count = config.pop(SECAGG_COUNT)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"secure aggregation: malformed instructions ({exc})") from exc
+    for what, value in (("names", names), ("update keys", keys)):
+        if not (
+            isinstance(value, list)
+            and all(isinstance(v, str) for v in value)
+            and len(set(value)) == len(value)
+        ):
+            raise ValueError(f"secure aggregation: the {what} must be a list of distinct strings")
+    unknown = [k for k in keys if k not in names and BASE_PREFIX + k not in names]
+    if unknown:
+        raise ValueError(f"secure aggregation: update key(s) {unknown} were not sent")
+    if not (finite_number(clip_norm) and clip_norm > 0):
+        raise ValueError(f"secure aggregation: clip norm {clip_norm} must be finite and positive")
+    if not isinstance(count, bool):
+        raise ValueError(f"secure aggregation: the count flag {count} must be true or false")
+    return names, keys, float(clip_norm), count
 
 
 def clipped_update(

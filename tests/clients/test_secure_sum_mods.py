@@ -28,6 +28,7 @@ from fedpeft.clients.secure_sum_mods import (
     SECAGG_UPDATE_KEYS,
     clipped_update,
     fitins_adapter,
+    secagg_instructions,
     secure_sum_mod,
 )
 
@@ -101,3 +102,40 @@ def test_the_adapter_hands_the_handler_fedpeft_records_and_returns_only_the_upda
     update = parameters_to_ndarrays(fitres.parameters)
     np.testing.assert_allclose(update[0], np.full((2, 2), 0.5))
     np.testing.assert_allclose(update[1], np.full(3, 0.5))
+
+
+GOOD = {
+    "secagg-names": '["a", "secagg-base.b"]',
+    "secagg-update-keys": '["a", "b"]',
+    "secagg-clip-norm": 0.5,
+    "secagg-count": True,
+}
+
+
+def test_well_formed_instructions_are_read():
+    config = {**GOOD, "round": 3}
+    assert secagg_instructions(config) == (["a", "secagg-base.b"], ["a", "b"], 0.5, True)
+    assert config == {"round": 3}  # the rest goes on to the train handler
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("secagg-clip-norm", float("nan"), "finite and positive"),
+        ("secagg-clip-norm", float("inf"), "finite and positive"),
+        ("secagg-clip-norm", -1.0, "finite and positive"),
+        ("secagg-clip-norm", "0.5", "finite and positive"),
+        ("secagg-names", '{"a": 1}', "names must be a list"),
+        ("secagg-names", '["a", "a"]', "names must be a list of distinct"),
+        ("secagg-names", "not json", "malformed"),
+        ("secagg-update-keys", '["c"]', "were not sent"),
+        ("secagg-count", 1, "count flag"),
+    ],
+)
+def test_hostile_instructions_are_refused(key, value, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        secagg_instructions({**GOOD, key: value})
+    missing = dict(GOOD)
+    del missing[key]
+    with pytest.raises(ValueError, match="malformed"):
+        secagg_instructions(missing)
