@@ -216,8 +216,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_robustness(cfg)
     _validate_strategy_params(cfg)
     _validate_drift(cfg)
-    _validate_client_dp(cfg)
-    _validate_secagg(cfg)
+    _validate_secagg(cfg, _validate_client_dp(cfg))
     StopAt.from_config(cfg)
     TrackingSettings.from_config(cfg)
 
@@ -272,7 +271,7 @@ def _validate_drift(cfg: DictConfig) -> None:
         )
 
 
-def _validate_client_dp(cfg: DictConfig) -> None:
+def _validate_client_dp(cfg: DictConfig) -> ClientDPSettings:
     """The `client_dp` group, checked, and the method's own word on composing with it."""
     from fedpeft.strategies import STRATEGIES
 
@@ -280,7 +279,7 @@ def _validate_client_dp(cfg: DictConfig) -> None:
     plain = {} if raw is None else OmegaConf.to_container(raw, resolve=True)
     settings = ClientDPSettings.parse(plain, "client_dp")
     if not settings.enabled:
-        return
+        return settings
     params_raw = cfg.strategy.get("params")
     params = {} if params_raw is None else OmegaConf.to_container(params_raw, resolve=True)
     reason = STRATEGIES[cfg.strategy.name].client_dp_refusal(params)
@@ -301,18 +300,20 @@ def _validate_client_dp(cfg: DictConfig) -> None:
         sample_rate=float(cfg.federation.fraction),
         rounds=cfg.federation.rounds,
     )
+    return settings
 
 
-def _validate_secagg(cfg: DictConfig) -> None:
-    """The `secagg` group: SecAgg+'s settings, and what secure aggregation composes with."""
+def _validate_secagg(cfg: DictConfig, dp: ClientDPSettings) -> None:
+    """The `secagg` group: SecAgg+'s settings, and what secure aggregation composes with.
+
+    `dp` is the run's client-level DP (already checked), whose sum secure aggregation carries.
+    """
     from fedpeft.secure_sum import secagg_settings
     from fedpeft.strategies import STRATEGIES
 
     settings = secagg_settings(cfg)
     if not settings.enabled:
         return
-    raw = cfg.get("client_dp")
-    dp = ClientDPSettings.parse({} if raw is None else OmegaConf.to_container(raw, resolve=True))
     _require(
         dp.enabled,
         "secagg.enabled=true needs client_dp.enabled=true (e.g. client_dp=eps3): secure "

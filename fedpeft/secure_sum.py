@@ -47,8 +47,10 @@ from fedpeft.clients.secure_sum_mods import (
     SECAGG_UPDATE_KEYS,
 )
 from fedpeft.errors import ConfigError
+from fedpeft.privacy.settings import check_values
 from fedpeft.protocol import ARRAYS_KEY, CONFIG_KEY
 from fedpeft.records import from_record
+from fedpeft.schema import integer_in
 from fedpeft.strategies.base import LowRankStrategy
 
 #: the workflow's own record keys: its round, and the global parameters it may overwrite
@@ -106,7 +108,7 @@ class SecAggSettings:
             ),
             (
                 "quantization_range",
-                _integer(quant) and 2 <= quant <= 2**30,
+                integer_in(quant, 2, 2**30),
                 "an integer in [2, 2^30], e.g. 4194304 (2^22)",
             ),
             (
@@ -115,9 +117,7 @@ class SecAggSettings:
                 "a power of 2 at most 2^32, e.g. 4294967296",
             ),
         ]
-        for key, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"{where}.{key}={v[key]} must be {expected}")
+        check_values(where, v, checks)
         if _integer(shares) and _integer(threshold) and threshold >= shares:
             raise ConfigError(
                 f"{where}.reconstruction_threshold={threshold} must be below "

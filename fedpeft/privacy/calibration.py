@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -18,10 +19,14 @@ def planned_rounds(rounds: int, num_clients: int, fraction: float, min_clients: 
     return max(1, math.ceil(rounds * per_round / num_clients))
 
 
+@functools.lru_cache(maxsize=64)
 def calibrate_noise(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:
-    """The smallest sigma whose `steps` steps at `sample_rate` spend at most the target epsilon."""
+    """The smallest sigma whose `steps` steps at `sample_rate` spend at most the target epsilon.
+
+    Cached: a run's configuration is validated before its server calibrates the same numbers.
+    """
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,
