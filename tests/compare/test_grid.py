@@ -1,6 +1,7 @@
 import pytest
 
-from fedpeft.compare.grid import expand, merge
+from fedpeft.compare.grid import config_digest, expand, merge
+from fedpeft.config import compose_config
 from fedpeft.errors import ConfigError
 from tests.conftest import FAST_RUN
 
@@ -63,3 +64,25 @@ def test_merge_keeps_the_last_value_of_a_key():
 def test_bad_grids_fail_before_anything_runs(overrides, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
         expand(overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "digest"),
+    [
+        ([], "dbf86aa8b7"),
+        (["strategy=fedsvd", "dp=eps3", "seed=2"], "398f526374"),
+        (
+            ["strategy=ffa_lora", "federation.num_clients=1000", "federation.fraction=0.05"],
+            "af35b629b2",
+        ),
+    ],
+)
+def test_keys_added_later_keep_finished_runs_digests(overrides, digest):
+    """Digests from before client_dp, secagg and federation.pool_size existed (commit 006b43d)."""
+    assert config_digest(compose_config(overrides)) == digest
+
+
+def test_a_key_added_later_counts_once_it_changes_a_run():
+    base = config_digest(compose_config([]))
+    assert config_digest(compose_config(["client_dp=eps3", "client_dp.clipping=fixed"])) != base
+    assert config_digest(compose_config(["secagg.enabled=true"])) != base
