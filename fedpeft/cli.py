@@ -45,6 +45,7 @@ def simulate(overrides: Sequence[str], on_prepared: Callable[[Any], None] | None
     from rich.console import Console
     from rich.table import Table
 
+    from fedpeft.client_pool import PoolGrid
     from fedpeft.client_resources import (
         attaches_to_cluster,
         check_client_resources,
@@ -69,8 +70,8 @@ def simulate(overrides: Sequence[str], on_prepared: Callable[[Any], None] | None
         on_prepared(fed)
     console.print(
         f"[bold]fedpeft[/bold] {cfg.strategy.name} on {cfg.dataset.name} with {cfg.model.name}: "
-        f"{cfg.federation.num_clients} clients (sizes {fed.partition_sizes}), "
-        f"{cfg.federation.rounds} rounds"
+        f"{cfg.federation.num_clients} clients ({_sizes(fed)}), {cfg.federation.rounds} rounds"
+        + (f", served by a pool of {fed.pool_size} nodes" if fed.pooled else "")
     )
     result: dict = {}
 
@@ -78,6 +79,8 @@ def simulate(overrides: Sequence[str], on_prepared: Callable[[Any], None] | None
 
     @server_app.main()
     def _main(grid, context) -> None:  # noqa: ANN001
+        if fed.pooled:  # the server addresses clients; a pool of nodes serves them
+            grid = PoolGrid(grid, population=cfg.federation.num_clients, pool=fed.pool_size)
         result.update(run_federation(grid, fed, run_dir, console, identify=True, resumed=resumed))
 
     fed_cfg = cfg.federation
@@ -92,7 +95,7 @@ def simulate(overrides: Sequence[str], on_prepared: Callable[[Any], None] | None
     run_simulation(
         server_app=server_app,
         client_app=simulation_app(NodePolicy.for_simulation(cfg.dp, run_dir / "node_state")),
-        num_supernodes=fed_cfg.num_clients,
+        num_supernodes=fed.pool_size,
         backend_config=backend,
         verbose_logging=bool(cfg.verbose),
     )
@@ -122,6 +125,14 @@ def simulate(overrides: Sequence[str], on_prepared: Callable[[Any], None] | None
     )
     _fail_without_replies(result)
     return result
+
+
+def _sizes(fed: Any) -> str:
+    """The partitions' sizes for the banner: each one for a few clients, else a summary."""
+    if len(fed.partition_sizes) <= 20:
+        return f"sizes {fed.partition_sizes}"
+    brief = fed.size_summary()
+    return f"sizes {brief['min']} to {brief['max']}, median {brief['median']}"
 
 
 def _fail_without_replies(result: dict) -> None:

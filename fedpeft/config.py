@@ -11,6 +11,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedpeft.client_pool import pool_size
 from fedpeft.errors import ConfigError
 from fedpeft.models import ModelSpec, check_compute_dtype, resolve_device
 from fedpeft.privacy.client_level import ClientDPSettings, ClientNoise
@@ -216,7 +217,9 @@ def validate(cfg: DictConfig) -> None:
     _validate_robustness(cfg)
     _validate_strategy_params(cfg)
     _validate_drift(cfg)
-    _validate_secagg(cfg, _validate_client_dp(cfg))
+    client_dp = _validate_client_dp(cfg)
+    _validate_secagg(cfg, client_dp)
+    _validate_pool(cfg, client_dp)
     StopAt.from_config(cfg)
     TrackingSettings.from_config(cfg)
 
@@ -342,6 +345,22 @@ def _validate_secagg(cfg: DictConfig, dp: ClientDPSettings) -> None:
         f"secagg.modulus_range={settings.modulus_range}; lower secagg.quantization_range "
         f"(now {settings.quantization_range})",
     )
+
+
+def _validate_pool(cfg: DictConfig, dp: ClientDPSettings) -> None:
+    """`federation.pool_size`, and what a pooled simulation (fewer nodes than clients) refuses."""
+    fed = cfg.federation
+    size = pool_size(
+        fed.get("pool_size"), fed.num_clients, float(fed.fraction), fed.min_clients, dp.enabled
+    )
+    if size < fed.num_clients:
+        _require(
+            not cfg.secagg.enabled,
+            f"secagg.enabled=true with a pool of {size} nodes for {fed.num_clients} clients: "
+            "SecAgg+ keeps each node's keys on the node across its stages, which a node serving "
+            f"several clients would mix; set federation.pool_size={fed.num_clients} (one node per "
+            "client) or secagg.enabled=false",
+        )
 
 
 def _composing(option: str) -> list[str]:

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedpeft import adapters, data, models, privacy, tasks, training
 from fedpeft.causal import evaluation as causal_evaluation
+from fedpeft.client_pool import pool_size
 from fedpeft.errors import ConfigError
 from fedpeft.privacy.client_level import ClientDPSettings, ClientNoise
 from fedpeft.round_task import RoundTask
@@ -190,6 +192,24 @@ class Federation:
     strategy: LowRankStrategy
     evaluator: ServerEvaluator
     partition_sizes: list[int]
+    #: Flower nodes a simulation registers (client_pool.py); num_clients: one per client
+    pool_size: int
+
+    @property
+    def pooled(self) -> bool:
+        """Whether fewer nodes than clients serve the simulation (client_pool.PoolGrid)."""
+        return self.pool_size < len(self.partition_sizes)
+
+    def size_summary(self) -> dict[str, int]:
+        """The partitions' sizes in brief: count, min, median, max and total examples."""
+        sizes = np.asarray(self.partition_sizes)
+        return {
+            "clients": int(sizes.size),
+            "min": int(sizes.min()),
+            "median": int(np.median(sizes)),
+            "max": int(sizes.max()),
+            "total": int(sizes.sum()),
+        }
 
     def save_adapter(self, path: Path) -> None:
         """Save the global model as a plain peft LoRA, for PeftModel.from_pretrained.
@@ -409,4 +429,16 @@ def prepare(cfg: DictConfig, deployed: bool = False) -> Federation:
         task=cfg.task,
         max_new_tokens=int(cfg.eval.get("max_new_tokens") or 256),
     )
-    return Federation(cfg, dataset, task, strategy, evaluator, sizes)
+    fed = cfg.federation
+    pool = (
+        num_clients
+        if deployed
+        else pool_size(
+            fed.get("pool_size"),
+            num_clients,
+            float(fed.fraction),
+            fed.min_clients,
+            strategy.client_dp is not None,
+        )
+    )
+    return Federation(cfg, dataset, task, strategy, evaluator, sizes, pool)

@@ -13,6 +13,10 @@ from __future__ import annotations
 # -- records of a message ---------------------------------------------------------------------
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
+#: in a pooled simulation, the client a message is for (client_pool.py): its id and the population
+POOL_KEY = "fedpeft.pool"
+POOL_CLIENT = "client"
+POOL_POPULATION = "population"
 METRICS_KEY = "metrics"
 #: the round config's JSON task: what every client needs to rebuild model, adapter and data
 TASK_KEY = "task"

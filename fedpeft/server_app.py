@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedpeft import checkpoint, identity
+from fedpeft.client_pool import PoolGrid
 from fedpeft.config import compose_config
 from fedpeft.errors import ConfigError
 from fedpeft.federation import Federation, prepare
@@ -30,6 +31,8 @@ from fedpeft.tracking import Tracking
 
 #: Longest failure reason kept in history.csv (the log has it whole).
 REASON_CHARS = 300
+#: summary.json lists every partition's size up to this many clients (beyond: the summary only)
+MAX_LISTED_SIZES = 10_000
 
 app = ServerApp()
 
@@ -160,10 +163,18 @@ def run_federation(
     if identify:
         wait_for_nodes(grid, expected_nodes or cfg.federation.num_clients, strategy.wait_timeout)
     # A simulation identifies a node when it is first sampled (its cost follows the sampled
-    # clients, not all of them); a deployment identifies every node when it joins.
-    simulated = identify and bool(identity.registration_names(grid))
+    # clients, not all of them); a deployment identifies every node when it joins. A pooled
+    # simulation's nodes are its clients by construction (client_pool.py): the server knows each
+    # one's name and, from its own partitioning, its example count.
+    pooled = isinstance(grid, PoolGrid)
+    simulated = identify and (pooled or bool(identity.registration_names(grid)))
     if simulated:
         strategy.identify_sampled_timeout = strategy.wait_timeout
+    if pooled:
+        strategy.roster.population = grid.population
+        if fed.task.get("canaries") is None:  # an audit's canaries change the counts: ask
+            sizes = fed.partition_sizes
+            strategy.roster.count = lambda client: int(sizes[client])
     if resumed is not None:
         strategy.load_state_dict(resumed.tensors, resumed.strategy)
         folder.restore(resumed.rows)
@@ -269,7 +280,11 @@ def run_federation(
         "stopped_early": stopped.to_dict() if stopped is not None else None,
         "adapter_dir": str(folder.adapter_dir.resolve()),
         "run_dir": str(folder.path.resolve()),
-        "partition_sizes": fed.partition_sizes,
+        "partition_sizes": (
+            list(fed.partition_sizes) if len(fed.partition_sizes) <= MAX_LISTED_SIZES else None
+        ),
+        "partition_size_summary": fed.size_summary(),
+        "pool_size": fed.pool_size,
         "declared_examples": strategy.roster.declared_by_member(),
         "resumed_from_round": resumed.server_round if resumed is not None else None,
         "evaluation": strategy.evaluation,

@@ -8,7 +8,7 @@ Driven by two round-config entries, never by a method's name:
   `Context.state` (per node in simulation and deployment) and in a file in the node's state
   directory (node config `state-dir`, the one its privacy ledgers use):
   `run-<run id>/client-<name>.local-factors.safetensors`, replaced atomically after every round
-  (privacy.ledger_file.write_atomically). A SuperNode keeps `Context.state` in memory only, so
+  (durable_files.write_atomically). A SuperNode keeps `Context.state` in memory only, so
   after a restart the file brings its factors back; without the file (a new machine, a deleted
   directory) the node starts again from the initial adapter and logs it.
 - `holdout-fraction` = f: the node holds round(f n) of its n examples (at least 1, and at least
@@ -38,8 +38,8 @@ from safetensors.torch import save as save_bytes
 from fedpeft import adapters
 from fedpeft.adapters import HEAD_PREFIX
 from fedpeft.clients.round_feature import Round, RoundFeature
+from fedpeft.durable_files import write_atomically
 from fedpeft.errors import FedPeftError
-from fedpeft.privacy.ledger_file import write_atomically
 from fedpeft.privacy.policy import NodePolicy, PolicyViolation
 from fedpeft.privacy.settings import DPSettings
 from fedpeft.protocol import HOLDOUT_FRACTION, LOCAL_FACTORS

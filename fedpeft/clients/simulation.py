@@ -8,7 +8,11 @@
   Ray actor served before. Deployed clients keep their own unseeded RNG: a seed the server knows
   must not drive anything private there (DP noise draws from the same RNG).
 - fault injection (faults.py).
-- secure aggregation (`secure_sum_mod`, outermost; clients/secure_sum_mods.py), as deployed.
+- secure aggregation (`secure_sum_mod`, outermost of the train mods; clients/secure_sum_mods.py),
+  as deployed.
+- pooled clients (`client_mod`, outermost of all; clients/pool_client.py): a node of a pooled
+  simulation answers each message as the client it names, with that client's partition and
+  state.
 - where it ran: each local round logs the client, the round and the Ray node whose actor ran it
   (`ray_node_log`), in that worker's log on that node (and on the driver with verbose=true), so
   that a run on a Ray cluster shows which machine trained which client.
@@ -28,6 +32,8 @@ from flwr.supercore import log
 
 from fedpeft.clients import faults
 from fedpeft.clients.client_app import evaluate_round, identity_reply, train_round
+from fedpeft.clients.client_store import ClientStore
+from fedpeft.clients.pool_client import client_mod
 from fedpeft.clients.secure_sum_mods import secure_sum_mod
 from fedpeft.identity import member
 from fedpeft.privacy.policy import NodePolicy
@@ -72,7 +78,8 @@ def simulation_app(policy: NodePolicy) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         return train_round(msg, context, policy)
 
-    app = ClientApp()
+    # client_mod first: every handler and mod below runs as the client the message names
+    app = ClientApp(mods=[client_mod(ClientStore(policy.state_dir / "clients"))])
     # secure_sum_mod first: SecAgg+'s own messages carry no round config for the others to read
     app.train(mods=[secure_sum_mod, ray_node_log, faults.fault_mod, seeded_rng])(train)
 

@@ -17,15 +17,13 @@ in two processes, spend one after the other and never more than the budget betwe
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from fedpeft.durable_files import exclusive_lock, write_atomically
 from fedpeft.errors import FedPeftError
 
 FORMAT = "fedpeft-privacy-ledger/2"
@@ -91,51 +89,10 @@ class LedgerFile:
         record = {"format": FORMAT, "data": self.data, "runs": runs}
         write_atomically(self.path, lambda f: json.dump(record, f, allow_nan=False), mode="w")
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> contextlib.AbstractContextManager[None]:
         """Hold this data set's ledger exclusively (across processes) for the block."""
-        lock_path = self.path.with_suffix(".lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
+        return exclusive_lock(self.path.with_suffix(".lock"))
 
 
 def _refuse_constant(name: str) -> float:
     raise ValueError(f"non-finite constant {name}")
-
-
-def write_atomically(path: Path, write: Callable[[IO], object], mode: str = "wb") -> None:
-    """Replace `path` with what `write` writes (temporary file, fsync, os.replace, fsync dir).
-
-    A write killed part-way leaves the old file or the new one, never a broken one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable: fsync the directory that holds the file (POSIX)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -170,7 +170,8 @@ class FedSALoRA(LowRankStrategy):
 
         Before round 1 every connected node scores the common start; after it, only nodes that
         have trained at least once (a node never sampled would score B = 0 and the seeded head,
-        and pull the mean towards chance).
+        and pull the mean towards chance). A pooled simulation asks only the clients trained so
+        far, never its whole population (so round 0 has no score).
         """
         self.eval_bytes_down = 0
         if self.private:
@@ -184,7 +185,11 @@ class FedSALoRA(LowRankStrategy):
             TASK_KEY: self.round_task_json(server_round),
         }
         messages = []
-        for node_id in sorted(grid.get_node_ids(), key=self.roster.order):
+        if self.roster.population is not None:  # pooled: the clients trained so far, by id
+            nodes = sorted(self.trained)
+        else:
+            nodes = sorted(grid.get_node_ids(), key=self.roster.order)
+        for node_id in nodes:
             if server_round > 0 and self.member(node_id) not in self.trained:
                 continue
             record = RecordDict({ARRAYS_KEY: payload, CONFIG_KEY: ConfigRecord(content)})

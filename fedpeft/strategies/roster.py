@@ -9,19 +9,27 @@ claims to it: screening.py, declared.py), the
 rank it was assigned, the version of the state it holds for a method that keeps some on clients,
 and whether it has spent its privacy budget (it is not sampled again).
 
+In a pooled simulation (client_pool.py) the node ids the server sees are client ids 0..N-1 and
+`population` is N: sampling draws client ids without listing the population (`Eligible`), so a
+round costs the clients it samples whatever N is, and a client's example count comes from the
+server's own partitioning (`count`), or from an identity query where the clients' data differs
+from it (an audit's canaries).
+
 The roster is plain data and the rules over it; it knows no strategy. A deployment's server loop
 (server_app.py) and a strategy's `configure_train` share it.
 """
 
 from __future__ import annotations
 
+import bisect
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from logging import WARNING
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -59,6 +67,10 @@ class Roster:
         self.expected_names: Mapping[int, int] = MappingProxyType({})
         #: nodes connected when the last round was sampled
         self.connected = 0
+        #: the population N of a pooled simulation, whose node ids are client ids 0..N-1
+        self.population: int | None = None
+        #: a pooled client's example count (None: ask the client, identity.ask)
+        self.count: Callable[[int], int] | None = None
 
     def identify(
         self, identities: Mapping[int, int], declared: Mapping[int, int] | None = None
@@ -146,6 +158,10 @@ class Roster:
         before its first train message; until then it is sampled under `expected_names`. Costs
         O(connected nodes) in sorting and O(sampled nodes) in messages.
         """
+        if self.population is not None:
+            return self._sample_population(
+                grid, fraction, min_clients, server_round, poisson, task or {}, identify_timeout
+            )
         deadline = time.monotonic() + wait_timeout
         while len(nodes := list(grid.get_node_ids())) < min_clients:
             if time.monotonic() > deadline:
@@ -175,6 +191,50 @@ class Roster:
         if lazy and new:
             self._ask(grid, new, set(nodes), task or {}, float(identify_timeout))
         return sorted(sampled, key=self.order)
+
+    def _sample_population(
+        self,
+        grid: Grid,
+        fraction: float,
+        min_clients: int,
+        server_round: int,
+        poisson: bool,
+        task: Mapping[str, Any],
+        identify_timeout: float | None,
+    ) -> list[int]:
+        """This round's client ids out of 0..N-1, in O(clients sampled) time and memory.
+
+        Fixed size: the same draw as `sample` over N identified nodes (random.sample only indexes
+        its population), so a pooled run samples the clients an unpooled one does. Poisson: the
+        cohort's size is Binomial(eligible, fraction), then that many distinct clients uniformly,
+        which is the law of independent Bernoulli(fraction) draws the accountant assumes.
+        """
+        assert self.population is not None
+        self.connected = n = self.population
+        eligible = Eligible(n, self.exhausted)
+        size = min(n, max(min_clients, int(fraction * n)))
+        if len(eligible) < size:
+            log(
+                WARNING,
+                "round %d: %d of %d clients have spent their privacy budget; sampling %d",
+                server_round,
+                n - len(eligible),
+                n,
+                len(eligible),
+            )
+        if poisson:
+            cohort = np.random.default_rng(self.rng.getrandbits(64)).binomial(
+                len(eligible), fraction
+            )
+        else:
+            cohort = min(size, len(eligible))
+        sampled = sorted(self.rng.sample(eligible, int(cohort)))
+        new = [c for c in sampled if c not in self.declared]
+        if new and self.count is not None:
+            self.declared.update({c: self.count(c) for c in new})
+        elif new:
+            self._ask(grid, new, set(), task, float(identify_timeout or 0.0))
+        return sampled
 
     def _ask(
         self,
@@ -214,3 +274,30 @@ class Roster:
         self.node_ranks = {int(m): int(r) for m, r in meta["node_ranks"]}
         self.exhausted = {int(m) for m in meta.get("exhausted", [])}
         self.versions = {}
+
+
+class Eligible(Sequence[int]):
+    """The ids 0..n-1 without `excluded`, as a Sequence indexed in O(log |excluded|).
+
+    `random.sample(Eligible(n, spent), k)` draws k of them touching only the k it picks.
+    """
+
+    def __init__(self, n: int, excluded: set[int]) -> None:
+        self.n = n
+        self.excluded = sorted(e for e in excluded if 0 <= e < n)
+
+    def __len__(self) -> int:
+        return self.n - len(self.excluded)
+
+    def __getitem__(self, i: int) -> int:  # type: ignore[override]
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        # the i-th id not excluded: the smallest v with v - (excluded ids <= v) == i
+        low, high = i, i + len(self.excluded)
+        while low < high:
+            mid = (low + high) // 2
+            if mid - bisect.bisect_right(self.excluded, mid) < i:
+                low = mid + 1
+            else:
+                high = mid
+        return low
