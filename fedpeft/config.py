@@ -12,6 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedpeft.client_pool import pool_size
+from fedpeft.data.partition import partition_params
 from fedpeft.errors import ConfigError
 from fedpeft.models import ModelSpec, check_compute_dtype, resolve_device
 from fedpeft.privacy.client_level import ClientDPSettings, ClientNoise
@@ -212,6 +213,7 @@ def validate(cfg: DictConfig) -> None:
             "(the examples every client gets before the Dirichlet draw)",
         )
     _require(isinstance(cfg.seed, int), f"seed={cfg.seed} must be an integer")
+    partition_params(cfg.partition)
     _validate_task(cfg)
     _validate_scale(cfg)
     _validate_robustness(cfg)
@@ -395,9 +397,9 @@ def _validate_task(cfg: DictConfig) -> None:
     )
     if task == "causal_lm":
         _require(
-            cfg.partition.name == "iid",
+            cfg.partition.name in ("iid", "sampled"),
             f"partition={cfg.partition.name} splits by label, and {cfg.dataset.name} has none: "
-            "use partition=iid",
+            "use partition=iid (or partition=sampled)",
         )
         tokens = cfg.eval.get("max_new_tokens")
         _require(

@@ -374,10 +374,11 @@ def prepare(cfg: DictConfig, deployed: bool = False) -> Federation:
     """
     dataset = data.load_text_dataset(cfg.dataset, seed=cfg.seed)
     num_clients = cfg.federation.num_clients
-    if num_clients > len(dataset.train):
+    if num_clients > len(dataset.train) and cfg.partition.name != "sampled":
         raise ConfigError(
             f"federation.num_clients={num_clients} exceeds the {len(dataset.train)} training "
-            "examples: use fewer clients or a larger dataset"
+            "examples: use fewer clients, a larger dataset, or sampled client data sets "
+            "(partition=sampled)"
         )
     sizes = data.partition_sizes(dataset.train, num_clients, cfg.partition, seed=cfg.seed)
     task = build_task(cfg, dataset.num_labels, list(dataset.label_names))

@@ -147,3 +147,11 @@ def in_process_rounds(
         assert fed.strategy.aggregate_train(server_round, replies)[0] is not None
         stats.append(vars(fed.strategy.stats).copy())
     return stats
+
+
+@pytest.fixture
+def flower_task_identity():
+    """Flower's process-wide task identity, which building a Message outside a run needs."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0

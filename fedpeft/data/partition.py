@@ -12,6 +12,15 @@ Label skew at any number of clients, from 10 to 50,000 on SST-2's 67,349 sentenc
 - pathological: a client holds at most min(num_classes_per_partition, examples // clients)
   labels (at least 1), since flwr-datasets refuses a label wanted by more clients than it has
   examples; a split that still leaves a client empty is an error.
+
+A population larger than the data set (a million simulated phones on 67,349 sentences):
+- sampled: an artificial federated data set, as pfl-research builds one. Client i's size is
+  drawn from a user-size distribution (`size_distribution`: poisson with mean `mean_examples`,
+  at least `min_examples`; or constant), and its examples are that many distinct examples drawn
+  uniformly from the whole train split, seeded by (seed, i). Clients' data is therefore IID and
+  may overlap (two clients can hold the same sentence), unlike the splits above; each client's
+  partition is drawn when it is loaded, so no per-client object exists until a client is
+  sampled, and all N sizes are one vectorised draw.
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ from flwr_datasets.partitioner import (
 from fedpeft.data.spec import plain_config
 from fedpeft.errors import ConfigError
 
-PARTITIONS = ("iid", "dirichlet", "pathological")
+PARTITIONS = ("iid", "dirichlet", "pathological", "sampled")
+SIZE_DISTRIBUTIONS = ("poisson", "constant")
 CLASS_ASSIGNMENT_MODES = ("first-deterministic", "deterministic", "random")
 #: Largest floor `min_partition_size=auto` gives each Dirichlet client.
 AUTO_FLOOR = 10
@@ -68,6 +78,47 @@ class Partitioning:
         return (
             self.partitioner.num_partitions if self.partitioner is not None else len(self.indices)
         )
+
+
+class SampledPartitioning(Partitioning):
+    """An artificial federated data set: client i draws its size, then its examples, with (seed, i).
+
+    Sizes: Poisson(mean) floored at `minimum` (or `mean` for all), capped at the split's length;
+    examples: distinct, uniform over the split, drawn only when the client's partition is loaded.
+    """
+
+    def __init__(
+        self,
+        train: datasets.Dataset,
+        num_partitions: int,
+        mean: int,
+        minimum: int,
+        distribution: str,
+        seed: int,
+    ) -> None:
+        super().__init__(train)
+        self.seed = seed
+        if distribution == "constant":
+            sizes = np.full(num_partitions, mean, dtype=np.int64)
+        else:
+            sizes = np.random.default_rng([seed, 0x5A3D]).poisson(mean, num_partitions)
+        self._sizes = np.clip(sizes, minimum, len(train)).astype(np.int64)
+
+    def client_indices(self, partition_id: int) -> np.ndarray:
+        """The positions in the train split of client `partition_id`'s examples, sorted."""
+        size = int(self._sizes[partition_id])
+        drawn = np.random.default_rng([self.seed, partition_id, 1]).choice(
+            len(self.train), size, replace=False
+        )
+        return np.sort(drawn)
+
+    def load_partition(self, partition_id: int) -> datasets.Dataset:
+        """The examples of client `partition_id`, drawn now."""
+        return self.train.select(self.client_indices(partition_id))
+
+    def sizes(self) -> list[int]:
+        """Every client's example count (one vectorised draw at construction)."""
+        return self._sizes.tolist()
 
 
 _PARTITIONINGS: OrderedDict[tuple, Partitioning] = OrderedDict()
@@ -112,7 +163,7 @@ def _partitioning(
     train: datasets.Dataset, num_partitions: int, cfg: Mapping, seed: int
 ) -> Partitioning:
     """Build (or reuse, per process) the partitioning with its assignment computed."""
-    params = _partition_params(cfg)
+    params = partition_params(cfg)
     if (
         isinstance(num_partitions, bool)
         or not isinstance(num_partitions, int)
@@ -121,10 +172,11 @@ def _partitioning(
         raise ConfigError(
             f"federation.num_clients must be a positive integer, got {num_partitions!r}"
         )
-    if num_partitions > len(train):
+    if num_partitions > len(train) and params[0] != "sampled":
         raise ConfigError(
             f"federation.num_clients={num_partitions} exceeds the {len(train)} training examples "
-            "of the dataset: lower federation.num_clients or raise dataset.max_train_examples"
+            "of the dataset: lower federation.num_clients, raise dataset.max_train_examples, or "
+            "give clients sampled data sets (partition=sampled)"
         )
     key = (train._fingerprint, len(train), num_partitions, params, int(seed))
     if key in _PARTITIONINGS:
@@ -137,7 +189,8 @@ def _partitioning(
     return partitioning
 
 
-def _partition_params(cfg: Mapping) -> tuple:
+def partition_params(cfg: Mapping) -> tuple:
+    """The `partition` group's settings, checked, as a hashable tuple (name first)."""
     c = plain_config(cfg)
     name = c.get("name")
     if name == "iid":
@@ -167,14 +220,41 @@ def _partition_params(cfg: Mapping) -> tuple:
                 f"{', '.join(CLASS_ASSIGNMENT_MODES)}"
             )
         return ("pathological", k, mode)
+    if name == "sampled":
+        return _sampled_params(c)
     raise ConfigError(
         f"partition.name={name!r} is not a known partitioning: use one of {', '.join(PARTITIONS)} "
         "(e.g. partition=dirichlet)"
     )
 
 
+def _sampled_params(c: Mapping) -> tuple:
+    """partition=sampled's settings, checked: ("sampled", mean, minimum, distribution)."""
+    known = {"name", "mean_examples", "min_examples", "size_distribution"}
+    unknown = sorted(set(c) - known)
+    if unknown:
+        raise ConfigError(
+            f"partition=sampled has no key(s) {', '.join(unknown)}: it takes "
+            f"{', '.join(sorted(known - {'name'}))}"
+        )
+    mean, minimum = c.get("mean_examples"), c.get("min_examples", 1)
+    distribution = c.get("size_distribution", "poisson")
+    for key, value in (("mean_examples", mean), ("min_examples", minimum)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10**7:
+            raise ConfigError(f"partition.{key} must be an integer in [1, 1e7], got {value!r}")
+    if distribution not in SIZE_DISTRIBUTIONS:
+        raise ConfigError(
+            f"partition.size_distribution={distribution!r} is not one of "
+            f"{', '.join(SIZE_DISTRIBUTIONS)}"
+        )
+    return ("sampled", int(mean), int(minimum), str(distribution))
+
+
 def _build(train: datasets.Dataset, num_partitions: int, params: tuple, seed: int) -> Partitioning:
     name = params[0]
+    if name == "sampled":
+        _, mean, minimum, distribution = params
+        return SampledPartitioning(train, num_partitions, mean, minimum, distribution, seed)
     if name == "iid":
         partitioner = IidPartitioner(num_partitions)
         partitioner.dataset = train.shuffle(seed=seed)
