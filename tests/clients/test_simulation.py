@@ -85,8 +85,9 @@ def test_same_config_and_seed_give_the_same_history(flora_run, tmp_path):
 
 
 def test_resumed_simulation_resends_lost_client_state(flora_run, tmp_path):
-    """Clients of a resumed simulation hold no stacked modules: the server resends them all
-    (more bytes down in the first resumed round), and the run ends exactly as if never stopped."""
+    """A resumed server does not assume what its clients hold (a pooled client's state is on
+    disk, an unpooled node's was lost): it resends every stacked module (more bytes down in the
+    first resumed round), and the run ends exactly as if never stopped."""
     simulate([*FLORA, "federation.rounds=2", f"run_dir={tmp_path}"])
     simulate([*FLORA, f"resume={tmp_path}"])
     whole, resumed = _history(flora_run), _history(tmp_path)
@@ -95,9 +96,54 @@ def test_resumed_simulation_resends_lost_client_state(flora_run, tmp_path):
     assert (flora_run / ADAPTER).read_bytes() == (tmp_path / ADAPTER).read_bytes()
 
 
+def test_a_pool_of_nodes_runs_its_clients_exactly_as_one_node_each(flora_run, tmp_path):
+    """FLoRA's 3 clients, 2 a round: served by a pool of 2 nodes (the default, sized to the
+    cohort) or by a node each, the same clients train on the same state to the same bytes."""
+    summary = simulate([*FLORA, "federation.pool_size=3", f"run_dir={tmp_path}"])
+    pooled = json.loads((flora_run / "summary.json").read_text())
+    assert (pooled["pool_size"], summary["pool_size"]) == (2, 3)
+    assert _history(flora_run) == _history(tmp_path)
+    assert (flora_run / ADAPTER).read_bytes() == (tmp_path / ADAPTER).read_bytes()
+    held = {int(p.stem) for p in (flora_run / "node_state" / "clients").rglob("*.state")}
+    assert held == {0, 1, 2}  # each client's stacks and versions, kept under its own id
+    assert not (tmp_path / "node_state" / "clients").exists()  # one node each: in its context
+
+
+def test_a_million_clients_under_client_level_dp(tmp_path, data_dir):
+    """10^6 clients with sampled data sets, about 10 Poisson-sampled a round, served by a pool
+    sized to the cohort: the run costs its cohort, and reports its client-level epsilon with
+    q = 1e-5 over the population."""
+    n = 1_000_000
+    summary = simulate(
+        [
+            *FAST_RUN,
+            f"federation.num_clients={n}",
+            "federation.fraction=0.00001",
+            "federation.rounds=2",
+            "federation.local_steps=1",
+            "partition=sampled",
+            "client_dp=eps3",
+            "client_dp.clipping=fixed",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    assert summary["pool_size"] == 24  # ceil(10 + 4 sd) + 1
+    assert summary["partition_sizes"] is None
+    assert summary["partition_size_summary"]["clients"] == n
+    assert summary["client_level_sample_rate"] == 0.00001
+    assert 2.0 < summary["client_level_epsilon"] <= 3.0
+    rows = _history(tmp_path)[1:]
+    assert [float(r["client_level_epsilon"]) > 0 for r in rows] == [True, True]
+    trained = {c for c in summary["declared_examples"]}
+    assert 5 <= len(trained) <= 50 and all(0 <= int(c) < n for c in trained)
+    ledgers = list((tmp_path / "node_state").rglob("*.state"))
+    assert len(ledgers) <= len(trained)  # nothing per client beyond those sampled
+
+
 def test_nodes_are_identified_when_first_sampled_and_sampled_as_if_all_were(tmp_path, data_dir):
-    """20 clients, 2 sampled a round: only the sampled ones are asked who they are, and the
-    sample is the one a server that had asked all 20 first would draw (by partition id)."""
+    """20 clients, 2 sampled a round, a node each: only the sampled ones are asked who they
+    are, and the sample is the one a server that had asked all 20 first would draw (by partition
+    id)."""
     import random
 
     rounds, clients, per_round = 2, 20, 2
@@ -109,6 +155,7 @@ def test_nodes_are_identified_when_first_sampled_and_sampled_as_if_all_were(tmp_
             f"federation.min_clients={per_round}",
             f"federation.rounds={rounds}",
             "federation.local_steps=1",
+            f"federation.pool_size={clients}",
             f"run_dir={tmp_path}",
         ]
     )

@@ -70,7 +70,7 @@ def test_partition_errors(trec_train: datasets.Dataset) -> None:
     too_many = len(trec_train) + 1
     with pytest.raises(ConfigError, match=f"federation.num_clients={too_many} exceeds the 5452"):
         data.partition_dataset(trec_train, too_many, 0, PARTITIONS["iid"], seed=0)
-    with pytest.raises(ConfigError, match="iid, dirichlet, pathological"):
+    with pytest.raises(ConfigError, match="iid, dirichlet, pathological, sampled"):
         data.partition_dataset(trec_train, 4, 0, {"name": "shards"}, seed=0)
     with pytest.raises(ConfigError, match="partition.alpha"):
         data.partition_dataset(trec_train, 4, 0, partition_cfg("dirichlet", alpha=0), seed=0)
@@ -159,3 +159,39 @@ def test_dirichlet_keeps_label_skew_at_1000_clients(sst2_train: datasets.Dataset
 
     assert skew(partition_cfg("dirichlet", alpha=0.5)) > 0.25
     assert skew(partition_cfg("dirichlet", alpha=100.0)) < 0.1
+
+
+def test_sampled_clients_outnumber_the_examples_and_draw_their_own(
+    trec_train: datasets.Dataset,
+) -> None:
+    """partition=sampled: a million clients over 5,452 questions, each a seeded draw of
+    distinct examples whose count follows the user-size distribution."""
+    n, cfg = 1_000_000, partition_cfg("sampled", mean_examples=12, min_examples=3)
+    sizes = np.asarray(data.partition_sizes(trec_train, n, cfg, seed=0))
+    assert sizes.shape == (n,) and sizes.min() >= 3 and sizes.max() <= len(trec_train)
+    assert abs(sizes.mean() - 12) < 0.05  # Poisson(12), floored at 3: mean ~12.0006
+    assert 10 < sizes.var() < 13
+    for client in (0, 17, n - 1):
+        part = data.partition_dataset(trec_train, n, client, cfg, seed=0)
+        ids = part["idx"]
+        assert len(ids) == len(set(ids)) == sizes[client]
+        partition._PARTITIONINGS.clear()  # another process draws the same examples
+        assert data.partition_dataset(trec_train, n, client, cfg, seed=0)["idx"] == ids
+        assert data.partition_dataset(trec_train, n, client, cfg, seed=1)["idx"] != ids
+    constant = partition_cfg("sampled", mean_examples=7, size_distribution="constant")
+    assert set(data.partition_sizes(trec_train, 1000, constant, seed=0)) == {7}
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"mean_examples": 0}, "partition.mean_examples must be an integer in"),
+        ({"mean_examples": 2.5}, "partition.mean_examples"),
+        ({"min_examples": True}, "partition.min_examples"),
+        ({"size_distribution": "zipf"}, "partition.size_distribution='zipf' is not one of"),
+        ({"alpha": 0.5}, "partition=sampled has no key"),
+    ],
+)
+def test_sampled_settings_are_checked(trec_train, change, problem) -> None:  # noqa: ANN001
+    with pytest.raises(ConfigError, match=problem):
+        data.partition_sizes(trec_train, 10, partition_cfg("sampled", **change), seed=0)
