@@ -56,3 +56,42 @@ def test_fault_probabilities_may_not_exceed_one_together():
         compose_config(["faults.crash_prob=0.6", "faults.slow_prob=0.5"])
     cfg = compose_config(["faults.crash_prob=0.3", "replies.norm_bound=100"])
     assert cfg.faults.crash_prob == 0.3 and cfg.replies.norm_bound == 100 and cfg.resume is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["federation.pool_size=0"], "federation.pool_size must be a positive integer or null"),
+        (["federation.pool_size=2.5"], "federation.pool_size must be a positive integer or null"),
+        (["partition=sampled", "partition.mean_examples=0"], "partition.mean_examples must be"),
+        (["partition=sampled", "+partition.alpha=0.5"], "partition=sampled has no key(s) alpha"),
+        (
+            [
+                "client_dp=eps3",
+                "client_dp.clipping=fixed",
+                "secagg.enabled=true",
+                "federation.num_clients=100",
+                "federation.fraction=0.1",
+                "dataset=sst2",
+            ],
+            "secagg.enabled=true with a pool of",
+        ),
+    ],
+)
+def test_pool_and_sampled_partition_settings_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose_config(overrides)
+
+
+def test_secure_aggregation_runs_with_a_node_per_client():
+    cfg = compose_config(
+        [
+            "client_dp=eps3",
+            "client_dp.clipping=fixed",
+            "secagg.enabled=true",
+            "federation.num_clients=100",
+            "federation.fraction=0.1",
+            "federation.pool_size=100",
+        ]
+    )
+    assert cfg.federation.pool_size == 100
