@@ -1,20 +1,31 @@
-"""Cross-device scale: 10 to 50,000 simulated clients, 10 sampled per round, in one invocation.
+"""Cross-device scale: populations of 100 to 10^6 simulated clients, a fixed cohort per round.
 
-    python benchmarks/scale.py --clients 10,1000,10000,50000      # tiny_bert on SST-2 IID
-    python benchmarks/scale.py --model minilm --clients 10,100,1000 --rounds 3
+    python benchmarks/scale.py --clients 100,100000,1000000 --sampled 100 --local-steps 1
+    python benchmarks/scale.py --clients 100,100000,1000000 --sampled 100 --local-steps 30
+    python benchmarks/scale.py --clients 10,50000 --sampled 10 --local-steps 1 --target 1.2
+    python benchmarks/scale.py --clients 10,50000 --sampled 10 --pool-size population  # no pool
 
-Each client count runs `python -m fedpeft.cli simulate` in a fresh subprocess (SST-2, IID by
-default, federation.fraction = sampled / clients, min_clients = sampled, a few local steps;
-SST-2's 67,349 training sentences give about one per client at 50,000, as on phones), while this
-script samples the process tree every --interval seconds with psutil. Per count it prints:
+The issue-31 targets: a population of 10^6 with 100 sampled per round costs at most 1.5x the
+driver memory, process-tree memory and median round time of a 100-client run that samples all
+100 (the first count of the invocation), at 1-step and 30-step rounds; 50,000 with 10 sampled at
+most 1.2x of 10 clients sampling all 10. `--target` prints whether the last count meets it.
+
+Each client count runs `python -m fedpeft.cli simulate` in a fresh subprocess (tiny_bert on SST-2,
+federation.fraction = sampled / clients, min_clients = sampled), while this script samples the
+process tree every --interval seconds with psutil. Data: by default every count uses sampled
+client data sets (partition=sampled, about 20 sentences per client drawn from SST-2's 67,349),
+so that only the population changes between counts; `--partition iid` splits SST-2 instead (at
+most 67,349 clients). A simulation registers `federation.pool_size` Flower nodes (default: sized
+to the cohort, fedpeft/client_pool.py); `--pool-size population` gives every client its own node,
+as fedpeft did before pools. Per count it prints:
+- pool: the Flower nodes the simulation registered (summary.json's pool_size);
 - driver: the peak resident memory of the driver process (server, strategy, evaluator, and
   Flower's in-process SuperLink with its per-node records);
 - tree: the peak of the summed resident memory of the whole process tree (driver, Ray's services,
   the actors that run the ClientApp);
 - to round 1: seconds from launch to the end of round 1, split into prepare (imports, data,
-  partitions, model: launch to fedpeft's banner), start (Ray, Flower registering every simulated
-  node, the round-0 evaluation: banner to round 0), round 1 (its round_time_s, which includes
-  asking the 10 sampled nodes who they are) and the rest;
+  partitions, model: launch to fedpeft's banner), start (Ray, Flower registering the nodes, the
+  round-0 evaluation: banner to round 0), round 1 (its round_time_s) and the rest;
 - median round: the median round_time_s of the rounds after the first (history.csv);
 - driver CPU s: the driver's CPU seconds (user + system) over the whole run: Flower's simulation
   engine polls every registered node every 0.1 s from the driver;
@@ -25,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import statistics
 import subprocess
@@ -56,6 +68,7 @@ class Measure:
     wall: float = 0.0
     code: int = 0
     round_times: list[float] = field(default_factory=list)
+    pool: int | None = None
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,7 +80,18 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--sampled", type=int, default=10, help="clients sampled per round")
     parser.add_argument("--model", default="tiny_bert", help="model group, e.g. tiny_bert, minilm")
-    parser.add_argument("--partition", default="iid", help="partition group (iid, dirichlet, ...)")
+    parser.add_argument(
+        "--partition", default="sampled", help="partition group (sampled, iid, dirichlet, ...)"
+    )
+    parser.add_argument(
+        "--pool-size",
+        default="auto",
+        help="federation.pool_size: auto (sized to the cohort), population (a node per client), "
+        "or a number",
+    )
+    parser.add_argument(
+        "--target", type=float, default=None, help="ratio the last count must stay within"
+    )
     parser.add_argument("--rounds", type=int, default=4, help="rounds (the median is over 2..)")
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between samples")
@@ -118,6 +142,7 @@ def run(clients: int, args: argparse.Namespace, run_dir: Path) -> Measure:
         f"federation.min_clients={args.sampled}",
         f"federation.rounds={args.rounds}",
         f"federation.local_steps={args.local_steps}",
+        *pool_override(args.pool_size, clients),
         f"run_dir={run_dir}",
         *args.overrides,
     ]
@@ -148,7 +173,17 @@ def run(clients: int, args: argparse.Namespace, run_dir: Path) -> Measure:
     if history.exists():
         rows = list(csv.DictReader(history.open()))
         measure.round_times = [float(r["round_time_s"]) for r in rows[1:]]
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        measure.pool = json.loads(summary.read_text()).get("pool_size")
     return measure
+
+
+def pool_override(setting: str, clients: int) -> list[str]:
+    """The federation.pool_size override for --pool-size (none for auto)."""
+    if setting == "auto":
+        return []
+    return [f"federation.pool_size={clients if setting == 'population' else int(setting)}"]
 
 
 def seconds(value: float | None) -> str:
@@ -177,7 +212,8 @@ def main() -> int:
         results.append((clients, m, status))
     table = Table(title=f"{args.model}, {args.sampled} sampled per round: memory (MiB), time (s)")
     for column in (
-        "clients", "driver", "tree", "to round 1", "prepare", "start", "round 1", "median round",
+        "clients", "pool", "driver", "tree", "to round 1", "prepare", "start", "round 1",
+        "median round",
         "driver CPU s", "driver x", "tree x", "to round 1 x", "median round x", "status",
     ):  # fmt: skip
         table.add_column(column, justify="right")
@@ -190,7 +226,8 @@ def main() -> int:
         base = base or row
         prepared, started = marks.get("prepared"), marks.get("round 0")
         table.add_row(
-            str(clients), f"{m.driver:.0f}", f"{m.tree:.0f}", seconds(end), seconds(prepared),
+            str(clients), str(m.pool or "-"), f"{m.driver:.0f}", f"{m.tree:.0f}", seconds(end),
+            seconds(prepared),
             seconds(started - prepared if started and prepared else None),
             seconds(m.round_times[0] if m.round_times else None), seconds(median),
             f"{m.driver_cpu:.0f}", ratio(m.driver, base["driver"]), ratio(m.tree, base["tree"]),
@@ -198,6 +235,19 @@ def main() -> int:
         )  # fmt: skip
     console.print(table)
     console.print(f"ratios (x) are against the {counts[0]}-client run of this invocation")
+    if args.target is not None and base is not None and len(results) > 1:
+        clients, m, _ = results[-1]
+        median = statistics.median(m.round_times[1:]) if len(m.round_times) > 1 else None
+        for name, value, against in (
+            ("driver memory", m.driver, base["driver"]),
+            ("tree memory", m.tree, base["tree"]),
+            ("median round", median, base["median"]),
+        ):
+            met = value is not None and against and value / against <= args.target
+            console.print(
+                f"target {args.target}x, {name} at {clients} clients: {ratio(value, against)}x "
+                + ("met" if met else "NOT met")
+            )
     return 0 if all(r[2] == "ok" for r in results) else 1
 
 
