@@ -58,10 +58,18 @@ def split_payload(
     return plain, stacks, frozen
 
 
-def _versions(state: RecordDict) -> ConfigRecord:
-    if _VERSIONS not in state.config_records:
-        state[_VERSIONS] = ConfigRecord({BASE_VERSION: 0, FROZEN_VERSION: 0})
-    return state.config_records[_VERSIONS]
+def _versions(state: RecordDict, keep: bool) -> ConfigRecord:
+    """The versions `state` holds (0 and 0 when none), kept in it only when `keep`.
+
+    A round whose method keeps no client state leaves the state empty, so that a pooled client
+    of such a method has no state file (client_store.py).
+    """
+    if _VERSIONS in state.config_records:
+        return state.config_records[_VERSIONS]
+    versions = ConfigRecord({BASE_VERSION: 0, FROZEN_VERSION: 0})
+    if keep:
+        state[_VERSIONS] = versions
+    return versions
 
 
 def receive(
@@ -71,7 +79,7 @@ def receive(
     frozen: Mapping[str, torch.Tensor],
 ) -> None:
     """Store the payload's stacked modules and frozen factors in `state`, checking versions."""
-    versions = _versions(state)
+    versions = _versions(state, keep=STACK_TO in config or FROZEN_VERSION in config)
     if STACK_TO in config:
         held, start, end = (
             int(versions[BASE_VERSION]),
@@ -113,7 +121,7 @@ def receive(
 
 def held_stacks(state: RecordDict) -> list[dict[str, torch.Tensor]]:
     """The stacked modules 1..v this node holds, in order."""
-    version = int(_versions(state)[BASE_VERSION])
+    version = int(_versions(state, keep=False)[BASE_VERSION])
     return [from_record(state.array_records[_STACK.format(v)]) for v in range(1, version + 1)]
 
 
@@ -126,7 +134,7 @@ def held_frozen(state: RecordDict) -> dict[str, torch.Tensor]:
 
 def version_metrics(state: RecordDict, config: Mapping) -> dict[str, int]:
     """The versions this node holds, for the channels the round's config uses."""
-    versions = _versions(state)
+    versions = _versions(state, keep=False)
     metrics = {}
     if STACK_TO in config:
         metrics[BASE_VERSION] = int(versions[BASE_VERSION])

@@ -109,10 +109,10 @@ def test_a_pool_of_nodes_runs_its_clients_exactly_as_one_node_each(flora_run, tm
     assert not (tmp_path / "node_state" / "clients").exists()  # one node each: in its context
 
 
-def test_a_million_clients_under_client_level_dp(tmp_path, data_dir):
+def test_a_million_clients_under_client_and_example_level_dp(tmp_path, data_dir):
     """10^6 clients with sampled data sets, about 10 Poisson-sampled a round, served by a pool
-    sized to the cohort: the run costs its cohort, and reports its client-level epsilon with
-    q = 1e-5 over the population."""
+    sized to the cohort: the run costs its cohort, reports its client-level epsilon with
+    q = 1e-5 over the population, and each sampled client keeps its own DP-SGD ledger."""
     n = 1_000_000
     summary = simulate(
         [
@@ -124,6 +124,8 @@ def test_a_million_clients_under_client_level_dp(tmp_path, data_dir):
             "partition=sampled",
             "client_dp=eps3",
             "client_dp.clipping=fixed",
+            "dp=eps3",
+            "train.batch_size=8",
             f"run_dir={tmp_path}",
         ]
     )
@@ -136,8 +138,10 @@ def test_a_million_clients_under_client_level_dp(tmp_path, data_dir):
     assert [float(r["client_level_epsilon"]) > 0 for r in rows] == [True, True]
     trained = {c for c in summary["declared_examples"]}
     assert 5 <= len(trained) <= 50 and all(0 <= int(c) < n for c in trained)
-    ledgers = list((tmp_path / "node_state").rglob("*.state"))
-    assert len(ledgers) <= len(trained)  # nothing per client beyond those sampled
+    assert 2.0 < summary["max_epsilon"] <= 3.0  # example level, each client's own ledger
+    ledgers = list((tmp_path / "node_state" / "ledgers").glob("*.json"))
+    assert len(ledgers) == len(trained)  # one per client sampled, none for the rest
+    assert not list((tmp_path / "node_state").rglob("*.state"))  # FedAvg keeps no client state
 
 
 def test_nodes_are_identified_when_first_sampled_and_sampled_as_if_all_were(tmp_path, data_dir):
