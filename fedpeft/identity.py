@@ -18,7 +18,9 @@ clients that exist. Before it is asked, a simulated node is sampled under `regis
 Flower's simulation registers node i with partition id i, in order, so a node's position in that
 order is the name it will answer with and sampling is the same as if every node had been asked
 first (a run repeats, seed for seed). The answer is still what counts; a node that answers
-otherwise is logged.
+otherwise is logged. A pooled simulation (client_pool.py) addresses clients, not nodes: a
+client's name is its id by construction, and the server counts its examples from its own
+partitioning (it asks, through the pool, only when an audit's canaries change the counts).
 """
 
 from __future__ import annotations
