@@ -85,3 +85,49 @@ def test_sampling_costs_the_cohort_not_the_population():
         _Nodes(range(10**15)), fraction=1e-13, min_clients=1, wait_timeout=1.0, server_round=1
     )
     assert len(sampled) == 100 and all(0 <= c < 10**15 for c in sampled)
+
+
+class _Answering(_Nodes):
+    """A pooled grid whose clients answer the identity query with their id and a count."""
+
+    def __init__(self, ids):  # noqa: ANN001
+        super().__init__(ids)
+        self.asked: list[int] = []
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001
+        import uuid
+
+        from flwr.app import Message, MetricRecord, RecordDict
+
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            client = msg.metadata.dst_node_id
+            self.asked.append(client)
+            metrics = MetricRecord({"client-id": client, "num-examples": 1000 + client})
+            reply = Message(RecordDict({"metrics": metrics}), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = client
+            replies.append(reply)
+        return replies
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_a_pooled_client_is_asked_its_count_when_the_server_cannot_know_it():
+    """An audit's canaries change what clients hold: the pooled roster then asks the sampled
+    clients (through the pool) instead of counting from its own partitioning."""
+    roster = Roster(seed=0)
+    roster.population = 10**6
+    grid = _Answering(range(10**6))
+    sampled = roster.sample(
+        grid,
+        fraction=5e-6,
+        min_clients=1,
+        wait_timeout=1.0,
+        server_round=1,
+        identify_timeout=5.0,
+        task={"seed": 0},
+    )
+    assert sorted(grid.asked) == sampled and len(sampled) == 5
+    assert roster.declared == {c: 1000 + c for c in sampled}
+    roster.sample(grid, fraction=5e-6, min_clients=1, wait_timeout=1.0, server_round=2)
+    assert len(grid.asked) <= 10  # each client asked once, when first sampled
