@@ -33,6 +33,7 @@ from flwr.common import (
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from fedpeft.privacy.policy import SECAGG_REQUIRED, PolicyViolation, secagg_required
 from fedpeft.protocol import ARRAYS_KEY, CONFIG_KEY
 from fedpeft.schema import finite_number
 
@@ -48,8 +49,18 @@ Handler = Callable[[Message, Context], Message]
 
 
 def secure_sum_mod(msg: Message, context: Context, call_next: Handler) -> Message:
-    """Flower mod: SecAgg+ (with `fitins_adapter`) for its own messages, plain rounds untouched."""
+    """Flower mod: SecAgg+ (with `fitins_adapter`) for its own messages, plain rounds untouched.
+
+    A node whose config says `secagg-required=true` refuses a plain train message before anything
+    is trained: its update leaves it only masked, whatever the server asks.
+    """
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        if secagg_required(context.node_config):
+            raise PolicyViolation(
+                f"node policy {SECAGG_REQUIRED}=true refuses a train message outside secure "
+                "aggregation: this node sends its update only masked by SecAgg+; start the run "
+                "with client_dp enabled and secagg.enabled=true"
+            )
         return call_next(msg, context)
 
     def adapted(inner: Message, ctx: Context) -> Message:

@@ -61,6 +61,11 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
         node.add_argument(flag, dest=key, type=kind, help=text)
     node.add_argument("--dp-required", action="store_true", help="train only under DP-SGD")
     node.add_argument(
+        "--secagg-required",
+        action="store_true",
+        help="send updates only inside secure aggregation (SecAgg+)",
+    )
+    node.add_argument(
         "--node-config", default="", help='more node config, e.g. "max-batch-size=64"'
     )
     node.add_argument(
@@ -84,6 +89,8 @@ def node_config(args: argparse.Namespace) -> dict[str, Any]:
             config[key] = getattr(args, key)
     if args.dp_required:
         config["dp-required"] = True
+    if args.secagg_required:
+        config["secagg-required"] = True
     if "data-path" in config:
         path = Path(config["data-path"]).expanduser()
         if not path.is_file():

@@ -14,6 +14,7 @@ an error naming the policy field and the task's value, before anything is traine
 | `dp-noise-multiplier` | the smallest noise multiplier sigma it accepts |
 | `dp-accountant` | the accountant that calibrates and counts its spending: prv (default) or rdp |
 | `dp-lifetime-epsilon` | the most epsilon it spends on its data in all runs (default dp-epsilon) |
+| `secagg-required` | true: this node sends updates only inside SecAgg+ (secure_sum_mods.py) |
 | `state-dir` | where its privacy ledgers live (default: `default_state_dir()`) |
 
 `dp-required` needs `dp-epsilon`: a node that requires DP but sets no epsilon would accept any
@@ -39,7 +40,9 @@ from fedpeft.schema import finite_number
 REQUIRED, EPSILON, DELTA = "dp-required", "dp-epsilon", "dp-delta"
 MAX_GRAD_NORM, NOISE_MULTIPLIER, STATE_DIR = "dp-max-grad-norm", "dp-noise-multiplier", "state-dir"
 ACCOUNTANT, LIFETIME_EPSILON = "dp-accountant", "dp-lifetime-epsilon"
+SECAGG_REQUIRED = "secagg-required"
 POLICY_KEYS = (
+    SECAGG_REQUIRED,
     REQUIRED,
     EPSILON,
     DELTA,
@@ -55,6 +58,14 @@ _SLACK = 1e-9
 
 class PolicyViolation(FedPeftError):
     """The round's task is weaker than this node's privacy policy allows."""
+
+
+def secagg_required(node_config: Mapping[str, Any]) -> bool:
+    """Node config `secagg-required` (default false); anything but a boolean is refused."""
+    value = node_config.get(SECAGG_REQUIRED, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"node config {SECAGG_REQUIRED}={value!r} must be true or false")
+    return value
 
 
 def default_state_dir() -> Path:
@@ -87,6 +98,8 @@ class NodePolicy:
     allow_reproducible: bool = False
     accountant: str = "prv"
     lifetime_epsilon: float | None = None
+    #: whether this node sends its update only inside secure aggregation (SecAgg+)
+    secagg_required: bool = False
     #: a SuperNode (reads only what its node config names) rather than a simulated node
     deployed: bool = False
 
@@ -138,6 +151,7 @@ class NodePolicy:
             state_dir=Path(state_dir).expanduser() if state_dir else default_state_dir(),
             accountant=accountant,
             lifetime_epsilon=lifetime,
+            secagg_required=secagg_required(node_config),
             deployed=True,
         )
 

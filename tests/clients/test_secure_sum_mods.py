@@ -31,6 +31,8 @@ from fedpeft.clients.secure_sum_mods import (
     secagg_instructions,
     secure_sum_mod,
 )
+from fedpeft.errors import ConfigError
+from fedpeft.privacy.policy import NodePolicy, PolicyViolation
 
 
 @pytest.fixture(autouse=True)
@@ -51,6 +53,25 @@ def test_a_plain_train_message_skips_secure_aggregation():
     seen = []
     out = secure_sum_mod(msg, context(), lambda m, c: seen.append(m) or m)
     assert seen == [msg] and out is msg
+
+
+def test_a_node_that_requires_secure_aggregation_refuses_a_plain_round():
+    """A hostile or misconfigured server cannot have a secagg-required node send its update in
+    the clear: the plain train message is refused before the handler runs."""
+    msg = Message(
+        RecordDict({"config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
+    seen = []
+    node = Context(1, 7, {"secagg-required": True}, RecordDict(), {})
+    with pytest.raises(PolicyViolation, match="secagg-required=true refuses a train message"):
+        secure_sum_mod(msg, node, lambda m, c: seen.append(m) or m)
+    assert seen == []
+    for bad in ("true", 1, "yes"):
+        with pytest.raises(ConfigError, match="secagg-required=.* must be true or false"):
+            secure_sum_mod(msg, Context(1, 7, {"secagg-required": bad}, RecordDict(), {}), None)
+    assert NodePolicy.from_node_config({"secagg-required": True}).secagg_required
 
 
 def test_the_update_is_clipped_as_a_whole_and_its_count_entry_follows():
