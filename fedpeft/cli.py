@@ -51,7 +51,8 @@ def simulate(overrides: Sequence[str], on_prepared: Callable[[Any], None] | None
         check_client_resources,
         check_ray_address,
     )
-    from fedpeft.clients.simulation import simulation_app
+    from fedpeft.clients.client_store import ClientStore
+    from fedpeft.clients.simulation import CLIENT_STORE, simulation_app
     from fedpeft.config import compose_config
     from fedpeft.federation import prepare
     from fedpeft.privacy.policy import NodePolicy
@@ -92,9 +93,12 @@ def simulate(overrides: Sequence[str], on_prepared: Callable[[Any], None] | None
             "configure_logging": True,
         },
     }
+    policy = NodePolicy.for_simulation(cfg.dp, run_dir / "node_state")
+    # pooled clients' state lasts one start, like one node's Context.state (client_store.py)
+    ClientStore(policy.state_dir / CLIENT_STORE).clear()
     run_simulation(
         server_app=server_app,
-        client_app=simulation_app(NodePolicy.for_simulation(cfg.dp, run_dir / "node_state")),
+        client_app=simulation_app(policy),
         num_supernodes=fed.pool_size,
         backend_config=backend,
         verbose_logging=bool(cfg.verbose),

@@ -100,13 +100,16 @@ class PoolGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Send each message to its client's pool node; the message takes the id Flower gives."""
+        messages = list(messages)
+        outside = [m.metadata.dst_node_id for m in messages]
+        outside = [c for c in outside if not 0 <= c < self.population]
+        if outside:  # refused before anything is sent
+            raise ValueError(
+                f"client {outside[0]} is outside the population [0, {self.population})"
+            )
         ids = []
         for msg in messages:
             client = msg.metadata.dst_node_id
-            if not 0 <= client < self.population:
-                raise ValueError(
-                    f"client {client} is outside the population [0, {self.population})"
-                )
             out = Message(
                 self._addressed(msg.content, client),
                 dst_node_id=self.route(client),

@@ -109,4 +109,5 @@ def test_no_clients_until_the_whole_pool_has_registered_and_none_outside_the_pop
     link.nodes.append(702)
     assert len(grid.get_node_ids()) == 50
     with pytest.raises(ValueError, match="outside the population"):
-        grid.push_messages([_to(50)])
+        grid.push_messages([_to(3), _to(50)])
+    assert link.inbox == []  # nothing was sent

@@ -8,12 +8,19 @@ file, `<state dir>/clients/<c // 1000>/<c>.state`: the client's RecordDict as Fl
 it, written whole or not at all (durable_files.py) and held under the client's lock from load to
 save, so that a client still running a round that timed out and the same client sampled in the
 next round take turns rather than overwrite each other. Only clients that hold some state get a
-file: the store grows with the clients sampled, not with the population.
+state file (every client served gets an empty lock file beside it): the store grows with the
+clients sampled, not with the population.
+
+The store lives as long as one start of a simulation: `clear` empties it when a run starts or
+resumes, so that, as with one node per client (whose `Context.state` is in memory), no client
+holds state the server's checkpoint does not know of: a stale attempt's FLoRA stacks, or a round
+trained after the last checkpoint, are never read. The server resends what clients need.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +45,10 @@ class ClientStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+
+    def clear(self) -> None:
+        """Forget every client's state (a simulation starting or resuming; see the module doc)."""
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def path(self, client: int) -> Path:
         """The file that holds `client`'s state."""

@@ -52,7 +52,9 @@ def secure_sum_mod(msg: Message, context: Context, call_next: Handler) -> Messag
     """Flower mod: SecAgg+ (with `fitins_adapter`) for its own messages, plain rounds untouched.
 
     A node whose config says `secagg-required=true` refuses a plain train message before anything
-    is trained: its update leaves it only masked, whatever the server asks.
+    is trained, so the server cannot ask for its update in the clear. It does not yet hold the
+    server to minimum SecAgg+ parameters: a server that picks the shares and threshold itself
+    (or runs the neighbours' keys) can still unmask one node (docs/privacy.md, SecAgg+ limits).
     """
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         if secagg_required(context.node_config):

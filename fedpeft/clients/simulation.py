@@ -39,6 +39,9 @@ from fedpeft.identity import member
 from fedpeft.privacy.policy import NodePolicy
 from fedpeft.protocol import CONFIG_KEY, IDENTITY_ACTION, SERVER_ROUND, TASK_KEY
 
+#: the folder of a pooled simulation's client state, under the nodes' state dir (client_store.py)
+CLIENT_STORE = "clients"
+
 
 def round_seed(seed: int, server_round: int, partition: int) -> int:
     """The torch seed of one client's local round; distinct from the data sampler's seed."""
@@ -79,7 +82,7 @@ def simulation_app(policy: NodePolicy) -> ClientApp:
         return train_round(msg, context, policy)
 
     # client_mod first: every handler and mod below runs as the client the message names
-    app = ClientApp(mods=[client_mod(ClientStore(policy.state_dir / "clients"))])
+    app = ClientApp(mods=[client_mod(ClientStore(policy.state_dir / CLIENT_STORE))])
     # secure_sum_mod first: SecAgg+'s own messages carry no round config for the others to read
     app.train(mods=[secure_sum_mod, ray_node_log, faults.fault_mod, seeded_rng])(train)
 

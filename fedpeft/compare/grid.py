@@ -23,6 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from fedpeft.client_pool import pool_size
 from fedpeft.config import compose_config
 from fedpeft.errors import ConfigError
 
@@ -32,14 +33,29 @@ MAX_SLUG = 100
 #: for a finished study must not run it again)
 IGNORED = ("run_dir", "verbose", "tracking")
 #: Config keys added after studies had run, each with the test that its value leaves a run as it
-#: ran before the key existed; such a value is left out of the hash, so that a finished study
-#: resumes "already done" after an upgrade instead of running again. A new key whose default
-#: reproduces earlier runs is added here (tests/compare/test_grid.py pins older digests).
-NEUTRAL: dict[str, Callable[[Any], bool]] = {
-    "client_dp": lambda group: not group.get("enabled"),
-    "secagg": lambda group: not group.get("enabled"),
-    "federation.pool_size": lambda size: size is None,
+#: ran before the key existed (given the whole config); such a value is left out of the hash, so
+#: that a finished study resumes "already done" after an upgrade instead of running again. A new
+#: key whose default reproduces earlier runs is added here (tests/compare/test_grid.py pins older
+#: digests).
+NEUTRAL: dict[str, Callable[[Any, Mapping[str, Any]], bool]] = {
+    "client_dp": lambda group, cfg: not group.get("enabled"),
+    "secagg": lambda group, cfg: not group.get("enabled"),
+    "federation.pool_size": lambda size, cfg: size is None and _pooled_as_before(cfg),
 }
+
+
+def _pooled_as_before(cfg: Mapping[str, Any]) -> bool:
+    """Whether a pooled run repeats the run a node per client gave (client_pool.py).
+
+    Fixed-size sampling draws the same clients either way (tested); client-level DP's Poisson
+    cohorts come from another draw, and a pooled FedSA-LoRA scores other clients.
+    """
+    fed = cfg["federation"]
+    poisson = bool((cfg.get("client_dp") or {}).get("enabled"))
+    size = pool_size(None, fed["num_clients"], float(fed["fraction"]), fed["min_clients"], poisson)
+    if size >= fed["num_clients"]:  # a node per client: not pooled
+        return True
+    return not poisson and cfg["strategy"]["name"] != "fedsa_lora"
 
 
 @dataclass(frozen=True)
@@ -103,13 +119,16 @@ def config_digest(cfg: DictConfig) -> str:
     plain = OmegaConf.to_container(cfg, resolve=True)
     for key in IGNORED:
         plain.pop(key, None)
-    for dotted, neutral in NEUTRAL.items():
+    drop = []
+    for dotted, neutral in NEUTRAL.items():  # decided on the whole config, then dropped
         *parents, key = dotted.split(".")
         group = plain
         for parent in parents:
             group = group.get(parent) or {}
-        if key in group and neutral(group[key]):
-            del group[key]
+        if key in group and neutral(group[key], plain):
+            drop.append((group, key))
+    for group, key in drop:
+        del group[key]
     return hashlib.sha1(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -98,8 +98,6 @@ class NodePolicy:
     allow_reproducible: bool = False
     accountant: str = "prv"
     lifetime_epsilon: float | None = None
-    #: whether this node sends its update only inside secure aggregation (SecAgg+)
-    secagg_required: bool = False
     #: a SuperNode (reads only what its node config names) rather than a simulated node
     deployed: bool = False
 
@@ -136,6 +134,7 @@ class NodePolicy:
                 f"node config {ACCOUNTANT}={accountant!r} is unknown: choose one of "
                 f"{', '.join(ACCOUNTANTS)}"
             )
+        secagg_required(node_config)  # read by clients/secure_sum_mods.py; refused here if bad
         state_dir = node_config.get(STATE_DIR)
         if state_dir is not None and (not isinstance(state_dir, str) or not state_dir.strip()):
             raise ConfigError(
@@ -151,7 +150,6 @@ class NodePolicy:
             state_dir=Path(state_dir).expanduser() if state_dir else default_state_dir(),
             accountant=accountant,
             lifetime_epsilon=lifetime,
-            secagg_required=secagg_required(node_config),
             deployed=True,
         )
 

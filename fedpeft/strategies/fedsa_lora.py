@@ -170,8 +170,9 @@ class FedSALoRA(LowRankStrategy):
 
         Before round 1 every connected node scores the common start; after it, only nodes that
         have trained at least once (a node never sampled would score B = 0 and the seeded head,
-        and pull the mean towards chance). A pooled simulation asks only the clients trained so
-        far, never its whole population (so round 0 has no score).
+        and pull the mean towards chance). A pooled simulation asks only the clients this round
+        trained (its cost follows the cohort, not the clients trained so far, nor the
+        population), so round 0 has no score.
         """
         self.eval_bytes_down = 0
         if self.private:
@@ -185,8 +186,8 @@ class FedSALoRA(LowRankStrategy):
             TASK_KEY: self.round_task_json(server_round),
         }
         messages = []
-        if self.roster.population is not None:  # pooled: the clients trained so far, by id
-            nodes = sorted(self.trained)
+        if self.roster.population is not None:  # pooled: this round's cohort, by id
+            nodes = sorted(set(self.stats.accepted))
         else:
             nodes = sorted(grid.get_node_ids(), key=self.roster.order)
         for node_id in nodes:

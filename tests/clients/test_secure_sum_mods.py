@@ -71,7 +71,8 @@ def test_a_node_that_requires_secure_aggregation_refuses_a_plain_round():
     for bad in ("true", 1, "yes"):
         with pytest.raises(ConfigError, match="secagg-required=.* must be true or false"):
             secure_sum_mod(msg, Context(1, 7, {"secagg-required": bad}, RecordDict(), {}), None)
-    assert NodePolicy.from_node_config({"secagg-required": True}).secagg_required
+    with pytest.raises(ConfigError, match="secagg-required"):  # refused when the node starts
+        NodePolicy.from_node_config({"secagg-required": "no"})
 
 
 def test_the_update_is_clipped_as_a_whole_and_its_count_entry_follows():

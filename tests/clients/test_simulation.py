@@ -93,11 +93,15 @@ def test_same_config_and_seed_give_the_same_history_pooled_or_not(flora_run, tmp
 
 
 def test_resumed_simulation_resends_lost_client_state(flora_run, tmp_path):
-    """A resumed server does not assume what its clients hold (a pooled client's state is on
-    disk, an unpooled node's was lost): it resends every stacked module (more bytes down in the
-    first resumed round), and the run ends exactly as if never stopped."""
+    """A resumed run starts its clients without state, pooled or not (a pooled client's file from
+    before is cleared, as a node's memory would be), and the server resends every stacked module
+    (more bytes down in the first resumed round): the run ends exactly as if never stopped."""
     simulate([*FLORA, "federation.rounds=2", f"run_dir={tmp_path}"])
-    simulate([*FLORA, f"resume={tmp_path}"])
+    store = tmp_path / "node_state" / "clients"
+    assert len(list(store.rglob("*.state"))) == 3
+    for state in store.rglob("*.state"):  # what a stale or crashed attempt could leave behind
+        state.write_bytes(b"\xff not a client's state")
+    simulate([*FLORA, f"resume={tmp_path}"])  # clients start afresh, as nodes would
     whole, resumed = _history(flora_run), _history(tmp_path)
     assert int(resumed[3].pop("bytes_down")) > int(whole[3].pop("bytes_down"))
     assert resumed == whole

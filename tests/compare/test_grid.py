@@ -87,3 +87,38 @@ def test_a_key_added_later_counts_once_it_changes_a_run():
     assert config_digest(compose_config(["client_dp=eps3", "client_dp.clipping=fixed"])) != base
     assert config_digest(compose_config(["secagg.num_shares=3"])) == base  # still disabled
     assert config_digest(compose_config(["federation.pool_size=2"])) != base
+    # a pool is neutral where it repeats a node per client: fixed-size sampling, not FedSA-LoRA
+    partial = ["federation.num_clients=10", "federation.fraction=0.3", "dataset=sst2"]
+    with_pool = compose_config(partial)  # 3 of 10 sampled: a pool of 3 serves them
+    assert with_pool.federation.pool_size is None
+    assert config_digest(with_pool) == _digest_without_pool_key(partial)
+    assert config_digest(compose_config([*partial, "strategy=fedsa_lora"])) != (
+        _digest_without_pool_key([*partial, "strategy=fedsa_lora"])
+    )
+    private = [  # Poisson cohorts of mean 10 out of 100: a pool of 23, other draws
+        "federation.num_clients=100",
+        "federation.fraction=0.1",
+        "dataset=sst2",
+        "client_dp=eps8",
+        "client_dp.clipping=fixed",
+    ]
+    assert config_digest(compose_config(private)) != _digest_without_pool_key(private)
+
+
+def _digest_without_pool_key(overrides):
+    """The digest a config had before federation.pool_size existed."""
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    from fedpeft.compare.grid import IGNORED, NEUTRAL
+
+    plain = OmegaConf.to_container(compose_config(overrides), resolve=True)
+    for key in IGNORED:
+        plain.pop(key, None)
+    del plain["federation"]["pool_size"]
+    for key in ("client_dp", "secagg"):
+        if NEUTRAL[key](plain[key], plain):
+            del plain[key]
+    return hashlib.sha1(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:10]

@@ -116,7 +116,7 @@ def test_no_personalised_evaluation_is_asked_in_a_private_run_and_bad_options_ar
     asked = list(strategy.configure_evaluate(1, None, {}, FakeGrid([1, 2])))
     assert [m.metadata.dst_node_id for m in asked] == [2]
     # A pooled population (node ids are client ids 0..N-1) is never listed: only the clients
-    # trained so far score, from round 0 on.
+    # the round trained score (none in round 0).
     pooled = _strategy()
     pooled.roster.population = 10**9
     population = SimpleNamespace(get_node_ids=lambda: range(10**9))
@@ -124,6 +124,10 @@ def test_no_personalised_evaluation_is_asked_in_a_private_run_and_bad_options_ar
     pooled.stats.accepted.extend([123_456_789, 5])
     asked = list(pooled.configure_evaluate(1, None, {}, population))
     assert [m.metadata.dst_node_id for m in asked] == [5, 123_456_789]
+    pooled.stats = type(pooled.stats)()
+    pooled.stats.accepted.append(7)
+    asked = list(pooled.configure_evaluate(2, None, {}, population))
+    assert [m.metadata.dst_node_id for m in asked] == [7]  # not everyone trained so far
     with pytest.raises(ValueError, match="holdout_fraction=0.7 must be in"):
         _strategy(holdout_fraction=0.7)
     with pytest.raises(ValueError, match="task=classification only"):
