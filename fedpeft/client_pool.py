@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -56,6 +57,17 @@ def pool_size(
             f"got {setting!r}"
         )
     return min(setting, num_clients)
+
+
+def federation_pool_size(federation: Mapping[str, Any], poisson: bool) -> int:
+    """`pool_size` for a `federation` config group (a DictConfig or its plain dict)."""
+    return pool_size(
+        federation.get("pool_size"),
+        federation["num_clients"],
+        float(federation["fraction"]),
+        federation["min_clients"],
+        poisson,
+    )
 
 
 class PoolGrid(Grid):
@@ -101,15 +113,14 @@ class PoolGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Send each message to its client's pool node; the message takes the id Flower gives."""
         messages = list(messages)
-        outside = [m.metadata.dst_node_id for m in messages]
-        outside = [c for c in outside if not 0 <= c < self.population]
+        clients = [m.metadata.dst_node_id for m in messages]
+        outside = [c for c in clients if not 0 <= c < self.population]
         if outside:  # refused before anything is sent
             raise ValueError(
                 f"client {outside[0]} is outside the population [0, {self.population})"
             )
         ids = []
-        for msg in messages:
-            client = msg.metadata.dst_node_id
+        for msg, client in zip(messages, clients, strict=True):
             out = Message(
                 self._addressed(msg.content, client),
                 dst_node_id=self.route(client),

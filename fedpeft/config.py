@@ -11,7 +11,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fedpeft.client_pool import pool_size
+from fedpeft.client_pool import federation_pool_size
 from fedpeft.data.partition import partition_params
 from fedpeft.errors import ConfigError
 from fedpeft.models import ModelSpec, check_compute_dtype, resolve_device
@@ -352,9 +352,7 @@ def _validate_secagg(cfg: DictConfig, dp: ClientDPSettings) -> None:
 def _validate_pool(cfg: DictConfig, dp: ClientDPSettings) -> None:
     """`federation.pool_size`, and what a pooled simulation (fewer nodes than clients) refuses."""
     fed = cfg.federation
-    size = pool_size(
-        fed.get("pool_size"), fed.num_clients, float(fed.fraction), fed.min_clients, dp.enabled
-    )
+    size = federation_pool_size(fed, dp.enabled)
     if size < fed.num_clients:
         _require(
             not cfg.secagg.enabled,

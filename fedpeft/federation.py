@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedpeft import adapters, data, models, privacy, tasks, training
 from fedpeft.causal import evaluation as causal_evaluation
-from fedpeft.client_pool import pool_size
+from fedpeft.client_pool import federation_pool_size
 from fedpeft.errors import ConfigError
 from fedpeft.privacy.client_level import ClientDPSettings, ClientNoise
 from fedpeft.round_task import RoundTask
@@ -430,16 +430,9 @@ def prepare(cfg: DictConfig, deployed: bool = False) -> Federation:
         task=cfg.task,
         max_new_tokens=int(cfg.eval.get("max_new_tokens") or 256),
     )
-    fed = cfg.federation
     pool = (
         num_clients
         if deployed
-        else pool_size(
-            fed.get("pool_size"),
-            num_clients,
-            float(fed.fraction),
-            fed.min_clients,
-            strategy.client_dp is not None,
-        )
+        else federation_pool_size(cfg.federation, strategy.client_dp is not None)
     )
     return Federation(cfg, dataset, task, strategy, evaluator, sizes, pool)

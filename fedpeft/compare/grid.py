@@ -23,7 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from fedpeft.client_pool import pool_size
+from fedpeft.client_pool import federation_pool_size
 from fedpeft.config import compose_config
 from fedpeft.errors import ConfigError
 
@@ -52,8 +52,7 @@ def _pooled_as_before(cfg: Mapping[str, Any]) -> bool:
     """
     fed = cfg["federation"]
     poisson = bool((cfg.get("client_dp") or {}).get("enabled"))
-    size = pool_size(None, fed["num_clients"], float(fed["fraction"]), fed["min_clients"], poisson)
-    if size >= fed["num_clients"]:  # a node per client: not pooled
+    if federation_pool_size(fed, poisson) >= fed["num_clients"]:  # a node per client
         return True
     return not poisson and cfg["strategy"]["name"] != "fedsa_lora"
 

@@ -172,25 +172,36 @@ class Roster:
             self.expected_names = identity.registration_names(grid)
         nodes.sort(key=self.order)
         self.connected = len(nodes)
-        size = min(len(nodes), max(min_clients, int(fraction * len(nodes))))
         eligible = [n for n in nodes if self.member(n) not in self.exhausted]
-        if len(eligible) < size:
-            log(
-                WARNING,
-                "round %d: %d of %d clients have spent their privacy budget; sampling %d",
-                server_round,
-                len(nodes) - len(eligible),
-                len(nodes),
-                len(eligible),
-            )
+        size = self._fixed_size(len(nodes), len(eligible), fraction, min_clients, server_round)
         if poisson:
             sampled = [n for n in eligible if self.rng.random() < fraction]
         else:
-            sampled = self.rng.sample(eligible, min(size, len(eligible)))
+            sampled = self.rng.sample(eligible, size)
         new = sorted((n for n in sampled if n not in self.identities), key=self.order)
         if lazy and new:
             self._ask(grid, new, set(nodes), task or {}, float(identify_timeout))
         return sorted(sampled, key=self.order)
+
+    @staticmethod
+    def _fixed_size(
+        connected: int, eligible: int, fraction: float, min_clients: int, server_round: int
+    ) -> int:
+        """max(min_clients, fraction x connected), at most the clients with budget left.
+
+        Logs when clients that spent their privacy budget make the round smaller.
+        """
+        size = min(connected, max(min_clients, int(fraction * connected)))
+        if eligible < size:
+            log(
+                WARNING,
+                "round %d: %d of %d clients have spent their privacy budget; sampling %d",
+                server_round,
+                connected - eligible,
+                connected,
+                eligible,
+            )
+        return min(size, eligible)
 
     def _sample_population(
         self,
@@ -212,23 +223,11 @@ class Roster:
         assert self.population is not None
         self.connected = n = self.population
         eligible = Eligible(n, self.exhausted)
-        size = min(n, max(min_clients, int(fraction * n)))
-        if len(eligible) < size:
-            log(
-                WARNING,
-                "round %d: %d of %d clients have spent their privacy budget; sampling %d",
-                server_round,
-                n - len(eligible),
-                n,
-                len(eligible),
-            )
+        size = self._fixed_size(n, len(eligible), fraction, min_clients, server_round)
         if poisson:
-            cohort = np.random.default_rng(self.rng.getrandbits(64)).binomial(
-                len(eligible), fraction
-            )
-        else:
-            cohort = min(size, len(eligible))
-        sampled = sorted(self.rng.sample(eligible, int(cohort)))
+            draw = np.random.default_rng(self.rng.getrandbits(64))
+            size = int(draw.binomial(len(eligible), fraction))
+        sampled = sorted(self.rng.sample(eligible, size))
         new = [c for c in sampled if c not in self.declared]
         if new and self.count is not None:
             self.declared.update({c: self.count(c) for c in new})
