@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.cli import main, simulate
-from fedpeft.clients.secure_sum_mods import secure_sum_mod
+from fedpeft.clients.secure_sum_mods import fitins_adapter, secure_sum_mod
 from fedpeft.privacy.client_level import ClientDPSettings, ClientNoise
+from fedpeft.privacy.policy import PolicyViolation
 from fedpeft.records import from_record
 from fedpeft.secure_sum import SecAggSettings, SecureSum
 from fedpeft.strategies.client_dp import ClientLevelDP
@@ -48,13 +51,20 @@ def update(node: int, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class InProcessGrid(FakeGrid):
     """Delivers each message to the node's ClientApp in this process (a serialising copy each)."""
 
-    def __init__(self, nodes: list[int], fail_in_training: set[int] = frozenset()) -> None:
+    def __init__(
+        self,
+        nodes: list[int],
+        fail_in_training: set[int] = frozenset(),
+        node_config: dict | None = None,
+        mods: tuple = (secure_sum_mod,),
+    ) -> None:
         super().__init__(nodes)
         self.fail = fail_in_training
-        self.contexts = {n: Context(1, n, {}, RecordDict(), {}) for n in nodes}
+        self.contexts = {n: Context(1, n, dict(node_config or {}), RecordDict(), {}) for n in nodes}
         self.replies: list[Message] = []
+        self.errors: list[Exception] = []
         self.app = ClientApp()
-        self.app.train(mods=[secure_sum_mod])(self.train)
+        self.app.train(mods=list(mods))(self.train)
 
     def train(self, msg: Message, context: Context) -> Message:
         """A stub local round: received + the node's fixed update, with metrics to withhold."""
@@ -71,7 +81,8 @@ class InProcessGrid(FakeGrid):
         for msg in messages:
             try:
                 answer = self.app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id])
-            except Exception:  # noqa: BLE001 - a node that fails sends nothing, as on a timeout
+            except Exception as exc:  # noqa: BLE001 - a node that fails sends nothing
+                self.errors.append(exc)
                 continue
             self.replies.append(answer)
             out.append(answer)
@@ -107,10 +118,11 @@ def plain_round(nodes: list[int], replying: list[int], clipping: str) -> FedAvgL
     return plain
 
 
-def secure_round(grid: InProcessGrid, clipping: str) -> FedAvgLoRA:
+def secure_round(grid: InProcessGrid, clipping: str, **secagg) -> FedAvgLoRA:
     """The same round under SecAgg+: the server gets the clipped sum only."""
     secure = strategy(clipping)
-    shim = SecureSum(secure, SecAggSettings(enabled=True, num_shares=1.0), timeout=None)
+    settings = SecAggSettings(enabled=True, **{"num_shares": 1.0, **secagg})
+    shim = SecureSum(secure, settings, timeout=None)
     messages = secure.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
     shim.run_round(grid, 1, messages)
     return secure
@@ -161,6 +173,58 @@ def test_a_halted_round_releases_noise_alone_and_counts():
         secure.global_adapter["head.classifier.bias"].numpy(),
         global_adapter()["head.classifier.bias"].numpy(),
     )
+
+
+def test_a_node_refuses_a_reconstruction_threshold_below_its_floor():
+    """Nodes whose policy says secagg-min-threshold=4 refuse the server's threshold of 3 (of 6
+    shares: the server plus 2 colluding nodes could rebuild a node's keys) at the setup stage,
+    before any key exists; the round halts with noise alone. A threshold of 5 they accept."""
+    floor = {"secagg-min-threshold": 4}
+    low = InProcessGrid(NODES, node_config=floor)
+    secure = secure_round(low, "fixed", reconstruction_threshold=0.5)
+    assert len(low.errors) == len(NODES) and low.replies == []
+    assert all(isinstance(e, PolicyViolation) for e in low.errors)
+    assert "secagg-min-threshold=4 refuses a SecAgg+ round whose reconstruction threshold is 3" in (
+        str(low.errors[0])
+    )
+    assert secure.stats.replied == 0 and secure.client_dp.rounds == 1
+    high = InProcessGrid(NODES, node_config=floor)
+    secure = secure_round(high, "fixed", reconstruction_threshold=5)
+    plain = plain_round(NODES, NODES, "fixed")
+    assert high.errors == [] and secure.stats.replied == len(NODES)
+    for key, value in plain.global_adapter.items():
+        torch.testing.assert_close(secure.global_adapter[key], value, rtol=0, atol=2e-6)
+
+
+class SplitViewGrid(InProcessGrid):
+    """A hostile server's unmask stage: node 101, which sent its masked vector, is named both
+    active (send the share of its mask seed) and dropped (send the share of its key). The server
+    keeps what comes back (`stolen`) and its workflow sees no answer."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        configs = [m.content.config_records.get(RECORD_KEY_CONFIGS) for m in messages]
+        if not any(c is not None and c.get(Key.STAGE) == Stage.UNMASK for c in configs):
+            return super().send_and_receive(messages, timeout=timeout)
+        for config in configs:
+            config[Key.DEAD_NODE_ID_LIST] = [*config[Key.DEAD_NODE_ID_LIST], NODES[0]]
+        self.stolen = super().send_and_receive(messages, timeout=timeout)
+        return []
+
+
+def test_a_split_view_unmask_is_refused_where_flowers_mod_would_answer_it():
+    """With Flower's mod alone every node hands over both of node 101's shares (enough of them
+    rebuild its mask seed and its key, and so its own update); fedpeft's nodes refuse."""
+    bare = SplitViewGrid(NODES, mods=(secaggplus_mod, fitins_adapter))
+    secure_round(bare, "fixed")
+    assert len(bare.stolen) == len(NODES) and bare.errors == []
+    for msg in bare.stolen:
+        assert msg.content.config_records[RECORD_KEY_CONFIGS][Key.NODE_ID_LIST].count(101) == 2
+    guarded = SplitViewGrid(NODES)
+    secure = secure_round(guarded, "fixed")
+    assert guarded.stolen == [] and len(guarded.errors) == len(NODES)
+    assert all("named both active and dropped" in str(e) for e in guarded.errors)
+    assert secure.stats.replied == 0 and secure.client_dp.rounds == 1
 
 
 def test_a_simulation_under_secure_aggregation_reports_its_epsilon(tmp_path, data_dir):

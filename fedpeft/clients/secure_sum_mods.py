@@ -30,10 +30,16 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
-from fedpeft.privacy.policy import SECAGG_REQUIRED, PolicyViolation, secagg_required
+from fedpeft.privacy.policy import (
+    SECAGG_MIN_THRESHOLD,
+    SECAGG_REQUIRED,
+    PolicyViolation,
+    secagg_min_threshold,
+    secagg_required,
+)
 from fedpeft.protocol import ARRAYS_KEY, CONFIG_KEY
 from fedpeft.schema import finite_number
 
@@ -52,9 +58,9 @@ def secure_sum_mod(msg: Message, context: Context, call_next: Handler) -> Messag
     """Flower mod: SecAgg+ (with `fitins_adapter`) for its own messages, plain rounds untouched.
 
     A node whose config says `secagg-required=true` refuses a plain train message before anything
-    is trained, so the server cannot ask for its update in the clear. It does not yet hold the
-    server to minimum SecAgg+ parameters: a server that picks the shares and threshold itself
-    (or runs the neighbours' keys) can still unmask one node (docs/privacy.md, SecAgg+ limits).
+    is trained, so the server cannot ask for its update in the clear. Each SecAgg+ stage is
+    checked against the node's own floor first (`check_secagg_stage`); the server still picks
+    the neighbours' keys, so it must be honest-but-curious (docs/privacy.md, SecAgg+ limits).
     """
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         if secagg_required(context.node_config):
@@ -65,10 +71,58 @@ def secure_sum_mod(msg: Message, context: Context, call_next: Handler) -> Messag
             )
         return call_next(msg, context)
 
+    check_secagg_stage(msg, context)
+
     def adapted(inner: Message, ctx: Context) -> Message:
         return fitins_adapter(inner, ctx, call_next)
 
     return secaggplus_mod(msg, context, adapted)
+
+
+def check_secagg_stage(msg: Message, context: Context) -> None:
+    """Refuse a SecAgg+ stage that would expose this node more than its policy allows.
+
+    Setup: the reconstruction threshold t must be at least `secagg-min-threshold` (a server that
+    colludes with t - 1 nodes can rebuild this node's keys) and at most the shares. Unmask: no
+    node may be named both active and dropped (that request asks for both its mask seed's share
+    and its key's share, which together unmask that node's own update), and this node, which is
+    answering, is not dropped. Flower's mod checks the records' types, not these.
+    """
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    stage = configs.get(Key.STAGE)
+    if stage == Stage.SETUP:
+        floor = secagg_min_threshold(context.node_config)
+        threshold, shares = configs.get(Key.THRESHOLD), configs.get(Key.SHARE_NUMBER)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (threshold, shares)):
+            raise ValueError(
+                f"secure aggregation: threshold {threshold!r} and shares {shares!r} must be "
+                "integers"
+            )
+        if threshold < floor:
+            raise PolicyViolation(
+                f"node policy {SECAGG_MIN_THRESHOLD}={floor} refuses a SecAgg+ round whose "
+                f"reconstruction threshold is {threshold}: the server plus {threshold - 1} "
+                "colluding nodes could unmask this node's update; raise "
+                "secagg.reconstruction_threshold (and secagg.num_shares) on the server"
+            )
+        if threshold > shares:
+            raise ValueError(
+                f"secure aggregation: threshold {threshold} is more than the {shares} shares"
+            )
+    elif stage == Stage.UNMASK:
+        active = set(configs.get(Key.ACTIVE_NODE_ID_LIST, []))
+        dropped = set(configs.get(Key.DEAD_NODE_ID_LIST, []))
+        both = sorted(active & dropped)
+        if both:
+            raise PolicyViolation(
+                f"secure aggregation: node(s) {both} named both active and dropped; answering "
+                "would hand the server both shares that unmask their update"
+            )
+        if msg.metadata.dst_node_id in dropped:
+            raise PolicyViolation(
+                f"secure aggregation: this node ({msg.metadata.dst_node_id}) is named as dropped "
+                "while it answers; answering would hand the server its key's share"
+            )
 
 
 def fitins_adapter(msg: Message, context: Context, call_next: Handler) -> Message:

@@ -46,6 +46,11 @@ OPTIONS: dict[str, tuple[str, type, str]] = {
     "--dp-max-grad-norm": ("dp-max-grad-norm", float, "the largest clipping bound"),
     "--dp-noise-multiplier": ("dp-noise-multiplier", float, "the smallest noise multiplier"),
     "--dp-accountant": ("dp-accountant", str, "prv (default) or rdp"),
+    "--secagg-min-threshold": (
+        "secagg-min-threshold",
+        int,
+        "the fewest SecAgg+ key shares that may rebuild this node's keys (default 2)",
+    ),
 }
 
 

@@ -15,6 +15,7 @@ an error naming the policy field and the task's value, before anything is traine
 | `dp-accountant` | the accountant that calibrates and counts its spending: prv (default) or rdp |
 | `dp-lifetime-epsilon` | the most epsilon it spends on its data in all runs (default dp-epsilon) |
 | `secagg-required` | true: this node sends updates only inside SecAgg+ (secure_sum_mods.py) |
+| `secagg-min-threshold` | the fewest key shares that may rebuild this node's SecAgg+ secrets |
 | `state-dir` | where its privacy ledgers live (default: `default_state_dir()`) |
 
 `dp-required` needs `dp-epsilon`: a node that requires DP but sets no epsilon would accept any
@@ -40,9 +41,10 @@ from fedpeft.schema import finite_number
 REQUIRED, EPSILON, DELTA = "dp-required", "dp-epsilon", "dp-delta"
 MAX_GRAD_NORM, NOISE_MULTIPLIER, STATE_DIR = "dp-max-grad-norm", "dp-noise-multiplier", "state-dir"
 ACCOUNTANT, LIFETIME_EPSILON = "dp-accountant", "dp-lifetime-epsilon"
-SECAGG_REQUIRED = "secagg-required"
+SECAGG_REQUIRED, SECAGG_MIN_THRESHOLD = "secagg-required", "secagg-min-threshold"
 POLICY_KEYS = (
     SECAGG_REQUIRED,
+    SECAGG_MIN_THRESHOLD,
     REQUIRED,
     EPSILON,
     DELTA,
@@ -65,6 +67,22 @@ def secagg_required(node_config: Mapping[str, Any]) -> bool:
     value = node_config.get(SECAGG_REQUIRED, False)
     if not isinstance(value, bool):
         raise ConfigError(f"node config {SECAGG_REQUIRED}={value!r} must be true or false")
+    return value
+
+
+def secagg_min_threshold(node_config: Mapping[str, Any]) -> int:
+    """Node config `secagg-min-threshold` (default 2, SecAgg+'s own floor): an integer >= 2.
+
+    SecAgg+ splits a node's mask seed and key into shares; any `threshold` of them rebuild it,
+    so a server that colludes with threshold - 1 other nodes can unmask this node's update. The
+    node refuses a round whose threshold is below this number.
+    """
+    value = node_config.get(SECAGG_MIN_THRESHOLD, 2)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+        raise ConfigError(
+            f"node config {SECAGG_MIN_THRESHOLD}={value!r} must be an integer >= 2, e.g. "
+            f"{SECAGG_MIN_THRESHOLD}=3 (no fewer than 3 shares may rebuild this node's keys)"
+        )
     return value
 
 
@@ -135,6 +153,7 @@ class NodePolicy:
                 f"{', '.join(ACCOUNTANTS)}"
             )
         secagg_required(node_config)  # read by clients/secure_sum_mods.py; refused here if bad
+        secagg_min_threshold(node_config)  # likewise
         state_dir = node_config.get(STATE_DIR)
         if state_dir is not None and (not isinstance(state_dir, str) or not state_dir.strip()):
             raise ConfigError(

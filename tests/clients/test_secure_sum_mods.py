@@ -17,6 +17,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -161,3 +162,63 @@ def test_hostile_instructions_are_refused(key, value, fragment):
     del missing[key]
     with pytest.raises(ValueError, match="malformed"):
         secagg_instructions(missing)
+
+
+def _stage(configs: dict, node_config: dict | None = None, dst: int = 7) -> Message:
+    """A SecAgg+ train message for node `dst` carrying `configs`, through secure_sum_mod."""
+    msg = Message(
+        RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(configs)}),
+        dst_node_id=dst,
+        message_type=MessageType.TRAIN,
+    )
+    node = Context(1, dst, node_config or {}, RecordDict(), {})
+    return secure_sum_mod(msg, node, lambda m, c: pytest.fail("trained"))
+
+
+SETUP = {
+    Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 5, Key.SHARE_NUMBER: 5, Key.THRESHOLD: 3,
+    Key.CLIPPING_RANGE: 1.0, Key.TARGET_RANGE: 2**22, Key.MOD_RANGE: 2**32, Key.MAX_WEIGHT: 1.0,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("configs", "node_config", "error", "fragment"),
+    [
+        ({Key.THRESHOLD: 2}, {"secagg-min-threshold": 3}, PolicyViolation, "threshold is 2"),
+        ({Key.THRESHOLD: 6}, {}, ValueError, "threshold 6 is more than the 5 shares"),
+        ({Key.THRESHOLD: 3.0}, {}, ValueError, "must be integers"),
+        ({Key.SHARE_NUMBER: True}, {}, ValueError, "must be integers"),
+        ({}, {"secagg-min-threshold": 1}, ConfigError, "must be an integer >= 2"),
+        ({}, {"secagg-min-threshold": "3"}, ConfigError, "must be an integer >= 2"),
+        (
+            {Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: [7, 8], Key.DEAD_NODE_ID_LIST: [8]},
+            {},
+            PolicyViolation,
+            "node(s) [8] named both active and dropped",
+        ),
+        (
+            {Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: [8, 9], Key.DEAD_NODE_ID_LIST: [7]},
+            {},
+            PolicyViolation,
+            "this node (7) is named as dropped while it answers",
+        ),
+    ],
+)
+def test_a_secagg_stage_weaker_than_the_node_allows_is_refused(
+    configs, node_config, error, fragment
+):
+    """The server's SecAgg+ parameters and its unmask request are held to the node's floor
+    before Flower's mod sees them (the whole protocol runs in tests/test_secure_sum.py)."""
+    stage = {**SETUP, **configs} if configs.get(Key.STAGE) != Stage.UNMASK else configs
+    with pytest.raises(error) as raised:
+        _stage(stage, node_config)
+    assert fragment in str(raised.value)
+
+
+def test_a_setup_at_the_nodes_floor_goes_to_flowers_mod():
+    out = _stage(SETUP, {"secagg-min-threshold": 3})
+    assert set(out.content.config_records[RECORD_KEY_CONFIGS]) == {
+        Key.PUBLIC_KEY_1,
+        Key.PUBLIC_KEY_2,
+    }
+    assert NodePolicy.from_node_config({"secagg-min-threshold": 3}) is not None

@@ -10,6 +10,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedpeft import checkpoint
 from fedpeft.cli import simulate
 from fedpeft.clients.simulation import seeded_rng
 from tests.conftest import FAST_RUN
@@ -97,11 +98,13 @@ def test_resumed_simulation_resends_lost_client_state(flora_run, tmp_path):
     before is cleared, as a node's memory would be), and the server resends every stacked module
     (more bytes down in the first resumed round): the run ends exactly as if never stopped."""
     simulate([*FLORA, "federation.rounds=2", f"run_dir={tmp_path}"])
+    assert checkpoint.load(tmp_path).server_round == 2
     store = tmp_path / "node_state" / "clients"
     assert len(list(store.rglob("*.state"))) == 3
     for state in store.rglob("*.state"):  # what a stale or crashed attempt could leave behind
         state.write_bytes(b"\xff not a client's state")
-    simulate([*FLORA, f"resume={tmp_path}"])  # clients start afresh, as nodes would
+    summary = simulate([*FLORA, f"resume={tmp_path}"])  # clients start afresh, as nodes would
+    assert (summary["resumed_from_round"], summary["rounds_completed"]) == (2, 3)
     whole, resumed = _history(flora_run), _history(tmp_path)
     assert int(resumed[3].pop("bytes_down")) > int(whole[3].pop("bytes_down"))
     assert resumed == whole

@@ -25,6 +25,8 @@ def _args(*argv: str):
          "max-rank=0 must be an integer >= 1"),
         (["--partition-id", "0", "--num-partitions", "2", "--dp-accountant", "gdp"],
          "dp-accountant='gdp' is unknown"),
+        (["--partition-id", "0", "--num-partitions", "2", "--secagg-min-threshold", "1"],
+         "secagg-min-threshold=1 must be an integer >= 2"),
     ],
 )  # fmt: skip
 def test_bad_node_settings_are_one_line_and_exit_2_before_anything_starts(argv, message, capsys):
@@ -40,12 +42,12 @@ def test_the_node_config_reaches_flower_unchanged_and_the_supernode_starts_no_cl
     data.write_text("text,label\na,b\n")
     state = tmp_path / 'it\'s "state"'
     args = _args("--data", str(data), "--state-dir", str(tmp_path / "st ate"), "--dp-epsilon", "3",
-                 "--secagg-required",
+                 "--secagg-required", "--secagg-min-threshold", "3",
                  "--node-config", 'max-batch-size=64 device="cpu"')  # fmt: skip
     config = command.node_config(args)
     assert parse_config_args([command.render_node_config(config)]) == config
     assert config["dp-epsilon"] == 3.0 and config["max-batch-size"] == 64
-    assert config["secagg-required"] is True
+    assert config["secagg-required"] is True and config["secagg-min-threshold"] == 3
     assert config["data-path"] == str(data.resolve()) and config["device"] == "cpu"
     with pytest.raises(ConfigError, match="holds both kinds of quote"):
         command.render_node_config({"state-dir": str(state)})
