@@ -279,7 +279,8 @@ def deployment(tmp_path_factory, data_dir) -> Iterator[Deployment]:
     own CSV file in bfloat16 on the CPU, node-2 on partition 1 of 2 of the task's data set.
 
     node-1 overclaims its example count in one local round while the file `overclaim` (the
-    fixture's `overclaim_flag`) exists: see wire_spy/sitecustomize.py."""
+    fixture's `overclaim_flag`) exists, node-2 drops out of one while `drop` (`drop_flag`)
+    exists: see wire_spy/sitecustomize.py."""
     root = tmp_path_factory.mktemp("deploy")
     certs = root / "certs"
     for argv in (
@@ -342,6 +343,7 @@ def deployment(tmp_path_factory, data_dir) -> Iterator[Deployment]:
         wait_for(listening, 60, "the SuperLink to listen")
         csv = _node_data(root / "node-1.csv", data_dir)
         deploy.node_env["node-1"] = {"FEDPEFT_TEST_OVERCLAIM": str(overclaim_flag(deploy))}
+        deploy.node_env["node-2"] = {"FEDPEFT_TEST_DROP": str(drop_flag(deploy))}
         (root / "hold").mkdir()
         configs = {
             "node-1": f'data-path="{csv}" text-column="sentence" device="cpu" dtype="bfloat16" '
@@ -372,6 +374,11 @@ def hold_round(deploy: Deployment, server_round: int) -> Path:
 def overclaim_flag(deploy: Deployment) -> Path:
     """While this file exists, node-1's next local round claims one example more than it has."""
     return deploy.root / "overclaim"
+
+
+def drop_flag(deploy: Deployment) -> Path:
+    """While this file exists, node-2's next local round fails, as a node dropping out."""
+    return deploy.root / "drop"
 
 
 def history(run_dir: Path) -> list[dict]:

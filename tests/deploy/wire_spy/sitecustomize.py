@@ -10,6 +10,9 @@ imported there:
 - with FEDPEFT_TEST_OVERCLAIM set to a file's path (one SuperNode's ClientApps): while that file
   exists, the next local round (private or not) claims one example more than the node holds, and
   removes the file, so that exactly one reply overclaims when the test creates it;
+- with FEDPEFT_TEST_DROP set to a file's path (one SuperNode's ClientApps): while that file
+  exists, the next local round fails (and removes the file), as a node that drops out in the
+  middle of a round: under SecAgg+ it never sends its masked vector;
 - with FEDPEFT_TEST_HOLD set to a folder (the ServerApp): while `<folder>/round-<N>` exists, the
   server waits before it samples the clients of round N, so that a test can restart a SuperNode
   between two rounds without racing the server.
@@ -29,6 +32,7 @@ from collections.abc import Callable
 _LOG = os.environ.get("FEDPEFT_TEST_WIRE_LOG")
 _OVERCLAIM = os.environ.get("FEDPEFT_TEST_OVERCLAIM")
 _HOLD = os.environ.get("FEDPEFT_TEST_HOLD")
+_DROP = os.environ.get("FEDPEFT_TEST_DROP")
 #: Longest a held round waits for its file to go (the test fails long before).
 _HOLD_LIMIT_S = 600
 
@@ -104,12 +108,29 @@ def _overclaiming(train: Callable) -> Callable:
     return trained
 
 
+def _dropping(train: Callable) -> Callable:
+    def trained(*args, **kwargs):
+        try:
+            os.remove(_DROP)
+        except FileNotFoundError:
+            return train(*args, **kwargs)
+        raise RuntimeError("test: this node drops out in the middle of its local round")
+
+    return trained
+
+
+def _lying(train: Callable) -> Callable:
+    if _OVERCLAIM:
+        train = _overclaiming(train)
+    return _dropping(train) if _DROP else train
+
+
 def _patch_training(module) -> None:
-    module.train_steps = _overclaiming(module.train_steps)
+    module.train_steps = _lying(module.train_steps)
 
 
 def _patch_private_training(module) -> None:
-    module.train_private = _overclaiming(module.train_private)
+    module.train_private = _lying(module.train_private)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
@@ -138,7 +159,7 @@ _PATCHES: dict[str, Callable] = {}
 if _LOG:
     _PATCHES["fedpeft.strategies.base"] = _patch_strategy
     _PATCHES["fedpeft.identity"] = _patch_identity
-if _OVERCLAIM:
+if _OVERCLAIM or _DROP:
     _PATCHES["fedpeft.training"] = _patch_training
     _PATCHES["fedpeft.privacy.dp_sgd"] = _patch_private_training
 if _PATCHES:
