@@ -61,6 +61,30 @@ def train_settings(**changes):
     return TrainSettings.parse({**base, **changes})
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_ray_instance_per_session():
+    """In-process simulations share one local Ray instance instead of starting and stopping
+    their own (about 8 s each here). Each run still gets its own pool of ClientApp actors, which
+    are killed when it ends, busy or idle (Flower's own terminate would leave a stalled actor to
+    `ray.shutdown`). Ray's start and shutdown by the CLI itself run in the tests that simulate in
+    a subprocess (compare, tracking, the Ray cluster) and in CI's first stage."""
+    import ray
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    flowers = RayBackend.terminate
+
+    def terminate(self) -> None:
+        if self.pool:
+            for actor in [*self.pool.pool, *self.pool._future_to_actor.values()]:
+                ray.kill(actor, no_restart=True)
+
+    RayBackend.terminate = terminate
+    yield
+    RayBackend.terminate = flowers
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     path = Path(os.environ["FEDPEFT_DATA_DIR"])

@@ -93,11 +93,11 @@ WORKER = textwrap.dedent(
 
 
 def test_concurrent_messages_to_one_node_spend_at_most_its_cap(task, tmp_path):
-    """Two nodes at once, in real processes: one gets 2 messages and admits 1 round, the other 5
+    """Two nodes at once, in real processes: one gets 2 messages and admits 1 round, the other 3
     and admits 2 (one launch for both: the processes' imports dominate the time)."""
     go = tmp_path / "go"
     launched = []
-    for messages, fit in ((2, 1), (5, 2)):
+    for messages, fit in ((2, 1), (3, 2)):
         cap = _cap_for(fit)
         node = {**NODE, "state-dir": str(tmp_path / f"state-{messages}"), "dp-epsilon": cap}
         script = WORKER.format(
