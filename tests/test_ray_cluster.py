@@ -116,21 +116,10 @@ def _simulate(address: str, run_dir: Path, *overrides: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def test_simulated_clients_run_on_both_nodes_of_a_cluster(cluster, tmp_path):
-    address, _ = cluster
-    proc = _simulate(address, tmp_path, "federation.rounds=2")
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
-    ran = {(int(c), int(r)): node for c, r, node in RAN_ON.findall(out)}
-    assert set(ran) == {(c, r) for c in range(4) for r in (1, 2)}  # every client, every round
-    assert len(set(ran.values())) == 2  # on two Ray nodes
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["rounds_completed"] == 2 and summary["failed_replies"] == 0
-
-
-def test_losing_a_node_mid_run_completes_with_lost_clients_counted_as_failed(cluster, tmp_path):
-    """SIGKILL the second node's raylet after round 1: the run completes, and every round
-    accounts for every sampled client (a reply, or a failure with its reason); it never hangs.
+def test_clients_run_on_both_nodes_and_losing_one_mid_run_costs_only_its_clients(cluster, tmp_path):
+    """Round 1's four clients run on both nodes of the cluster; then SIGKILL the second node's
+    raylet: the run completes, and every round accounts for every sampled client (a reply, or a
+    failure with its reason); it never hangs. (One run for both: a cluster run costs CI 30 s.)
 
     Observed with Ray 2.55: the second node's actor process outlives its raylet for a while
     (actor calls go straight from the driver to the worker), so it may still reply; what it
@@ -141,12 +130,14 @@ def test_losing_a_node_mid_run_completes_with_lost_clients_counted_as_failed(clu
         c for c in psutil.Process(second.pid).children(recursive=True) if "raylet" in c.name()
     )
     proc = _simulate(address, tmp_path, "federation.rounds=4", "federation.local_steps=2")
-    lines = []
-    for line in proc.stdout:
+    lines, first = [], {}
+    for line in proc.stdout:  # Ray forwards the actors' lines a little after they are printed
         lines.append(line)
-        if line.startswith("round 1:"):
+        first.update({int(c): node for c, r, node in RAN_ON.findall(line) if r == "1"})
+        if len(first) == 4 and any(seen.startswith("round 1:") for seen in lines):
             raylet.kill()
             break
+    assert sorted(first) == [0, 1, 2, 3] and len(set(first.values())) == 2  # on two Ray nodes
     rest, _ = proc.communicate(timeout=300)
     out = "".join(lines) + rest
     assert proc.returncode == 0, out[-3000:]
