@@ -21,8 +21,9 @@ import json
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
 from flwr.common import (
     Code,
     FitRes,
@@ -123,6 +124,29 @@ def check_secagg_stage(msg: Message, context: Context) -> None:
                 f"secure aggregation: this node ({msg.metadata.dst_node_id}) is named as dropped "
                 "while it answers; answering would hand the server its key's share"
             )
+
+
+def is_key_stage(msg: Message) -> bool:
+    """A SecAgg+ message of a stage that trains nothing: setup, share_keys or unmask."""
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    return (
+        msg.metadata.message_type == MessageType.TRAIN
+        and configs is not None
+        and configs.get(Key.STAGE) != Stage.COLLECT_MASKED_VECTORS
+    )
+
+
+#: The ClientApp a deployed node answers SecAgg+'s key stages with (node/runner.py): the same
+#: `secure_sum_mod`, and a train handler that those stages never reach, so each of the three
+#: key messages of a round starts without the training stack (torch, transformers, opacus: about
+#: 8 s of imports per message on a small CPU). Their errors are protocol errors (a threshold, a
+#: node list), never the node's data, so they need no `generic_errors`.
+key_stage_app = ClientApp()
+
+
+@key_stage_app.train(mods=[secure_sum_mod])
+def _key_stages_never_train(msg: Message, context: Context) -> Message:
+    raise PolicyViolation("a SecAgg+ key stage reached the train handler: refused, nothing trained")
 
 
 def fitins_adapter(msg: Message, context: Context, call_next: Handler) -> Message:

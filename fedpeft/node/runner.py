@@ -16,6 +16,7 @@ from logging import ERROR, INFO
 
 from flwr.app import Context, Message
 from flwr.app.error import Error
+from flwr.clientapp import ClientApp
 from flwr.common.args import add_args_flwr_app_common, try_obtain_flwr_app_token
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.supercore import log
@@ -30,6 +31,7 @@ from flwr.supercore.telemetry import EventType
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
+from fedpeft.clients.secure_sum_mods import is_key_stage, key_stage_app
 from fedpeft.node.approval import Approval
 
 #: written to the node's log for every message, so an operator sees which code handled it
@@ -43,9 +45,11 @@ def run(
     certificates: bytes | None = None,
     parent_pid: int | None = None,
 ) -> None:
-    """Handle one message of the SuperNode with the installed ClientApp, if the bundle is pinned."""
-    from fedpeft.clients.client_app import app
+    """Handle one message of the SuperNode with the installed ClientApp, if the bundle is pinned.
 
+    A SecAgg+ key stage goes to `key_stage_app`, which imports no training code; every other
+    message to the full ClientApp, imported only then.
+    """
     approval = Approval.from_env()
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
@@ -84,7 +88,7 @@ def run(
         message, context, run_info, fab = pull_task_input(client)
         approval.check(run_info.fab_id, run_info.fab_version, fab.hash_str)
         log(INFO, HANDLED_BY, run_info.run_id, run_info.fab_id, run_info.fab_version)
-        reply = app(message=message, context=context)
+        reply = _app_for(message)(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
     except Exception as exc:  # noqa: BLE001 - every failure becomes the message's error reply
         log(ERROR, "fedpeft-clientapp: the message failed", exc_info=exc)
@@ -104,6 +108,14 @@ def run(
                 log(ERROR, "fedpeft-clientapp: could not push the reply", exc_info=exc)
                 exit_code = ExitCode.CLIENTAPP_COMMUNICATION_ERROR
     flwr_exit(code=exit_code, event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE)
+
+
+def _app_for(message: Message) -> ClientApp:
+    if is_key_stage(message):
+        return key_stage_app
+    from fedpeft.clients.client_app import app
+
+    return app
 
 
 def main() -> None:

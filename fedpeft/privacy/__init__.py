@@ -1,14 +1,32 @@
 """Example-level DP-SGD on clients: settings, node policy, calibration, the ledger, training."""
 
-from fedpeft.privacy.calibration import calibrate_noise, planned_rounds, small_client_warning
-from fedpeft.privacy.client_round import PrivateRoundFailed, private_round
-from fedpeft.privacy.dp_sgd import train_private
-from fedpeft.privacy.gradient_canaries import HeldCanaries, canary_keys
-from fedpeft.privacy.ledger import BudgetExhausted, PrivacyLedger
-from fedpeft.privacy.ledger_file import LedgerCorrupt, LedgerFile
-from fedpeft.privacy.policy import NodePolicy, PolicyViolation, default_state_dir
-from fedpeft.privacy.release import PRIVATE_REPLY_METRICS, private_reply_metrics
-from fedpeft.privacy.settings import DPSettings, default_delta, validate_dp
+import importlib
+from typing import Any
+
+#: where each name lives; imported on first use (PEP 562), so that a process that needs only
+#: the node's policy (a SecAgg+ key exchange) does not import opacus, torch and transformers
+_HOMES = {
+    "calibrate_noise": "fedpeft.privacy.calibration",
+    "planned_rounds": "fedpeft.privacy.calibration",
+    "small_client_warning": "fedpeft.privacy.calibration",
+    "PrivateRoundFailed": "fedpeft.privacy.client_round",
+    "private_round": "fedpeft.privacy.client_round",
+    "train_private": "fedpeft.privacy.dp_sgd",
+    "HeldCanaries": "fedpeft.privacy.gradient_canaries",
+    "canary_keys": "fedpeft.privacy.gradient_canaries",
+    "BudgetExhausted": "fedpeft.privacy.ledger",
+    "PrivacyLedger": "fedpeft.privacy.ledger",
+    "LedgerCorrupt": "fedpeft.privacy.ledger_file",
+    "LedgerFile": "fedpeft.privacy.ledger_file",
+    "NodePolicy": "fedpeft.privacy.policy",
+    "PolicyViolation": "fedpeft.privacy.policy",
+    "default_state_dir": "fedpeft.privacy.policy",
+    "PRIVATE_REPLY_METRICS": "fedpeft.privacy.release",
+    "private_reply_metrics": "fedpeft.privacy.release",
+    "DPSettings": "fedpeft.privacy.settings",
+    "default_delta": "fedpeft.privacy.settings",
+    "validate_dp": "fedpeft.privacy.settings",
+}
 
 __all__ = [
     "PRIVATE_REPLY_METRICS",
@@ -32,3 +50,11 @@ __all__ = [
     "train_private",
     "validate_dp",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value

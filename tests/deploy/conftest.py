@@ -300,6 +300,9 @@ def deployment(tmp_path_factory, data_dir) -> Iterator[Deployment]:
         "PYTHONPATH": os.pathsep.join([str(SPY), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "FEDPEFT_TEST_WIRE_LOG": str(root / "wire.jsonl"),
         "FEDPEFT_TEST_HOLD": str(root / "hold"),
+        # Flower polls for messages every 3 s (SuperNode, grid) and 1 s (SuperExec): 0.2 s here
+        "FEDPEFT_TEST_FAST_POLL": "0.2",
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
         # The SuperLink starts flower-superexec by name: find it beside this interpreter.
         "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
     }

@@ -13,6 +13,10 @@ imported there:
 - with FEDPEFT_TEST_DROP set to a file's path (one SuperNode's ClientApps): while that file
   exists, the next local round fails (and removes the file), as a node that drops out in the
   middle of a round: under SecAgg+ it never sends its masked vector;
+- with FEDPEFT_TEST_FAST_POLL set to a number of seconds (every deployed process): Flower's two
+  hard-coded idle polls, the SuperNode waiting for a message and the ServerApp's grid waiting for
+  replies (3 s each), wait at most that long; the SuperExec's own poll is set by Flower's
+  FLWR_SUPEREXEC_TASK_POLL_INTERVAL. Only the deploy tests' latency changes, not what is sent;
 - with FEDPEFT_TEST_HOLD set to a folder (the ServerApp): while `<folder>/round-<N>` exists, the
   server waits before it samples the clients of round N, so that a test can restart a SuperNode
   between two rounds without racing the server.
@@ -33,6 +37,7 @@ _LOG = os.environ.get("FEDPEFT_TEST_WIRE_LOG")
 _OVERCLAIM = os.environ.get("FEDPEFT_TEST_OVERCLAIM")
 _HOLD = os.environ.get("FEDPEFT_TEST_HOLD")
 _DROP = os.environ.get("FEDPEFT_TEST_DROP")
+_FAST_POLL = os.environ.get("FEDPEFT_TEST_FAST_POLL")
 #: Longest a held round waits for its file to go (the test fails long before).
 _HOLD_LIMIT_S = 600
 
@@ -133,6 +138,21 @@ def _patch_private_training(module) -> None:
     module.train_private = _lying(module.train_private)
 
 
+class _ShortSleeps:
+    """A `time` module whose sleep is capped at FEDPEFT_TEST_FAST_POLL seconds."""
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(min(seconds, float(_FAST_POLL)))
+
+
+def _patch_polling(module) -> None:
+    module.time = _ShortSleeps()
+
+
 class _Finder(importlib.abc.MetaPathFinder):
     """Runs a patch on a module right after its first import."""
 
@@ -162,5 +182,8 @@ if _LOG:
 if _OVERCLAIM or _DROP:
     _PATCHES["fedpeft.training"] = _patch_training
     _PATCHES["fedpeft.privacy.dp_sgd"] = _patch_private_training
+if _FAST_POLL:
+    _PATCHES["flwr.supernode.start_client_internal"] = _patch_polling
+    _PATCHES["flwr.superlink.grid.http_grid"] = _patch_polling
 if _PATCHES:
     sys.meta_path.insert(0, _Finder(_PATCHES))
