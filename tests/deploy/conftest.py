@@ -176,6 +176,7 @@ class Deployment:
     node_ids: dict[str, int] = field(default_factory=dict)
     node_args: dict[str, list[str]] = field(default_factory=dict)
     node_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    run_dirs: dict[int, Path] = field(default_factory=dict)
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run the `flwr` CLI against this deployment's connection."""
@@ -250,19 +251,33 @@ class Deployment:
         assert "'" not in joined, "a TOML literal string cannot hold a single quote"
         run_config = f"overrides='{joined}'"
         started = self.flwr_json("run", str(REPO), CONNECTION, "--run-config", run_config)
-        return int(started["run-id"])
+        run_id = int(started["run-id"])
+        for override in overrides:
+            if override.startswith("run_dir="):
+                self.run_dirs[run_id] = Path(override.split("=", 1)[1])
+        return run_id
 
     def run_info(self, run_id: int) -> dict:
         return self.flwr_json("ls", CONNECTION, "--run-id", str(run_id))["runs"][0]
 
     def wait_run(self, run_id: int, timeout: float = 300) -> dict:
-        """Poll until the run has finished; return its `flwr ls` entry."""
+        """Poll until the run has finished; return its `flwr ls` entry.
+
+        Each `flwr ls` is a Python process (about 2 s of CPU here, as much as a node's round):
+        while the run's summary.json has not appeared, the SuperLink is asked only every 15 s
+        (to see a run that fails without one), then every 0.5 s until it says finished.
+        """
+        summary = self.run_dirs.get(run_id, Path("/nonexistent")) / "summary.json"
+        asked = [0.0]
 
         def finished() -> dict | None:
+            if not summary.exists() and time.monotonic() < asked[0] + 15:
+                return None
+            asked[0] = time.monotonic()
             info = self.run_info(run_id)
             return info if info["status"].startswith("finished") else None
 
-        return wait_for(finished, timeout, f"run {run_id} to finish", interval=2.0)
+        return wait_for(finished, timeout, f"run {run_id} to finish", interval=0.5)
 
 
 def _node_data(path: Path, data_dir: Path) -> Path:
@@ -273,7 +288,7 @@ def _node_data(path: Path, data_dir: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # torn down when the deploy tests end: idle nodes poll
 def deployment(tmp_path_factory, data_dir) -> Iterator[Deployment]:
     """A SuperLink with TLS and node authentication and two registered SuperNodes: node-1 on its
     own CSV file in bfloat16 on the CPU, node-2 on partition 1 of 2 of the task's data set.
@@ -300,9 +315,9 @@ def deployment(tmp_path_factory, data_dir) -> Iterator[Deployment]:
         "PYTHONPATH": os.pathsep.join([str(SPY), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "FEDPEFT_TEST_WIRE_LOG": str(root / "wire.jsonl"),
         "FEDPEFT_TEST_HOLD": str(root / "hold"),
-        # Flower polls for messages every 3 s (SuperNode, grid) and 1 s (SuperExec): 0.2 s here
-        "FEDPEFT_TEST_FAST_POLL": "0.2",
-        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
+        # Flower polls for messages every 3 s (SuperNode, grid) and 1 s (SuperExec): 0.5 s here
+        "FEDPEFT_TEST_FAST_POLL": "0.5",
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.5",
         # The SuperLink starts flower-superexec by name: find it beside this interpreter.
         "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
     }
