@@ -28,28 +28,7 @@ _HOMES = {
     "validate_dp": "fedpeft.privacy.settings",
 }
 
-__all__ = [
-    "PRIVATE_REPLY_METRICS",
-    "BudgetExhausted",
-    "DPSettings",
-    "HeldCanaries",
-    "LedgerCorrupt",
-    "LedgerFile",
-    "NodePolicy",
-    "PolicyViolation",
-    "PrivacyLedger",
-    "PrivateRoundFailed",
-    "calibrate_noise",
-    "canary_keys",
-    "default_delta",
-    "default_state_dir",
-    "planned_rounds",
-    "private_reply_metrics",
-    "private_round",
-    "small_client_warning",
-    "train_private",
-    "validate_dp",
-]
+__all__ = sorted(_HOMES)
 
 
 def __getattr__(name: str) -> Any:
